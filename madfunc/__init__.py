@@ -1,0 +1,37 @@
+"""madfunc: mixed-mode automatic differentiation on torch.func.
+
+Mark parts of a model as segments (:func:`fwd`, :func:`rev`), then choose per segment, with a plan,
+between reverse mode, exact forward mode and randomized forward gradients.
+"""
+
+from ._forward import ForwardModeError as ForwardModeError
+from ._plan import Exact as Exact
+from ._plan import Plan as Plan
+from ._plan import Random as Random
+from ._plan import Reverse as Reverse
+from ._plan import Strategy as Strategy
+from ._segment import ModuleSegment as ModuleSegment
+from ._segment import Segment as Segment
+from ._segment import fwd as fwd
+from ._segment import rev as rev
+from ._transforms import mixed_grad as mixed_grad
+from ._transforms import mixed_grad_and_value as mixed_grad_and_value
+from ._transforms import use_plan as use_plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Exact",
+    "ForwardModeError",
+    "ModuleSegment",
+    "Plan",
+    "Random",
+    "Reverse",
+    "Segment",
+    "Strategy",
+    "fwd",
+    "mixed_grad",
+    "mixed_grad_and_value",
+    "rev",
+    "use_plan",
+]

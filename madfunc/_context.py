@@ -1,0 +1,106 @@
+"""The state of one call of a madfunc transform (or one ``use_plan`` block), held in a ContextVar."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ._plan import Plan, Strategy
+
+__all__ = ["CallState", "SegmentCall", "active", "activate", "nested_in"]
+
+
+@dataclasses.dataclass
+class SegmentCall:
+    """What one call of one segment did; the forward engine fills ``stats``."""
+
+    name: str
+    strategy: Strategy
+    nested_in: str | None = None
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class CallState:
+    """Plan and bookkeeping of one transform call: which segments ran, under which function."""
+
+    plan: Plan
+    where: str
+    owners: dict[str, Any] = dataclasses.field(default_factory=dict)
+    calls: list[SegmentCall] = dataclasses.field(default_factory=list)
+
+    def claim(self, name: str, owner: Any, identity: Any) -> None:
+        """Record that segment ``name`` runs ``owner``; two different functions under one name are an error."""
+        previous = self.owners.get(name)
+        if previous is None:
+            self.owners[name] = (owner, identity)
+        elif previous[1] != identity:
+            raise ValueError(
+                f"{self.where}: two different functions ran under the segment name {name!r} in one call "
+                f"({_describe(previous[0])} and {_describe(owner)}). Give each segment its own name, "
+                "e.g. fwd(fn, name='block1'); a plan pattern such as 'block*' can still address them together."
+            )
+
+    def check_plan_used(self) -> None:
+        """Every plan key must match a segment that ran (a typo would otherwise be silently ignored)."""
+        ran = list(self.owners)
+        unused = [key for key in self.plan if not any(key in self.plan.matching_keys(n) for n in ran)]
+        if unused:
+            listed = ", ".join(repr(n) for n in ran) if ran else "none"
+            raise ValueError(
+                f"{self.where}: plan key(s) {', '.join(map(repr, unused))} matched no segment that ran. "
+                f"Segments that ran: {listed}. Fix the name or pattern, or drop the key."
+            )
+
+
+def _describe(fn: Any) -> str:
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        return f"{getattr(fn, '__qualname__', fn)!s} at {code.co_filename}:{code.co_firstlineno}"
+    return f"{type(fn).__name__} object at {id(fn):#x}"
+
+
+# The active call, or None outside any madfunc transform. While a forward segment runs its own
+# computation, `_NESTED` names it: segments called inside run as plain code (they are part of it).
+_ACTIVE: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("madfunc_active", default=None)
+_NESTED: contextvars.ContextVar[str | None] = contextvars.ContextVar("madfunc_nested", default=None)
+
+
+def active() -> CallState | None:
+    """The active call state, or None."""
+    return _ACTIVE.get()
+
+
+def nested_in() -> str | None:
+    """Name of the forward segment whose computation is running now, or None."""
+    return _NESTED.get()
+
+
+@contextlib.contextmanager
+def activate(state: CallState | None) -> Iterator[None]:
+    """Make ``state`` the active call (None: no madfunc transform) for the duration of the block."""
+    token = _ACTIVE.set(state)
+    token_nested = _NESTED.set(None)
+    try:
+        yield
+    finally:
+        _NESTED.reset(token_nested)
+        _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def inside_forward_segment(name: str) -> Iterator[None]:
+    """Mark the block as the computation of forward segment ``name``."""
+    token = _NESTED.set(name)
+    try:
+        yield
+    finally:
+        _NESTED.reset(token)
+
+
+def call_with(state: CallState | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with activate(state):
+        return fn(*args, **kwargs)

@@ -1,0 +1,344 @@
+"""The forward-mode engine: a segment run as an autograd.Function whose backward is forward mode.
+
+``forward`` computes the primal output ``y`` and output tangents ``ydot_j = J v_j`` (vmap over jvp)
+for tangents seeded on every input leaf that needs a gradient; ``backward(ybar)`` contracts
+``s_j = <ydot_j, ybar>`` and returns ``scale * sum_j s_j v_j`` to those leaves. Outer autograd (or
+torch.func.grad) carries cotangents between segments in any order, so no glue layers are needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optree
+import torch
+from torch.func import jvp, vmap
+
+from . import _context
+from ._plan import Exact, Random, Strategy
+from ._tangents import draw_seed, draw_tangents
+
+__all__ = ["ForwardModeError", "run_forward", "run_reverse"]
+
+
+class ForwardModeError(NotImplementedError):
+    """An op inside a forward segment has no forward-mode (jvp) rule in PyTorch."""
+
+
+try:  # PyTorch >= 2.3: fall back to the math kernel, which has forward-mode rules.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def _math_attention() -> contextlib.AbstractContextManager[None]:
+        return sdpa_kernel(SDPBackend.MATH)
+
+except ImportError:  # pragma: no cover - older PyTorch
+    def _math_attention() -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def _is_batched(t: torch.Tensor) -> bool:
+    return bool(torch._C._functorch.is_batchedtensor(t))
+
+
+def _needs_grad(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
+
+
+def _flatten_output(name: str, out: Any) -> tuple[list[torch.Tensor], Any]:
+    leaves, spec = optree.tree_flatten(out)
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"segment {name!r} returned a {type(leaf).__name__} ({leaf!r:.60}) inside its output; a "
+                "segment must return a tensor or a pytree (tuple, list, dict) of tensors. Return "
+                "non-tensor values from outside the segment, or wrap numbers with torch.tensor()."
+            )
+    return leaves, spec
+
+
+def _versions(leaves: Sequence[Any]) -> list[int | None]:
+    return [leaf._version if isinstance(leaf, torch.Tensor) else None for leaf in leaves]
+
+
+def _check_not_mutated(name: str, leaves: Sequence[Any], before: Sequence[int | None]) -> None:
+    for index, (leaf, version) in enumerate(zip(leaves, before)):
+        if version is not None and leaf._version != version:
+            raise RuntimeError(
+                f"segment {name!r} modified its input in place (input leaf {index}, shape "
+                f"{tuple(leaf.shape)}). Segments must be pure functions: use out-of-place ops "
+                "(x = x + 1, not x += 1 or x.add_(1)), or clone the input first."
+            )
+
+
+def _translate_error(name: str, error: BaseException) -> BaseException | None:
+    """A madfunc error for failures whose torch message would not say what to do, else None."""
+    message = str(error)
+    missing_rule = re.search(
+        r"forward AD with (\S+?) that does not support|derivative for (\S+?) is not implemented"
+        r"|(\S+?): forward AD is not implemented|jvp for (\S+?) is not implemented",
+        message,
+    )
+    if isinstance(error, (NotImplementedError, RuntimeError)) and (
+        missing_rule or "forward AD" in message or "forward-mode" in message
+    ):
+        op = next((g for g in missing_rule.groups() if g), None) if missing_rule else None
+        what = f"op {op!r}" if op else "an op"
+        return ForwardModeError(
+            f"segment {name!r} runs in forward mode, but {what} inside it has no forward-mode (jvp) rule "
+            f"in PyTorch {torch.__version__}. Mark the part that uses it rev() (or give segment {name!r} "
+            f"the strategy Reverse() in the plan).\nPyTorch said: {message.strip().splitlines()[0]}"
+        )
+    if isinstance(error, RuntimeError) and ("in-place" in message or "inplace" in message):
+        return RuntimeError(
+            f"segment {name!r} modified a tensor in place in a way forward mode cannot follow. Segments "
+            "must be pure functions: use out-of-place ops (x = x + 1, not x += 1 or x.add_(1)).\n"
+            f"PyTorch said: {message.strip().splitlines()[0]}"
+        )
+    return None
+
+
+def run_reverse(name: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """Run a reverse-mode segment under a transform: plain code, plus the purity and output checks."""
+    leaves = optree.tree_leaves((args, kwargs))
+    before = _versions(leaves)
+    out = fn(*args, **kwargs)
+    _check_not_mutated(name, leaves, before)
+    _flatten_output(name, out)
+    return out
+
+
+class _Engine:
+    """Everything one forward-segment call needs, passed to the autograd.Function as a constant."""
+
+    def __init__(
+        self,
+        name: str,
+        strategy: Strategy,
+        fn: Callable[..., Any],
+        leaves: list[Any],
+        spec: Any,
+        tensor_positions: list[int],
+        diff: list[int],
+        record: _context.SegmentCall,
+    ) -> None:
+        self.name = name
+        self.strategy = strategy
+        self.fn = fn
+        self.leaves = leaves
+        self.spec = spec
+        self.tensor_positions = tensor_positions
+        self.diff = diff  # indices into the tensors passed to apply
+        self.record = record
+        self.seed = draw_seed() if isinstance(strategy, Random) else None
+        self.out_spec: Any = None
+        self.n_out = 0
+        self.float_out: list[int] = []
+
+    # -- the computation -------------------------------------------------------------------------
+    def _call(self, tensors: Sequence[torch.Tensor], diff_values: Sequence[torch.Tensor]) -> tuple:
+        leaves = list(self.leaves)
+        for pos, t in zip(self.tensor_positions, tensors):
+            leaves[pos] = t
+        for i, value in zip(self.diff, diff_values):
+            leaves[self.tensor_positions[i]] = value
+        args, kwargs = optree.tree_unflatten(self.spec, leaves)
+        with _context.inside_forward_segment(self.name), _math_attention():
+            out = self.fn(*args, **kwargs)
+        out_leaves, out_spec = _flatten_output(self.name, out)
+        self.out_spec = out_spec
+        return tuple(out_leaves)
+
+    def _push(self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], chunk: int | None):
+        """Primal outputs and output tangents for tangent batches ``tangents`` seeded on leaves ``which``."""
+        def single(*tangent):
+            def f(*xs):
+                values = [tensors[i] for i in self.diff]
+                for j, x in zip(which, xs):
+                    values[self.diff.index(j)] = x
+                return self._call(tensors, values)
+
+            return jvp(f, tuple(tensors[i] for i in which), tangent)
+
+        # out_dims=0 for the primal too: under an outer vmap (per-example gradients) it may carry our
+        # batch level; when it does not, vmap returns an expanded view, and [0] undoes that for free.
+        ys, ydots = vmap(single, in_dims=0, out_dims=0, chunk_size=chunk)(*tangents)
+        return tuple(y[0] for y in ys), ydots
+
+    def forward(self, tensors: Sequence[torch.Tensor]) -> tuple:
+        before = _versions(tensors)
+        try:
+            ys, ydots = self._forward(tensors)
+        except (NotImplementedError, RuntimeError) as error:
+            translated = _translate_error(self.name, error)
+            if translated is None:
+                raise
+            raise translated from error
+        _check_not_mutated(self.name, tensors, before)
+        self.n_out = len(ys)
+        self.float_out = [i for i, y in enumerate(ys) if y.is_floating_point()]
+        ydots = [ydots[i] for i in self.float_out]
+        self._check_finite(ys, ydots)
+        stats = self.record.stats
+        stats["output_numel"] = sum(ys[i].numel() for i in self.float_out)
+        stats["saved_bytes"] = sum(t.numel() * t.element_size() for t in ydots)
+        return (*ys, *ydots)
+
+    def _forward(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, list[torch.Tensor]]:
+        diff_tensors = [tensors[i] for i in self.diff]
+        n = sum(t.numel() for t in diff_tensors)
+        stats = self.record.stats
+        stats["differentiated_numel"] = n
+        if isinstance(self.strategy, Random):
+            strategy = self.strategy
+            if strategy.distribution == "orthogonal" and strategy.k > n:
+                raise ValueError(
+                    f"segment {self.name!r}: Random(k={strategy.k}, distribution='orthogonal') needs k <= n, "
+                    f"the number of differentiated scalars, which is {n}; use k <= {n} (k == {n} is exact)."
+                )
+            stats["tangents"] = strategy.k
+            device = _common_device(self.name, diff_tensors)
+            tangents = draw_tangents(
+                strategy.distribution,
+                strategy.k,
+                [t.shape for t in diff_tensors],
+                [t.dtype for t in diff_tensors],
+                device,
+                self.seed,
+            )
+            ys, ydots = self._push(tensors, self.diff, tangents, None)
+            return ys, list(ydots)
+        assert isinstance(self.strategy, Exact)
+        stats["tangents"] = n
+        chunk = self.strategy.chunk_size
+        ys = None
+        per_leaf: list[tuple] = []
+        # Lazy seeding: one leaf at a time, so forward AD does no tangent work before the leaf is used.
+        for i in self.diff:
+            x = tensors[i]
+            size = x.numel()
+            step = size if chunk is None else chunk
+            for start in range(0, size, step):
+                stop = min(start + step, size)
+                basis = torch.zeros(stop - start, size, dtype=x.dtype, device=x.device)
+                basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
+                ys, ydots = self._push(tensors, [i], [basis.reshape(stop - start, *x.shape)], None)
+                per_leaf.append(ydots)
+        ydots = [torch.cat(parts) for parts in zip(*per_leaf)]
+        return ys, ydots
+
+    def _check_finite(self, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Tensor]) -> None:
+        for i, ydot in zip(self.float_out, ydots):
+            y = ys[i]
+            if _is_batched(y) or _is_batched(ydot):
+                continue  # data-dependent checks cannot run under vmap
+            bad = ~torch.isfinite(ydot) & torch.isfinite(y)
+            if bool(bad.any()):
+                raise FloatingPointError(
+                    f"segment {self.name!r}: forward mode produced non-finite output tangents where the "
+                    f"output itself is finite (output leaf {i}, {int(bad.sum())} entries). Some ops' "
+                    "forward-mode rules give NaN where backprop is finite (e.g. LPPool or sqrt at 0). "
+                    f"Mark the op rev(), or give segment {self.name!r} the strategy Reverse()."
+                )
+
+    # -- the backward contraction ----------------------------------------------------------------
+    def backward(self, ydots: Sequence[torch.Tensor], tensors_meta, grads: Sequence[torch.Tensor]) -> list:
+        s = None
+        for i, ydot in zip(self.float_out, ydots):
+            ybar = grads[i]
+            if ybar is None:
+                continue
+            acc = _accumulation_dtype(ydot.dtype)
+            term = ydot.reshape(ydot.shape[0], -1).to(acc) @ ybar.reshape(-1).to(acc)
+            s = term if s is None else s + term.to(s.dtype)
+        shapes = [meta[0] for meta in tensors_meta]
+        dtypes = [meta[1] for meta in tensors_meta]
+        if s is None:
+            return [torch.zeros(shape, dtype=dtype, device=meta[2]) for shape, dtype, meta in zip(shapes, dtypes, tensors_meta)]
+        if isinstance(self.strategy, Exact):
+            pieces = torch.split(s, [math.prod(shape) for shape in shapes])
+            return [p.reshape(shape).to(dtype) for p, shape, dtype in zip(pieces, shapes, dtypes)]
+        strategy = self.strategy
+        assert isinstance(strategy, Random)
+        tangents = draw_tangents(strategy.distribution, strategy.k, shapes, dtypes, s.device, self.seed)
+        scale = 1.0 / strategy.k
+        return [
+            torch.tensordot(s.to(_accumulation_dtype(v.dtype)), v.to(_accumulation_dtype(v.dtype)), dims=1)
+            .mul_(scale)
+            .to(dtype)
+            for v, dtype in zip(tangents, dtypes)
+        ]
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _common_device(name: str, tensors: Sequence[torch.Tensor]) -> torch.device:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(
+            f"segment {name!r}: its differentiated inputs live on several devices "
+            f"({', '.join(sorted(map(str, devices)))}); move them to one device."
+        )
+    return next(iter(devices))
+
+
+class _ForwardSegment(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(engine: _Engine, *tensors: torch.Tensor) -> tuple:  # type: ignore[override]
+        return engine.forward(tensors)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        engine: _Engine = inputs[0]
+        tensors = inputs[1:]
+        ydots = output[engine.n_out :]
+        ctx.engine = engine
+        ctx.meta = [(tensors[i].shape, tensors[i].dtype, tensors[i].device) for i in engine.diff]
+        ctx.n_tensors = len(tensors)
+        ctx.save_for_backward(*ydots)
+        non_float = [output[i] for i in range(engine.n_out) if i not in engine.float_out]
+        ctx.mark_non_differentiable(*ydots, *non_float)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:  # type: ignore[override]
+        engine: _Engine = ctx.engine
+        ydots = ctx.saved_tensors
+        diff_grads = engine.backward(ydots, ctx.meta, grads[: engine.n_out])
+        result: list[torch.Tensor | None] = [None] * ctx.n_tensors
+        for i, g in zip(engine.diff, diff_grads):
+            result[i] = g
+        return (None, *result)
+
+
+def run_forward(
+    name: str,
+    strategy: Strategy,
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    record: _context.SegmentCall,
+) -> Any:
+    """Run segment ``fn`` in forward mode under ``strategy`` and return its output pytree."""
+    leaves, spec = optree.tree_flatten((args, kwargs))
+    tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    tensors = [leaves[i] for i in tensor_positions]
+    diff = [j for j, t in enumerate(tensors) if _needs_grad(t)]
+    if any(t.is_complex() and t.requires_grad for t in tensors):
+        raise TypeError(
+            f"segment {name!r}: complex inputs that need gradients are not supported in forward mode; "
+            "pass real and imaginary parts as separate real tensors, or mark the segment rev()."
+        )
+    if not diff:  # nothing upstream needs a gradient: a plain call, still a pure one
+        record.stats.update(differentiated_numel=0, tangents=0, saved_bytes=0)
+        with _context.inside_forward_segment(name):
+            return run_reverse(name, fn, args, kwargs)
+    engine = _Engine(name, strategy, fn, leaves, spec, tensor_positions, diff, record)
+    outputs = _ForwardSegment.apply(engine, *tensors)
+    return optree.tree_unflatten(engine.out_spec, list(outputs[: engine.n_out]))

@@ -1,0 +1,229 @@
+"""Strategies (how one segment is differentiated) and plans (which segment gets which strategy)."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Iterator, Mapping
+from typing import Union
+
+__all__ = ["Strategy", "Reverse", "Exact", "Random", "Plan", "PlanLike", "as_plan", "as_strategy"]
+
+DISTRIBUTIONS = ("gaussian", "rademacher", "orthogonal")
+
+
+class Strategy:
+    """Base class of the differentiation strategies of a segment."""
+
+    __slots__ = ()
+
+    @property
+    def is_forward(self) -> bool:
+        """Whether a segment under this strategy runs in forward mode."""
+        return not isinstance(self, Reverse)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reverse(Strategy):
+    """Differentiate the segment by ordinary backpropagation (reverse mode).
+
+    Examples:
+        >>> import madfunc as mf
+        >>> mf.Reverse()
+        Reverse()
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Exact(Strategy):
+    """Differentiate the segment exactly in forward mode, one basis tangent per differentiated scalar.
+
+    Args:
+        chunk_size: the most basis tangents pushed through the segment at once. It bounds the working
+            memory of the forward pass (``chunk_size`` copies of the segment's activations, instead of
+            one per differentiated scalar); the stored output tangents are not affected.
+            ``None`` pushes all of one leaf's tangents at once. Default: ``None``.
+
+    Examples:
+        >>> import madfunc as mf
+        >>> mf.Exact(chunk_size=64)
+        Exact(chunk_size=64)
+    """
+
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None:
+            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
+                raise TypeError(
+                    f"Exact(chunk_size=...): expected an int >= 1 or None, got "
+                    f"{type(self.chunk_size).__name__} {self.chunk_size!r}."
+                )
+            if self.chunk_size < 1:
+                raise ValueError(
+                    f"Exact(chunk_size={self.chunk_size}): chunk_size must be >= 1 (or None for no "
+                    "chunking)."
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class Random(Strategy):
+    """Estimate the segment's gradient in forward mode from ``k`` random tangents (forward gradients).
+
+    The estimate is ``(1/k) sum_j (J v_j . ybar) v_j`` with ``E[v v^T] = I``, hence unbiased
+    (Baydin et al. 2022, arXiv 2202.08587). Its relative mean squared error
+    ``E||g^ - g||^2 / ||g||^2`` is ``(n+1)/k`` for ``"gaussian"``, ``(n-1)/k`` for ``"rademacher"`` and ``n/k - 1`` for
+    ``"orthogonal"``, where ``n`` is the number of scalars the segment differentiates.
+
+    Args:
+        k: number of tangents (forward passes, batched). Default: ``1``.
+        distribution: ``"gaussian"`` (standard normal entries), ``"rademacher"`` (random signs) or
+            ``"orthogonal"`` (``k`` random orthonormal directions scaled by ``sqrt(n)``; needs
+            ``k <= n`` and gives the exact gradient at ``k == n``). Default: ``"gaussian"``.
+
+    Examples:
+        >>> import madfunc as mf
+        >>> mf.Random(k=16, distribution="rademacher")
+        Random(k=16, distribution='rademacher')
+    """
+
+    k: int = 1
+    distribution: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int):
+            raise TypeError(f"Random(k=...): expected an int >= 1, got {type(self.k).__name__} {self.k!r}.")
+        if self.k < 1:
+            raise ValueError(f"Random(k={self.k}): k must be >= 1 (it is the number of random tangents).")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"Random(distribution={self.distribution!r}): unknown distribution; expected one of "
+                f"{', '.join(repr(d) for d in DISTRIBUTIONS)}."
+            )
+
+
+_STRATEGY_STRINGS = {"rev": Reverse(), "reverse": Reverse(), "exact": Exact()}
+
+StrategyLike = Union[Strategy, str]
+
+
+def as_strategy(value: StrategyLike, where: str) -> Strategy:
+    """Turn a strategy or one of the strings ``"rev"``, ``"reverse"``, ``"exact"`` into a Strategy."""
+    if isinstance(value, Strategy):
+        if type(value) is Strategy:
+            raise TypeError(f"{where}: Strategy is abstract; use Reverse(), Exact() or Random(...).")
+        return value
+    if isinstance(value, str):
+        try:
+            return _STRATEGY_STRINGS[value.lower()]
+        except KeyError:
+            raise ValueError(
+                f"{where}: unknown strategy {value!r}; expected a madfunc.Reverse(), madfunc.Exact(), "
+                f"madfunc.Random(...) or one of the strings {', '.join(map(repr, _STRATEGY_STRINGS))}."
+            ) from None
+    raise TypeError(
+        f"{where}: expected a strategy (madfunc.Reverse(), madfunc.Exact(), madfunc.Random(...)) or a "
+        f"string, got {type(value).__name__} {value!r}."
+    )
+
+
+class Plan(Mapping):
+    """An immutable, validated mapping from segment names or fnmatch patterns to strategies.
+
+    A segment takes the strategy of the key equal to its name; failing that, of the pattern
+    (``"block*"``, ``"layer[0-3]"``) that matches it. Two patterns that match one segment with different
+    strategies are an error, and so is a key that matches no segment that ran in a call. A segment the
+    plan does not name keeps its annotation's default (``fwd``: its ``strategy`` or ``Exact()``; ``rev``:
+    ``Reverse()``).
+
+    Args:
+        entries: a mapping (or Plan) from names/patterns to strategies or strategy strings
+            (``"rev"``, ``"reverse"``, ``"exact"``). Default: empty.
+
+    Examples:
+        >>> import madfunc as mf
+        >>> plan = mf.Plan({"stem": "exact", "block*": mf.Random(k=4)})
+        >>> plan
+        Plan({'stem': Exact(chunk_size=None), 'block*': Random(k=4, distribution='gaussian')})
+        >>> plan.lookup("block2")
+        Random(k=4, distribution='gaussian')
+        >>> plan.lookup("head") is None
+        True
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Mapping[str, StrategyLike] | None = None) -> None:
+        if entries is None:
+            entries = {}
+        if not isinstance(entries, Mapping):
+            raise TypeError(
+                "Plan(...): expected a mapping from segment names (or fnmatch patterns) to strategies, "
+                f"got {type(entries).__name__}."
+            )
+        checked: dict[str, Strategy] = {}
+        for key, value in entries.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"Plan(...): keys must be non-empty segment names or patterns, got {key!r}.")
+            checked[key] = as_strategy(value, f"Plan entry {key!r}")
+        object.__setattr__(self, "_entries", checked)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Plan is immutable; build a new one.")
+
+    def __getitem__(self, key: str) -> Strategy:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._entries.items()))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Plan):
+            return self._entries == other._entries
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Plan({self._entries!r})"
+
+    def matching_keys(self, name: str) -> list[str]:
+        """The keys that apply to segment ``name``: its exact key alone if present, else every matching pattern."""
+        if name in self._entries:
+            return [name]
+        return [key for key in self._entries if fnmatch.fnmatchcase(name, key)]
+
+    def lookup(self, name: str) -> Strategy | None:
+        """The strategy the plan gives segment ``name``, or ``None`` if no key applies."""
+        keys = self.matching_keys(name)
+        if not keys:
+            return None
+        strategies = {self._entries[key] for key in keys}
+        if len(strategies) > 1:
+            listed = ", ".join(f"{key!r} -> {self._entries[key]!r}" for key in keys)
+            raise ValueError(
+                f"plan: segment {name!r} is matched by several patterns with different strategies "
+                f"({listed}); add an exact entry for {name!r} or make the patterns disjoint."
+            )
+        return self._entries[keys[0]]
+
+
+PlanLike = Union[Plan, Mapping[str, StrategyLike], None]
+
+
+def as_plan(plan: PlanLike) -> Plan:
+    """Validate ``plan`` (None, a dict or a Plan) into a Plan."""
+    if isinstance(plan, Plan):
+        return plan
+    if plan is None:
+        return Plan()
+    if isinstance(plan, Mapping):
+        return Plan(plan)
+    raise TypeError(
+        "plan: expected None, a dict or a madfunc.Plan mapping segment names to strategies, got "
+        f"{type(plan).__name__} {plan!r}."
+    )

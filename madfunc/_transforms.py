@@ -1,0 +1,121 @@
+"""The public transforms: ``mixed_grad``, ``mixed_grad_and_value`` and the ``use_plan`` context."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from . import _context
+from ._plan import PlanLike, as_plan
+
+__all__ = ["mixed_grad", "mixed_grad_and_value", "use_plan"]
+
+ArgNums = int | tuple[int, ...]
+
+
+def _planned(fn: Callable[..., Any], plan: PlanLike, where: str) -> Callable[..., Any]:
+    """``fn`` run with ``plan`` active; checks that every plan key was used, before any backward work."""
+    checked = as_plan(plan)
+    if not callable(fn):
+        raise TypeError(f"{where}(fn, ...): expected a callable, got {type(fn).__name__} {fn!r}.")
+
+    @functools.wraps(fn)
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        state = _context.CallState(checked, where)
+        with _context.activate(state):
+            out = fn(*args, **kwargs)
+        state.check_plan_used()
+        return out
+
+    return inner
+
+
+def mixed_grad_and_value(
+    fn: Callable[..., Any], plan: PlanLike = None, argnums: ArgNums = 0, has_aux: bool = False
+) -> Callable[..., Any]:
+    """Like ``torch.func.grad_and_value``, with each segment differentiated as ``plan`` says.
+
+    Args:
+        fn: a function returning a scalar tensor (and, with ``has_aux``, a pair ``(scalar, aux)``)
+            that calls segments made by :func:`fwd` / :func:`rev` and any other PyTorch code.
+        plan: a dict or :class:`Plan` from segment names or fnmatch patterns to strategies
+            (:class:`Reverse`, :class:`Exact`, :class:`Random`, or ``"rev"``/``"exact"``). Segments it
+            does not name keep their default. Default: ``None`` (every segment its default).
+        argnums: which positional argument(s) to differentiate. Default: ``0``.
+        has_aux: whether ``fn`` returns ``(loss, aux)``. Default: ``False``.
+
+    Returns:
+        A function returning ``(grad, value)``; with ``has_aux``, ``(grad, (value, aux))``. ``grad``
+        has the structure of argument ``argnums`` (a tuple of such for a tuple ``argnums``).
+
+    Examples:
+        >>> import torch, madfunc as mf
+        >>> square = mf.fwd(torch.square, name="square")
+        >>> g, value = mf.mixed_grad_and_value(lambda x: square(x).sum())(torch.tensor([1.0, 2.0]))
+        >>> g, value
+        (tensor([2., 4.]), tensor(5.))
+    """
+    return torch.func.grad_and_value(_planned(fn, plan, "mixed_grad_and_value"), argnums, has_aux)
+
+
+def mixed_grad(
+    fn: Callable[..., Any], plan: PlanLike = None, argnums: ArgNums = 0, has_aux: bool = False
+) -> Callable[..., Any]:
+    """Like ``torch.func.grad``, with each segment differentiated as ``plan`` says.
+
+    Args:
+        fn: a function returning a scalar tensor (and, with ``has_aux``, a pair ``(scalar, aux)``)
+            that calls segments made by :func:`fwd` / :func:`rev` and any other PyTorch code.
+        plan: a dict or :class:`Plan` from segment names or fnmatch patterns to strategies.
+            Default: ``None`` (every segment its default).
+        argnums: which positional argument(s) to differentiate. Default: ``0``.
+        has_aux: whether ``fn`` returns ``(loss, aux)``. Default: ``False``.
+
+    Returns:
+        A function returning the gradient (structured like argument ``argnums``, a tuple for a tuple
+        ``argnums``); with ``has_aux``, ``(grad, aux)``.
+
+    Examples:
+        >>> import torch, madfunc as mf
+        >>> layer = mf.fwd(lambda w, x: torch.tanh(x @ w), name="layer")
+        >>> def loss(w, x):
+        ...     return layer(w, x).pow(2).sum()
+        >>> w, x = torch.randn(3, 2, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+        >>> exact = mf.mixed_grad(loss)(w, x)                       # forward mode, exact
+        >>> torch.allclose(exact, torch.func.grad(loss)(w, x))
+        True
+        >>> _ = torch.manual_seed(0)
+        >>> estimate = mf.mixed_grad(loss, plan={"layer": mf.Random(k=4)})(w, x)   # unbiased estimate
+        >>> estimate.shape
+        torch.Size([3, 2])
+    """
+    return torch.func.grad(_planned(fn, plan, "mixed_grad"), argnums, has_aux)
+
+
+@contextlib.contextmanager
+def use_plan(plan: PlanLike = None) -> Iterator[None]:
+    """Make segments honour ``plan`` under plain autograd (``loss.backward()``) inside the block.
+
+    The strategy of each segment call is fixed when it runs in the block; ``backward`` may run later.
+    On leaving the block, a plan key that matched no segment is an error.
+
+    Args:
+        plan: as for :func:`mixed_grad`. Default: ``None``.
+
+    Examples:
+        >>> import torch, madfunc as mf
+        >>> layer = mf.fwd(torch.nn.Linear(3, 1), name="layer")
+        >>> with mf.use_plan({"layer": mf.Random(k=8, distribution="rademacher")}):
+        ...     loss = layer(torch.ones(2, 3)).sum()
+        ...     loss.backward()
+        >>> layer.module.weight.grad.shape
+        torch.Size([1, 3])
+    """
+    state = _context.CallState(as_plan(plan), "use_plan")
+    with _context.activate(state):
+        yield
+    state.check_plan_used()
