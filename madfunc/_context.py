@@ -29,6 +29,7 @@ class CallState:
 
     plan: Plan
     where: str
+    measure: bool = False  # diagnostics: also measure what reverse segments save for backward
     owners: dict[str, Any] = dataclasses.field(default_factory=dict)
     calls: list[SegmentCall] = dataclasses.field(default_factory=list)
 

@@ -101,11 +101,38 @@ def _translate_error(name: str, error: BaseException) -> BaseException | None:
     return None
 
 
-def run_reverse(name: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    """Run a reverse-mode segment under a transform: plain code, plus the purity and output checks."""
+def _differentiated_per_argument(args: tuple, kwargs: dict) -> dict[str, int]:
+    sizes = {f"arg{i}": optree.tree_leaves(a) for i, a in enumerate(args)}
+    sizes.update({k: optree.tree_leaves(v) for k, v in kwargs.items()})
+    return {k: sum(t.numel() for t in leaves if _needs_grad(t)) for k, leaves in sizes.items()}
+
+
+def run_reverse(
+    name: str, fn: Callable[..., Any], args: tuple, kwargs: dict, record: _context.SegmentCall | None = None
+) -> Any:
+    """Run a reverse-mode segment under a transform: plain code, plus the purity and output checks.
+
+    With ``record`` (diagnostics), also count the bytes autograd saves for backward inside it.
+    """
     leaves = optree.tree_leaves((args, kwargs))
     before = _versions(leaves)
-    out = fn(*args, **kwargs)
+    if record is None:
+        out = fn(*args, **kwargs)
+    else:
+        saved = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(*args, **kwargs)
+        record.stats.update(
+            differentiated_numel=sum(t.numel() for t in leaves if _needs_grad(t)),
+            differentiated_per_argument=_differentiated_per_argument(args, kwargs),
+            saved_bytes=saved[0],
+            tangents=0,
+        )
     _check_not_mutated(name, leaves, before)
     _flatten_output(name, out)
     return out
@@ -336,9 +363,10 @@ def run_forward(
             "pass real and imaginary parts as separate real tensors, or mark the segment rev()."
         )
     if not diff:  # nothing upstream needs a gradient: a plain call, still a pure one
-        record.stats.update(differentiated_numel=0, tangents=0, saved_bytes=0)
+        record.stats.update(differentiated_numel=0, differentiated_per_argument={}, tangents=0, saved_bytes=0)
         with _context.inside_forward_segment(name):
             return run_reverse(name, fn, args, kwargs)
+    record.stats["differentiated_per_argument"] = _differentiated_per_argument(args, kwargs)
     engine = _Engine(name, strategy, fn, leaves, spec, tensor_positions, diff, record)
     outputs = _ForwardSegment.apply(engine, *tensors)
     return optree.tree_unflatten(engine.out_spec, list(outputs[: engine.n_out]))

@@ -31,7 +31,7 @@ def _dispatch(seg_name: str, default: Strategy, owner: Any, identity: Any, fn: C
     record = _context.SegmentCall(seg_name, strategy)
     state.calls.append(record)
     if not strategy.is_forward:
-        return run_reverse(seg_name, fn, args, kwargs)
+        return run_reverse(seg_name, fn, args, kwargs, record if state.measure else None)
     return run_forward(seg_name, strategy, fn, args, kwargs, record)
 
 
