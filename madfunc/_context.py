@@ -46,14 +46,29 @@ class CallState:
             )
 
     def check_plan_used(self) -> None:
-        """Every plan key must match a segment that ran (a typo would otherwise be silently ignored)."""
-        ran = list(self.owners)
-        unused = [key for key in self.plan if not any(key in self.plan.matching_keys(n) for n in ran)]
-        if unused:
-            listed = ", ".join(repr(n) for n in ran) if ran else "none"
+        """Every plan key must match a segment that ran (a typo would otherwise be silently ignored).
+
+        A segment that ran only inside a forward segment is differentiated as part of that segment's
+        computation, so a key that matches nothing else has no effect either: also an error.
+        """
+        top = list(dict.fromkeys(c.name for c in self.calls if c.nested_in is None))
+        nested = {c.name: c.nested_in for c in self.calls if c.nested_in is not None}
+        for key in self.plan:
+            if any(key in self.plan.matching_keys(n) for n in top):
+                continue
+            hidden = [n for n in nested if key in self.plan.matching_keys(n)]
+            if hidden:
+                inner = hidden[0]
+                raise ValueError(
+                    f"{self.where}: plan key {key!r} matches only segment {inner!r}, which ran inside forward "
+                    f"segment {nested[inner]!r} and is differentiated as part of it, so the key has no effect. "
+                    f"Drop the key, or give {nested[inner]!r} the strategy Reverse() so that {inner!r} runs "
+                    "on its own."
+                )
+            listed = ", ".join(repr(n) for n in top) if top else "none"
             raise ValueError(
-                f"{self.where}: plan key(s) {', '.join(map(repr, unused))} matched no segment that ran. "
-                f"Segments that ran: {listed}. Fix the name or pattern, or drop the key."
+                f"{self.where}: plan key {key!r} matched no segment that ran. Segments that ran: {listed}. "
+                "Fix the name or pattern, or drop the key."
             )
 
 

@@ -138,6 +138,19 @@ def run_reverse(
     return out
 
 
+def _seed_for(name: str) -> int:
+    try:
+        return draw_seed()
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+        raise RuntimeError(
+            f"segment {name!r}: a Random strategy under torch.func.vmap needs vmap(..., randomness='same') "
+            "(one set of tangents shared by the whole vmapped batch); with randomness='error' or 'different' "
+            "madfunc cannot draw them. Or use Exact() / Reverse() for per-example gradients."
+        ) from error
+
+
 class _Engine:
     """Everything one forward-segment call needs, passed to the autograd.Function as a constant."""
 
@@ -160,7 +173,7 @@ class _Engine:
         self.tensor_positions = tensor_positions
         self.diff = diff  # indices into the tensors passed to apply
         self.record = record
-        self.seed = draw_seed() if isinstance(strategy, Random) else None
+        self.seed = _seed_for(name) if isinstance(strategy, Random) else None
         self.out_spec: Any = None
         self.n_out = 0
         self.float_out: list[int] = []
@@ -314,6 +327,26 @@ def _common_device(name: str, tensors: Sequence[torch.Tensor]) -> torch.device:
     return next(iter(devices))
 
 
+def _differentiating_transforms() -> int:
+    """How many torch.func grad/jvp transforms are active (vmap does not count)."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    kinds = {"TransformType.Grad", "TransformType.Jvp"}
+    return sum(str(i.key()) in kinds for i in retrieve_all_functorch_interpreters())
+
+
+def _refuse_higher_order(name: str) -> None:
+    """The backward contraction is not itself differentiable: refuse instead of a silently wrong result."""
+    levels = _differentiating_transforms()
+    if levels >= 2 or (levels == 0 and torch.is_grad_enabled()):
+        raise NotImplementedError(
+            f"segment {name!r}: a forward-mode segment's gradient was differentiated again (torch.func.grad, "
+            "jacrev or hessian over mixed_grad, or backward(create_graph=True) under use_plan). madfunc "
+            "gives first-order gradients only; take higher-order derivatives of the plain model (outside "
+            "madfunc transforms), or mark the segment rev()."
+        )
+
+
 class _ForwardSegment(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -334,8 +367,16 @@ class _ForwardSegment(torch.autograd.Function):
         ctx.mark_non_differentiable(*ydots, *non_float)
 
     @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise NotImplementedError(
+            f"segment {ctx.engine.name!r}: forward-mode AD (torch.func.jvp/jacfwd) over a madfunc transform is "
+            "not supported; madfunc gives first-order gradients only. Differentiate the plain model instead."
+        )
+
+    @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:  # type: ignore[override]
         engine: _Engine = ctx.engine
+        _refuse_higher_order(engine.name)
         ydots = ctx.saved_tensors
         diff_grads = engine.backward(ydots, ctx.meta, grads[: engine.n_out])
         result: list[torch.Tensor | None] = [None] * ctx.n_tensors
