@@ -397,7 +397,8 @@ def run_forward(
     leaves, spec = optree.tree_flatten((args, kwargs))
     tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     tensors = [leaves[i] for i in tensor_positions]
-    diff = [j for j, t in enumerate(tensors) if _needs_grad(t)]
+    # Under torch.no_grad() (evaluation) nothing needs a gradient, even parameters that require one.
+    diff = [j for j, t in enumerate(tensors) if _needs_grad(t)] if torch.is_grad_enabled() else []
     if any(t.is_complex() and t.requires_grad for t in tensors):
         raise TypeError(
             f"segment {name!r}: complex inputs that need gradients are not supported in forward mode; "
