@@ -4,6 +4,12 @@ Mark parts of a model as segments (:func:`fwd`, :func:`rev`), then choose per se
 between reverse mode, exact forward mode and randomized forward gradients.
 """
 
+from ._diagnostics import CompareReport as CompareReport
+from ._diagnostics import GradientFigures as GradientFigures
+from ._diagnostics import InspectReport as InspectReport
+from ._diagnostics import SegmentRow as SegmentRow
+from ._diagnostics import compare as compare
+from ._diagnostics import inspect as inspect
 from ._forward import ForwardModeError as ForwardModeError
 from ._plan import Exact as Exact
 from ._plan import Plan as Plan
@@ -21,15 +27,21 @@ from ._transforms import use_plan as use_plan
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompareReport",
     "Exact",
     "ForwardModeError",
+    "GradientFigures",
+    "InspectReport",
     "ModuleSegment",
     "Plan",
     "Random",
     "Reverse",
     "Segment",
+    "SegmentRow",
     "Strategy",
+    "compare",
     "fwd",
+    "inspect",
     "mixed_grad",
     "mixed_grad_and_value",
     "rev",

@@ -1,0 +1,551 @@
+"""Gradient-quality diagnostics: ``compare`` (estimates vs the exact gradient) and ``inspect`` (what each
+segment does and keeps for backward), with their frozen, printable report objects."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import types
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import optree
+import torch
+
+from . import _context
+from ._plan import Plan, PlanLike, Random, Reverse, Strategy, as_plan
+
+__all__ = ["CompareReport", "GradientFigures", "InspectReport", "SegmentRow", "compare", "inspect"]
+
+ArgNums = int | tuple[int, ...]
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: tuples to lists, mappings to dicts, NaN to None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:.3e}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientFigures:
+    """Quality of gradient estimates against the exact gradient ``g`` (see :func:`compare`).
+
+    Attributes: ``cosine``, ``relative_error``, ``variance`` (measured ``E||g^-g||^2/||g||^2``),
+    ``bias`` with ``bias_ci`` (95% CI), ``bias_norm``, ``draws``, ``numel`` (scalars measured),
+    ``variance_theory`` (None unless a formula applies), ``leaves`` (gradient leaves measured), and
+    for a segment: ``strategy``, ``differentiated`` (its ``n``) and ``calls``.
+    """
+
+    cosine: float
+    relative_error: float
+    variance: float
+    bias: float
+    bias_ci: tuple[float, float]
+    bias_norm: float
+    draws: int
+    numel: int
+    variance_theory: float | None = None
+    leaves: tuple[str, ...] = ()
+    strategy: str | None = None
+    differentiated: int | None = None
+    calls: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python types (JSON-serialisable; NaN becomes None)."""
+        return _plain(self)
+
+    def _cells(self, name: str) -> list[str]:
+        ci = "" if math.isnan(self.bias_ci[0]) else f" [{self.bias_ci[0]:+.2g}, {self.bias_ci[1]:+.2g}]"
+        return [name, self.strategy or "(whole plan)", str(self.numel), _num(self.cosine), _num(self.relative_error),
+                _num(self.variance), _num(self.variance_theory), f"{self.bias:+.2g}{ci}"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareReport:
+    """What :func:`compare` measured: ``overall`` figures (also as ``report.cosine`` etc.),
+    ``per_segment`` figures, and median seconds per gradient call (``time_plan``, ``time_reference``)."""
+
+    overall: GradientFigures
+    per_segment: Mapping[str, GradientFigures]
+    time_plan: float
+    time_reference: float
+    plan: str
+    reference: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "per_segment", types.MappingProxyType(dict(self.per_segment)))
+
+    cosine = property(lambda self: self.overall.cosine, doc="Mean cosine similarity to the exact gradient.")
+    relative_error = property(lambda self: self.overall.relative_error, doc="Mean ||g^ - g|| / ||g||.")
+    variance = property(lambda self: self.overall.variance, doc="Measured E||g^ - g||^2 / ||g||^2.")
+    variance_theory = property(lambda self: self.overall.variance_theory, doc="Theoretical variance, or None.")
+    bias = property(lambda self: self.overall.bias, doc="Mean <g^ - g, g> / ||g||^2.")
+    bias_ci = property(lambda self: self.overall.bias_ci, doc="95% confidence interval of ``bias``.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python types (JSON-serialisable; NaN becomes None)."""
+        return _plain(self)
+
+    def __str__(self) -> str:
+        headers = ["segment", "strategy", "scalars", "cosine", "rel.error", "variance", "theory", "bias [95% CI]"]
+        rows = [self.overall._cells("(all)"), *(f._cells(name) for name, f in self.per_segment.items())]
+        ratio = self.time_plan / self.time_reference if self.time_reference > 0 else math.nan
+        return (
+            f"compare: {self.overall.draws} draws of {self.plan} against {self.reference}\n"
+            f"{_table(headers, rows)}\n"
+            f"time per gradient (median): plan {self.time_plan * 1e3:.3g} ms, reference "
+            f"{self.time_reference * 1e3:.3g} ms ({ratio:.2f}x)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentRow:
+    """One segment call as :func:`inspect` saw it run. Sizes count scalars; bytes are kept for backward
+    (``reverse_saved_bytes``: what backprop would keep there instead, for forward segments)."""
+
+    name: str
+    strategy: str
+    nested_in: str | None
+    differentiated: Mapping[str, int]
+    differentiated_numel: int | None
+    tangents: int | None
+    output_numel: int | None
+    saved_bytes: int | None
+    reverse_saved_bytes: int | None
+    flags: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python types."""
+        return _plain(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class InspectReport:
+    """What :func:`inspect` saw: ``rows`` (one per segment call) and ``flags`` (costly choices)."""
+
+    rows: tuple[SegmentRow, ...]
+    plan: str
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Every flagged costly choice, prefixed with its segment's name."""
+        return tuple(f"{row.name}: {flag}" for row in self.rows for flag in row.flags)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python types (JSON-serialisable)."""
+        return {"plan": self.plan, "rows": [row.to_dict() for row in self.rows], "flags": list(self.flags)}
+
+    def __str__(self) -> str:
+        headers = ["segment", "strategy", "differentiated", "tangents", "outputs", "kept for backward", "backprop would keep"]
+        rows = []
+        for row in self.rows:
+            if row.nested_in is not None:
+                rows.append([f"  {row.name}", f"(inside {row.nested_in})", "", "", "", "", ""])
+                continue
+            sizes = " + ".join(f"{k}:{v}" for k, v in row.differentiated.items()) or "-"
+            rows.append([row.name + (" (!)" if row.flags else ""), row.strategy, sizes, _num(row.tangents),
+                         _num(row.output_numel), _size(row.saved_bytes), _size(row.reverse_saved_bytes)])
+        notes = "".join(f"\n(!) {flag}" for flag in self.flags)
+        return f"inspect: {self.plan}\n{_table(headers, rows)}{notes}"
+
+
+def _size(count: int | None) -> str:
+    return "-" if count is None else _bytes(count)
+
+
+def theoretical_variance(strategy: Strategy, n: int) -> float | None:
+    """``E||g^ - g||^2 / ||g||^2`` of one call of a segment differentiating ``n`` scalars, or None."""
+    if not isinstance(strategy, Random) or n < 1:
+        return None
+    k = strategy.k
+    if strategy.distribution == "gaussian":
+        return (n + 1) / k
+    if strategy.distribution == "rademacher":
+        return (n - 1) / k
+    return n / k - 1
+
+
+def _t_quantile(dof: int, level: float = 0.975) -> float:
+    """Student-t quantile by the Cornish-Fisher expansion around the normal (exact to ~1e-3 for dof >= 3)."""
+    if dof < 1:
+        return math.nan
+    if level == 0.975 and dof <= 2:
+        return (12.7062, 4.3027)[dof - 1]
+    z = statistics.NormalDist().inv_cdf(level)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / dof + g2 / dof**2 + g3 / dof**3 + g4 / dof**4
+
+
+def _figures(draws: torch.Tensor, exact: torch.Tensor, **extra: Any) -> GradientFigures:
+    """Figures of ``draws`` (D x N estimates) against ``exact`` (N), all relative to ``||exact||``."""
+    count = draws.shape[0]
+    norm = float(exact.norm())
+    if norm == 0.0:
+        nan = math.nan
+        return GradientFigures(nan, nan, nan, nan, (nan, nan), nan, count, exact.numel(), **extra)
+    errors = draws - exact
+    draw_norms = draws.norm(dim=1)
+    cosine = (draws @ exact) / (draw_norms.clamp_min(torch.finfo(draws.dtype).tiny) * norm)
+    relative = errors.norm(dim=1) / norm
+    along = (errors @ exact) / norm**2  # signed relative error along the exact gradient
+    bias = float(along.mean())
+    if count > 1:
+        half = _t_quantile(count - 1) * float(along.std()) / math.sqrt(count)
+        ci = (bias - half, bias + half)
+    else:
+        ci = (math.nan, math.nan)
+    return GradientFigures(
+        cosine=float(cosine.mean()),
+        relative_error=float(relative.mean()),
+        variance=float(relative.square().mean()),
+        bias=bias,
+        bias_ci=ci,
+        bias_norm=float(errors.mean(dim=0).norm()) / norm,
+        draws=count,
+        numel=exact.numel(),
+        **extra,
+    )
+
+
+def _flat(grads: Any) -> tuple[list[str], list[torch.Tensor]]:
+    paths, leaves, _ = optree.tree_flatten_with_path(grads)
+    names = ["/".join(map(str, path)) or "(argument)" for path in paths]
+    return names, [leaf.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for leaf in leaves]
+
+
+def _sync(args: Sequence[Any]) -> None:
+    if any(t.is_cuda for t in optree.tree_leaves(args) if isinstance(t, torch.Tensor)):
+        torch.cuda.synchronize()
+
+
+class _Runner:
+    """Computes gradients of ``fn`` under a plan (None: plain backprop), recording the segments that ran."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, argnums: ArgNums, where: str) -> None:
+        self.fn, self.args, self.argnums, self.where = fn, args, argnums, where
+
+    def run(self, plan: Plan | None, check: bool = False) -> tuple[Any, _context.CallState | None, float]:
+        """Gradient under ``plan`` (by torch.func.grad), the call's state, and seconds taken."""
+        states: list[_context.CallState] = []
+
+        def planned(*args: Any) -> Any:
+            state = _context.CallState(plan, self.where) if plan is not None else None
+            with _context.activate(state):
+                out = self.fn(*args)
+            if state is not None:
+                if check:
+                    state.check_plan_used()
+                states.append(state)
+            return out
+
+        _sync(self.args)
+        start = time.perf_counter()
+        grads = torch.func.grad(planned, self.argnums)(*self.args)
+        _sync(grads)
+        elapsed = time.perf_counter() - start
+        return grads, (states[0] if states else None), elapsed
+
+    def measure(self, plan: Plan, check: bool = False) -> _context.CallState:
+        """One forward pass under ``plan`` with measuring on. It runs under plain autograd, with the
+        differentiated arguments as fresh leaves that require grad, because measuring what reverse
+        segments save uses saved-tensor hooks, which torch.func.grad does not support."""
+        nums = (self.argnums,) if isinstance(self.argnums, int) else tuple(self.argnums)
+        args = list(self.args)
+        for i in nums:
+            args[i] = optree.tree_map(
+                lambda t: t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t,
+                args[i],
+            )
+        state = _context.CallState(plan, self.where, measure=True)
+        with _context.activate(state):
+            self.fn(*args)
+        if check:
+            state.check_plan_used()
+        return state
+
+
+def _top_level(state: _context.CallState) -> dict[str, list[_context.SegmentCall]]:
+    calls: dict[str, list[_context.SegmentCall]] = {}
+    for call in state.calls:
+        if call.nested_in is None:
+            calls.setdefault(call.name, []).append(call)
+    return calls
+
+
+def compare(
+    fn: Callable[..., Any],
+    plan: PlanLike,
+    *args: Any,
+    reference: PlanLike = None,
+    draws: int = 32,
+    argnums: ArgNums = 0,
+) -> CompareReport:
+    """Measure how good the gradients of ``fn`` under ``plan`` are, against an exact reference.
+
+    Runs the reference once (plus a few times for timing) and ``plan`` ``draws`` times with fresh random
+    tangents (torch's RNG: ``torch.manual_seed`` makes the report reproducible), and reports, relative
+    to the exact gradient ``g``: ``cosine`` (mean cosine similarity), ``relative_error`` (mean
+    ``||g^ - g|| / ||g||``), ``variance`` (measured ``E||g^ - g||^2 / ||g||^2``), ``bias`` (mean of
+    ``<g^ - g, g> / ||g||^2``, the systematic shrinking or growing along ``g``, with a 95% Student-t
+    confidence interval ``bias_ci``; 0 for an unbiased plan), ``bias_norm`` (``||mean(g^) - g|| / ||g||``,
+    which shrinks like ``sqrt(variance / draws)`` when unbiased) and the median time per call.
+
+    Per segment, one segment at a time follows ``plan`` while every other segment follows the
+    reference, so the figures measure the error that segment alone introduces (errors of different
+    segments mix upstream, so an attribution from one combined run would not be sound). They are
+    taken over the gradient leaves that segment's estimate reaches, found as the leaves whose gradient
+    moves beyond rounding (``sqrt(eps) * ||g||``) in any draw: its own parameters, plus upstream ones
+    when its activation inputs are differentiated. A deterministic segment (``Exact``, ``Reverse``, or
+    one whose estimate reaches nothing) is measured once, over the whole gradient. For a ``Random``
+    segment called once, ``variance_theory`` is the relative variance of its own estimate:
+    ``(n+1)/k`` (gaussian), ``(n-1)/k`` (rademacher), ``n/k - 1`` (orthogonal), with ``n`` its
+    differentiated scalars. The measured ``variance`` has that expectation when what the segment
+    differentiates is exactly the leaves it reaches (its parameters, not shared; e.g. the first
+    segment); when the segment's activation inputs are differentiated its error also flows upstream,
+    and the two differ.
+
+    Args:
+        fn: a function of ``args`` returning a scalar tensor, calling segments (:func:`fwd`/:func:`rev`).
+        plan: the plan to assess (dict or :class:`Plan`); a key that matches no segment is an error.
+        *args: the arguments of ``fn``.
+        reference: the plan giving the exact gradient. Default: ``None``, plain backprop (every
+            segment reverse mode).
+        draws: number of independent gradients under ``plan``. Default: ``32``.
+        argnums: which positional argument(s) to differentiate, as in ``torch.func.grad``. Default: ``0``.
+
+    Returns:
+        A frozen :class:`CompareReport`: overall figures (``report.cosine``, ..., ``report.overall``),
+        ``report.per_segment`` (segment name -> :class:`GradientFigures`), ``time_plan`` and
+        ``time_reference`` (median seconds per gradient call). ``str(report)`` is a table,
+        ``report.to_dict()`` plain Python types.
+
+    Examples:
+        >>> import torch, madfunc as mf
+        >>> layer = mf.fwd(torch.nn.Linear(4, 3), name="layer")
+        >>> head = mf.rev(lambda h: h.tanh().sum(), name="head")
+        >>> def loss(params, x):
+        ...     return head(layer(params, x))
+        >>> params, x = dict(layer.module.named_parameters()), torch.randn(8, 4)
+        >>> _ = torch.manual_seed(0)
+        >>> report = mf.compare(loss, {"layer": mf.Random(k=5, distribution="rademacher")}, params, x, draws=8)
+        >>> report.per_segment["layer"].variance_theory   # (n - 1) / k with n = 4 * 3 + 3
+        2.8
+        >>> exact = mf.compare(loss, {"layer": "exact"}, params, x, draws=2)
+        >>> round(exact.cosine, 6), round(exact.relative_error, 6)
+        (1.0, 0.0)
+    """
+    where = "madfunc.compare"
+    checked = as_plan(plan)
+    ref_plan = None if reference is None else as_plan(reference)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"{where}(draws={draws!r}): draws must be an int >= 1 (independent gradients).")
+    runner = _Runner(fn, args, argnums, where)
+
+    exact_grads, ref_state, _ = runner.run(ref_plan, check=True)
+    names, exact_leaves = _flat(exact_grads)
+    exact = torch.cat(exact_leaves) if exact_leaves else torch.zeros(0, dtype=torch.float64)
+    ref_times = [runner.run(ref_plan)[2] for _ in range(min(draws, 8))]
+
+    plan_draws, plan_times, state = [], [], None
+    for _ in range(draws):
+        grads, this_state, elapsed = runner.run(checked, check=state is None)
+        state = state or this_state
+        plan_draws.append(torch.cat(_flat(grads)[1]))
+        plan_times.append(elapsed)
+    stacked = torch.stack(plan_draws)
+    assert state is not None
+    calls = _top_level(state)
+    ref_calls = _top_level(ref_state) if ref_state is not None else {}
+
+    def reference_strategy(name: str) -> Strategy:
+        if ref_plan is None:
+            return Reverse()
+        if name in ref_calls:
+            return ref_calls[name][0].strategy
+        return ref_plan.lookup(name) or calls[name][0].strategy
+
+    plan_strategy = {name: seg[0].strategy for name, seg in calls.items()}
+    differs = {name for name in calls if plan_strategy[name] != reference_strategy(name)}
+    sizes = [t.numel() for t in exact_leaves]
+    tolerance = math.sqrt(torch.finfo(_dtype_of(exact_grads)).eps) * float(exact.norm())
+
+    per_segment: dict[str, GradientFigures] = {}
+    overall_theory: float | None = None
+    for name, seg_calls in calls.items():
+        strategy = plan_strategy[name]
+        stochastic = isinstance(strategy, Random)
+        if differs <= {name}:  # every other segment already follows the reference: reuse the draws
+            segment_draws = stacked if stochastic else stacked[:1]
+        else:
+            single = Plan({**(ref_plan or {"*": Reverse()}), name: strategy})
+            count = draws if stochastic else 1
+            segment_draws = torch.stack([torch.cat(_flat(runner.run(single)[0])[1]) for _ in range(count)])
+        moved = (segment_draws - exact).abs()
+        reached = [
+            i for i, piece in enumerate(torch.split(moved, sizes, dim=1)) if float(piece.norm(dim=1).max()) > tolerance
+        ] if stochastic else []
+        n = int(seg_calls[0].stats.get("differentiated_numel", 0))
+        theory = theoretical_variance(strategy, n) if len(seg_calls) == 1 else None
+        extra = dict(strategy=repr(strategy), differentiated=n, calls=len(seg_calls), variance_theory=theory)
+        if reached:
+            mask = torch.cat([torch.full((s,), i in reached, dtype=torch.bool) for i, s in enumerate(sizes)])
+            figures = _figures(segment_draws[:, mask], exact[mask], leaves=tuple(names[i] for i in reached), **extra)
+            if len(reached) == len(sizes) and differs == {name}:
+                overall_theory = theory
+        else:
+            figures = _figures(segment_draws, exact, leaves=tuple(names), **extra)
+        per_segment[name] = figures
+    overall = _figures(stacked, exact, leaves=tuple(names), variance_theory=overall_theory)
+    return CompareReport(
+        overall=overall,
+        per_segment=per_segment,
+        time_plan=statistics.median(plan_times),
+        time_reference=statistics.median(ref_times),
+        plan=repr(checked),
+        reference="backprop" if ref_plan is None else repr(ref_plan),
+    )
+
+
+def _dtype_of(grads: Any) -> torch.dtype:
+    dtypes = [t.dtype for t in optree.tree_leaves(grads)]
+    return min(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float64
+
+
+def inspect(fn: Callable[..., Any], plan: PlanLike, *args: Any, argnums: ArgNums = 0) -> InspectReport:
+    """List the segments of ``fn`` as they actually run under ``plan``, and flag costly choices.
+
+    Runs one gradient of ``fn`` under ``plan`` and, for comparison, one with every segment in reverse
+    mode, measuring what each segment keeps for backward. A forward segment keeps its output tangents
+    (tangents x output size x element size); a reverse segment keeps what autograd saves inside it.
+    Flags: a forward segment that keeps more than twice what backprop would keep there (typically
+    ``Exact`` over a large activation input: one tangent per input scalar), and ``Random`` with ``k``
+    at least the number of differentiated scalars ``n`` (``Exact`` would be exact at that cost).
+
+    Args:
+        fn: a function of ``args`` returning a scalar tensor, calling segments (:func:`fwd`/:func:`rev`).
+        plan: the plan (dict or :class:`Plan`); a key that matches no segment is an error.
+        *args: the arguments of ``fn``.
+        argnums: which positional argument(s) to differentiate, as in ``torch.func.grad``. Default: ``0``.
+
+    Returns:
+        A frozen :class:`InspectReport`: ``rows`` (one :class:`SegmentRow` per segment call, in the
+        order they ran; segments nested in a forward segment listed once per enclosing call) and
+        ``flags`` (readable warnings). ``str(report)`` is a table, ``report.to_dict()`` plain types.
+
+    Examples:
+        >>> import torch, madfunc as mf
+        >>> layer = mf.fwd(torch.nn.Linear(4, 3), name="layer")
+        >>> params, x = dict(layer.module.named_parameters()), torch.randn(8, 4)
+        >>> report = mf.inspect(lambda p, x: layer(p, x).sum(), {"layer": mf.Random(k=2)}, params, x)
+        >>> row = report.rows[0]
+        >>> row.name, row.differentiated, row.tangents, row.output_numel, row.saved_bytes   # 2 * 24 * 4 bytes
+        ('layer', {'arg0': 15, 'arg1': 0}, 2, 24, 192)
+    """
+    where = "madfunc.inspect"
+    runner = _Runner(fn, args, argnums, where)
+    state = runner.measure(as_plan(plan), check=True)
+    rev_state = runner.measure(Plan({"*": Reverse()})) if state.calls else None
+    reverse_bytes = _reverse_bytes(state, rev_state)
+    rows: list[SegmentRow] = []
+    seen_nested: set[tuple[int, str]] = set()
+    parent = -1
+    for call in state.calls:
+        if call.nested_in is not None:
+            if (parent, call.name) in seen_nested:
+                continue  # the enclosing forward segment traced its body once per tangent batch
+            seen_nested.add((parent, call.name))
+        else:
+            parent += 1
+        stats = call.stats
+        alternative = reverse_bytes[parent] if call.nested_in is None and call.strategy.is_forward else None
+        rows.append(
+            SegmentRow(
+                name=call.name,
+                strategy=repr(call.strategy),
+                nested_in=call.nested_in,
+                differentiated=dict(stats.get("differentiated_per_argument", {})),
+                differentiated_numel=stats.get("differentiated_numel"),
+                tangents=stats.get("tangents"),
+                output_numel=stats.get("output_numel"),
+                saved_bytes=stats.get("saved_bytes"),
+                reverse_saved_bytes=alternative,
+                flags=tuple(_flags(call, alternative)),
+            )
+        )
+    return InspectReport(rows=tuple(rows), plan=repr(as_plan(plan)))
+
+
+def _reverse_bytes(state: _context.CallState, rev_state: _context.CallState | None) -> list[int | None]:
+    """Bytes backprop would keep for each top-level call of ``state``, from the all-reverse run.
+
+    In the all-reverse run, segments that were nested in a forward segment run on their own right after
+    it; their bytes belong to the enclosing call.
+    """
+    top = [call.name for call in state.calls if call.nested_in is None]
+    result: list[int | None] = [None] * len(top)
+    if rev_state is None:
+        return result
+    index = -1
+    for call in rev_state.calls:
+        if index + 1 < len(top) and call.name == top[index + 1]:
+            index += 1
+            result[index] = 0
+        elif index < 0:
+            return [None] * len(top)  # the runs diverged (data-dependent control flow)
+        saved = call.stats.get("saved_bytes")
+        if saved is not None and result[index] is not None:
+            result[index] += saved
+    return result if index == len(top) - 1 else [None] * len(top)
+
+
+def _flags(call: _context.SegmentCall, reverse_bytes: int | None) -> list[str]:
+    stats, strategy, flags = call.stats, call.strategy, []
+    n = stats.get("differentiated_numel") or 0
+    if isinstance(strategy, Random) and n and strategy.k >= n:
+        flags.append(
+            f"k = {strategy.k} >= n = {n} differentiated scalars: Exact() gives the exact gradient with {n} "
+            "tangents; use Exact() or a smaller k."
+        )
+    saved = stats.get("saved_bytes") or 0
+    if strategy.is_forward and reverse_bytes is not None and saved > 2 * max(reverse_bytes, 1):
+        per_arg = stats.get("differentiated_per_argument", {})
+        largest = max(per_arg, key=per_arg.get) if per_arg else None
+        where = f" (largest differentiated argument: {largest}, {per_arg[largest]} scalars)" if largest else ""
+        flags.append(
+            f"keeps {_bytes(saved)} for backward ({stats.get('tangents')} tangents x {stats.get('output_numel')} "
+            f"outputs){where}; backprop would keep {_bytes(reverse_bytes)}: Reverse() or Random(k) with a "
+            "small k is cheaper here."
+        )
+    return flags
+
+
+def _bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError
