@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-import types
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,28 +23,42 @@ ArgNums = int | tuple[int, ...]
 
 
 def _plain(value: Any) -> Any:
-    """JSON-ready copy: tuples to lists, mappings to dicts, NaN to None."""
+    """JSON-ready copy: tuples to lists, mappings and dataclasses to dicts, NaN to None."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> str:
+    """Columns padded to width; the first ``left`` columns left-aligned, the rest right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells: Sequence[str]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in pairs)
+
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
-def _num(value: float | None, digits: int = 4) -> str:
+def _num(value: float | None) -> str:
     if value is None or math.isnan(value):
         return "-"
-    return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def _bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    if count < 1024:
+        return f"{count} B"
+    exponent = min(int(math.log(count, 1024)), 3)
+    return f"{count / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +90,10 @@ class GradientFigures:
         return _plain(self)
 
     def _cells(self, name: str) -> list[str]:
-        ci = "" if math.isnan(self.bias_ci[0]) else f" [{self.bias_ci[0]:+.2g}, {self.bias_ci[1]:+.2g}]"
-        return [name, self.strategy or "(whole plan)", str(self.numel), _num(self.cosine), _num(self.relative_error),
-                _num(self.variance), _num(self.variance_theory), f"{self.bias:+.2g}{ci}"]
+        low, high = self.bias_ci
+        ci = "" if math.isnan(low) else f" [{low:+.2g}, {high:+.2g}]"
+        return [name, self.strategy or "(whole plan)", str(self.numel), *map(_num, (
+            self.cosine, self.relative_error, self.variance, self.variance_theory)), f"{self.bias:+.2g}{ci}"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +114,7 @@ class CompareReport:
     cosine = property(lambda self: self.overall.cosine, doc="Mean cosine similarity to the exact gradient.")
     relative_error = property(lambda self: self.overall.relative_error, doc="Mean ||g^ - g|| / ||g||.")
     variance = property(lambda self: self.overall.variance, doc="Measured E||g^ - g||^2 / ||g||^2.")
-    variance_theory = property(lambda self: self.overall.variance_theory, doc="Theoretical variance, or None.")
+    variance_theory = property(lambda self: self.overall.variance_theory, doc="Theoretical variance or None.")
     bias = property(lambda self: self.overall.bias, doc="Mean <g^ - g, g> / ||g||^2.")
     bias_ci = property(lambda self: self.overall.bias_ci, doc="95% confidence interval of ``bias``.")
 
@@ -108,14 +123,14 @@ class CompareReport:
         return _plain(self)
 
     def __str__(self) -> str:
-        headers = ["segment", "strategy", "scalars", "cosine", "rel.error", "variance", "theory", "bias [95% CI]"]
+        headers = ("segment", "strategy", "scalars", "cosine", "rel.error", "variance", "theory",
+                   "bias [95% CI]")
         rows = [self.overall._cells("(all)"), *(f._cells(name) for name, f in self.per_segment.items())]
         ratio = self.time_plan / self.time_reference if self.time_reference > 0 else math.nan
         return (
             f"compare: {self.overall.draws} draws of {self.plan} against {self.reference}\n"
-            f"{_table(headers, rows)}\n"
-            f"time per gradient (median): plan {self.time_plan * 1e3:.3g} ms, reference "
-            f"{self.time_reference * 1e3:.3g} ms ({ratio:.2f}x)"
+            f"{_table(headers, rows)}\ntime per gradient (median): plan {self.time_plan * 1e3:.3g} ms, "
+            f"reference {self.time_reference * 1e3:.3g} ms ({ratio:.2f}x)"
         )
 
 
@@ -157,21 +172,16 @@ class InspectReport:
         return {"plan": self.plan, "rows": [row.to_dict() for row in self.rows], "flags": list(self.flags)}
 
     def __str__(self) -> str:
-        headers = ["segment", "strategy", "differentiated", "tangents", "outputs", "kept for backward", "backprop would keep"]
-        rows = []
-        for row in self.rows:
-            if row.nested_in is not None:
-                rows.append([f"  {row.name}", f"(inside {row.nested_in})", "", "", "", "", ""])
-                continue
-            sizes = " + ".join(f"{k}:{v}" for k, v in row.differentiated.items()) or "-"
-            rows.append([row.name + (" (!)" if row.flags else ""), row.strategy, sizes, _num(row.tangents),
-                         _num(row.output_numel), _size(row.saved_bytes), _size(row.reverse_saved_bytes)])
-        notes = "".join(f"\n(!) {flag}" for flag in self.flags)
-        return f"inspect: {self.plan}\n{_table(headers, rows)}{notes}"
-
-
-def _size(count: int | None) -> str:
-    return "-" if count is None else _bytes(count)
+        headers = ("segment", "strategy", "differentiated", "tangents", "outputs", "kept for backward",
+                   "backprop would keep")
+        rows = [
+            [f"  {r.name}", f"(inside {r.nested_in})", "", "", "", "", ""] if r.nested_in else
+            [r.name + (" (!)" if r.flags else ""), r.strategy,
+             " + ".join(f"{k}:{v}" for k, v in r.differentiated.items()) or "-", _num(r.tangents),
+             _num(r.output_numel), _bytes(r.saved_bytes), _bytes(r.reverse_saved_bytes)]
+            for r in self.rows
+        ]
+        return f"inspect: {self.plan}\n{_table(headers, rows)}" + "".join(f"\n(!) {f}" for f in self.flags)
 
 
 def theoretical_variance(strategy: Strategy, n: int) -> float | None:
@@ -179,113 +189,73 @@ def theoretical_variance(strategy: Strategy, n: int) -> float | None:
     if not isinstance(strategy, Random) or n < 1:
         return None
     k = strategy.k
-    if strategy.distribution == "gaussian":
-        return (n + 1) / k
-    if strategy.distribution == "rademacher":
-        return (n - 1) / k
-    return n / k - 1
+    return {"gaussian": (n + 1) / k, "rademacher": (n - 1) / k}.get(strategy.distribution, n / k - 1)
 
 
-def _t_quantile(dof: int, level: float = 0.975) -> float:
-    """Student-t quantile by the Cornish-Fisher expansion around the normal (exact to ~1e-3 for dof >= 3)."""
-    if dof < 1:
-        return math.nan
-    if level == 0.975 and dof <= 2:
-        return (12.7062, 4.3027)[dof - 1]
-    z = statistics.NormalDist().inv_cdf(level)
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / dof + g2 / dof**2 + g3 / dof**3 + g4 / dof**4
+def _t_quantile(dof: int) -> float:
+    """Student-t 97.5% quantile: a table for dof <= 2, else Cornish-Fisher (relative error < 1e-3)."""
+    if dof <= 2:
+        return (math.nan, 12.7062, 4.3027)[max(dof, 0)]
+    z = statistics.NormalDist().inv_cdf(0.975)
+    terms = ((z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+             (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160)
+    return z + sum(term / dof ** (i + 1) for i, term in enumerate(terms))
 
 
 def _figures(draws: torch.Tensor, exact: torch.Tensor, **extra: Any) -> GradientFigures:
     """Figures of ``draws`` (D x N estimates) against ``exact`` (N), all relative to ``||exact||``."""
-    count = draws.shape[0]
-    norm = float(exact.norm())
-    if norm == 0.0:
+    count, norm = draws.shape[0], float(exact.norm())
+    if norm == 0.0:  # nothing to be relative to
         nan = math.nan
         return GradientFigures(nan, nan, nan, nan, (nan, nan), nan, count, exact.numel(), **extra)
     errors = draws - exact
-    draw_norms = draws.norm(dim=1)
-    cosine = (draws @ exact) / (draw_norms.clamp_min(torch.finfo(draws.dtype).tiny) * norm)
+    cosine = (draws @ exact) / (draws.norm(dim=1).clamp_min(torch.finfo(draws.dtype).tiny) * norm)
     relative = errors.norm(dim=1) / norm
     along = (errors @ exact) / norm**2  # signed relative error along the exact gradient
     bias = float(along.mean())
-    if count > 1:
-        half = _t_quantile(count - 1) * float(along.std()) / math.sqrt(count)
-        ci = (bias - half, bias + half)
-    else:
-        ci = (math.nan, math.nan)
+    half = _t_quantile(count - 1) * float(along.std()) / math.sqrt(count) if count > 1 else math.nan
     return GradientFigures(
-        cosine=float(cosine.mean()),
-        relative_error=float(relative.mean()),
+        cosine=float(cosine.mean()), relative_error=float(relative.mean()),
         variance=float(relative.square().mean()),
-        bias=bias,
-        bias_ci=ci,
-        bias_norm=float(errors.mean(dim=0).norm()) / norm,
-        draws=count,
-        numel=exact.numel(),
-        **extra,
+        bias=bias, bias_ci=(bias - half, bias + half), bias_norm=float(errors.mean(dim=0).norm()) / norm,
+        draws=count, numel=exact.numel(), **extra,
     )
 
 
-def _flat(grads: Any) -> tuple[list[str], list[torch.Tensor]]:
+def _flat(grads: Any) -> tuple[list[str], torch.Tensor]:
+    """Leaf names (paths) and all leaves concatenated, in float64 on the CPU."""
     paths, leaves, _ = optree.tree_flatten_with_path(grads)
     names = ["/".join(map(str, path)) or "(argument)" for path in paths]
-    return names, [leaf.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for leaf in leaves]
+    flat = [leaf.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for leaf in leaves]
+    return names, torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
 
 
-def _sync(args: Sequence[Any]) -> None:
-    if any(t.is_cuda for t in optree.tree_leaves(args) if isinstance(t, torch.Tensor)):
+def _sync(tree: Any) -> None:
+    if any(isinstance(t, torch.Tensor) and t.is_cuda for t in optree.tree_leaves(tree)):
         torch.cuda.synchronize()
 
 
-class _Runner:
-    """Computes gradients of ``fn`` under a plan (None: plain backprop), recording the segments that ran."""
+def _grad(fn: Callable[..., Any], args: tuple, argnums: ArgNums, plan: Plan | None, check: bool = False):
+    """Gradient of ``fn`` under ``plan`` (None: plain backprop) by torch.func.grad, the call's state
+    (None for backprop), and the seconds it took."""
+    states: list[_context.CallState] = []
 
-    def __init__(self, fn: Callable[..., Any], args: tuple, argnums: ArgNums, where: str) -> None:
-        self.fn, self.args, self.argnums, self.where = fn, args, argnums, where
-
-    def run(self, plan: Plan | None, check: bool = False) -> tuple[Any, _context.CallState | None, float]:
-        """Gradient under ``plan`` (by torch.func.grad), the call's state, and seconds taken."""
-        states: list[_context.CallState] = []
-
-        def planned(*args: Any) -> Any:
-            state = _context.CallState(plan, self.where) if plan is not None else None
-            with _context.activate(state):
-                out = self.fn(*args)
-            if state is not None:
-                if check:
-                    state.check_plan_used()
-                states.append(state)
-            return out
-
-        _sync(self.args)
-        start = time.perf_counter()
-        grads = torch.func.grad(planned, self.argnums)(*self.args)
-        _sync(grads)
-        elapsed = time.perf_counter() - start
-        return grads, (states[0] if states else None), elapsed
-
-    def measure(self, plan: Plan, check: bool = False) -> _context.CallState:
-        """One forward pass under ``plan`` with measuring on. It runs under plain autograd, with the
-        differentiated arguments as fresh leaves that require grad, because measuring what reverse
-        segments save uses saved-tensor hooks, which torch.func.grad does not support."""
-        nums = (self.argnums,) if isinstance(self.argnums, int) else tuple(self.argnums)
-        args = list(self.args)
-        for i in nums:
-            args[i] = optree.tree_map(
-                lambda t: t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t,
-                args[i],
-            )
-        state = _context.CallState(plan, self.where, measure=True)
+    def planned(*inner: Any) -> Any:
+        state = None if plan is None else _context.CallState(plan, "madfunc.compare")
         with _context.activate(state):
-            self.fn(*args)
-        if check:
-            state.check_plan_used()
-        return state
+            out = fn(*inner)
+        if state is not None:
+            if check:
+                state.check_plan_used()
+            states.append(state)
+        return out
+
+    _sync(args)
+    start = time.perf_counter()
+    grads = torch.func.grad(planned, argnums)(*args)
+    _sync(grads)
+    return grads, (states[0] if states else None), time.perf_counter() - start
 
 
 def _top_level(state: _context.CallState) -> dict[str, list[_context.SegmentCall]]:
@@ -297,16 +267,12 @@ def _top_level(state: _context.CallState) -> dict[str, list[_context.SegmentCall
 
 
 def compare(
-    fn: Callable[..., Any],
-    plan: PlanLike,
-    *args: Any,
-    reference: PlanLike = None,
-    draws: int = 32,
+    fn: Callable[..., Any], plan: PlanLike, *args: Any, reference: PlanLike = None, draws: int = 32,
     argnums: ArgNums = 0,
 ) -> CompareReport:
     """Measure how good the gradients of ``fn`` under ``plan`` are, against an exact reference.
 
-    Runs the reference once (plus a few times for timing) and ``plan`` ``draws`` times with fresh random
+    Runs the reference once (and up to 8 times for timing) and ``plan`` ``draws`` times with fresh random
     tangents (torch's RNG: ``torch.manual_seed`` makes the report reproducible), and reports, relative
     to the exact gradient ``g``: ``cosine`` (mean cosine similarity), ``relative_error`` (mean
     ``||g^ - g|| / ||g||``), ``variance`` (measured ``E||g^ - g||^2 / ||g||^2``), ``bias`` (mean of
@@ -351,34 +317,26 @@ def compare(
         ...     return head(layer(params, x))
         >>> params, x = dict(layer.module.named_parameters()), torch.randn(8, 4)
         >>> _ = torch.manual_seed(0)
-        >>> report = mf.compare(loss, {"layer": mf.Random(k=5, distribution="rademacher")}, params, x, draws=8)
+        >>> plan = {"layer": mf.Random(k=5, distribution="rademacher")}
+        >>> report = mf.compare(loss, plan, params, x, draws=8)
         >>> report.per_segment["layer"].variance_theory   # (n - 1) / k with n = 4 * 3 + 3
         2.8
         >>> exact = mf.compare(loss, {"layer": "exact"}, params, x, draws=2)
         >>> round(exact.cosine, 6), round(exact.relative_error, 6)
         (1.0, 0.0)
     """
-    where = "madfunc.compare"
     checked = as_plan(plan)
     ref_plan = None if reference is None else as_plan(reference)
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"{where}(draws={draws!r}): draws must be an int >= 1 (independent gradients).")
-    runner = _Runner(fn, args, argnums, where)
-
-    exact_grads, ref_state, _ = runner.run(ref_plan, check=True)
-    names, exact_leaves = _flat(exact_grads)
-    exact = torch.cat(exact_leaves) if exact_leaves else torch.zeros(0, dtype=torch.float64)
-    ref_times = [runner.run(ref_plan)[2] for _ in range(min(draws, 8))]
-
-    plan_draws, plan_times, state = [], [], None
-    for _ in range(draws):
-        grads, this_state, elapsed = runner.run(checked, check=state is None)
-        state = state or this_state
-        plan_draws.append(torch.cat(_flat(grads)[1]))
-        plan_times.append(elapsed)
-    stacked = torch.stack(plan_draws)
-    assert state is not None
-    calls = _top_level(state)
+        raise ValueError(f"madfunc.compare(draws={draws!r}): draws must be an int >= 1 (independent "
+                         "gradients under the plan).")
+    exact_grads, ref_state, _ = _grad(fn, args, argnums, ref_plan, check=True)
+    names, exact = _flat(exact_grads)
+    sizes = [t.numel() for t in optree.tree_leaves(exact_grads)]
+    ref_times = [_grad(fn, args, argnums, ref_plan)[2] for _ in range(min(draws, 8))]
+    runs = [_grad(fn, args, argnums, checked, check=i == 0) for i in range(draws)]
+    stacked = torch.stack([_flat(grads)[1] for grads, _, _ in runs])
+    calls = _top_level(runs[0][1])
     ref_calls = _top_level(ref_state) if ref_state is not None else {}
 
     def reference_strategy(name: str) -> Strategy:
@@ -388,58 +346,50 @@ def compare(
             return ref_calls[name][0].strategy
         return ref_plan.lookup(name) or calls[name][0].strategy
 
-    plan_strategy = {name: seg[0].strategy for name, seg in calls.items()}
-    differs = {name for name in calls if plan_strategy[name] != reference_strategy(name)}
-    sizes = [t.numel() for t in exact_leaves]
-    tolerance = math.sqrt(torch.finfo(_dtype_of(exact_grads)).eps) * float(exact.norm())
-
+    differs = {name for name, seg in calls.items() if seg[0].strategy != reference_strategy(name)}
+    dtypes = [t.dtype for t in optree.tree_leaves(exact_grads)]
+    eps = max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float64).eps)
+    tolerance = math.sqrt(eps) * float(exact.norm())  # differences below this are rounding
     per_segment: dict[str, GradientFigures] = {}
-    overall_theory: float | None = None
+    overall_theory = None
     for name, seg_calls in calls.items():
-        strategy = plan_strategy[name]
+        strategy = seg_calls[0].strategy
         stochastic = isinstance(strategy, Random)
         if differs <= {name}:  # every other segment already follows the reference: reuse the draws
-            segment_draws = stacked if stochastic else stacked[:1]
+            seg_draws = stacked if stochastic else stacked[:1]
         else:
             single = Plan({**(ref_plan or {"*": Reverse()}), name: strategy})
             count = draws if stochastic else 1
-            segment_draws = torch.stack([torch.cat(_flat(runner.run(single)[0])[1]) for _ in range(count)])
-        moved = (segment_draws - exact).abs()
-        reached = [
-            i for i, piece in enumerate(torch.split(moved, sizes, dim=1)) if float(piece.norm(dim=1).max()) > tolerance
-        ] if stochastic else []
+            seg_draws = torch.stack([_flat(_grad(fn, args, argnums, single)[0])[1] for _ in range(count)])
+        moved = torch.split((seg_draws - exact).abs(), sizes, dim=1)
+        reached = [i for i, m in enumerate(moved) if stochastic and float(m.norm(dim=1).max()) > tolerance]
         n = int(seg_calls[0].stats.get("differentiated_numel", 0))
         theory = theoretical_variance(strategy, n) if len(seg_calls) == 1 else None
         extra = dict(strategy=repr(strategy), differentiated=n, calls=len(seg_calls), variance_theory=theory)
         if reached:
             mask = torch.cat([torch.full((s,), i in reached, dtype=torch.bool) for i, s in enumerate(sizes)])
-            figures = _figures(segment_draws[:, mask], exact[mask], leaves=tuple(names[i] for i in reached), **extra)
+            leaves = tuple(names[i] for i in reached)
+            per_segment[name] = _figures(seg_draws[:, mask], exact[mask], leaves=leaves, **extra)
             if len(reached) == len(sizes) and differs == {name}:
                 overall_theory = theory
         else:
-            figures = _figures(segment_draws, exact, leaves=tuple(names), **extra)
-        per_segment[name] = figures
-    overall = _figures(stacked, exact, leaves=tuple(names), variance_theory=overall_theory)
+            per_segment[name] = _figures(seg_draws, exact, leaves=tuple(names), **extra)
     return CompareReport(
-        overall=overall,
+        overall=_figures(stacked, exact, leaves=tuple(names), variance_theory=overall_theory),
         per_segment=per_segment,
-        time_plan=statistics.median(plan_times),
+        time_plan=statistics.median(t for _, _, t in runs),
         time_reference=statistics.median(ref_times),
         plan=repr(checked),
         reference="backprop" if ref_plan is None else repr(ref_plan),
     )
 
 
-def _dtype_of(grads: Any) -> torch.dtype:
-    dtypes = [t.dtype for t in optree.tree_leaves(grads)]
-    return min(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float64
-
-
 def inspect(fn: Callable[..., Any], plan: PlanLike, *args: Any, argnums: ArgNums = 0) -> InspectReport:
     """List the segments of ``fn`` as they actually run under ``plan``, and flag costly choices.
 
-    Runs one gradient of ``fn`` under ``plan`` and, for comparison, one with every segment in reverse
-    mode, measuring what each segment keeps for backward. A forward segment keeps its output tangents
+    Runs ``fn`` forward once under ``plan`` and once with every segment in reverse mode (under plain
+    autograd: torch.func.grad does not support the saved-tensor hooks that measure reverse segments),
+    recording what each segment keeps for backward. A forward segment keeps its output tangents
     (tangents x output size x element size); a reverse segment keeps what autograd saves inside it.
     Flags: a forward segment that keeps more than twice what backprop would keep there (typically
     ``Exact`` over a large activation input: one tangent per input scalar), and ``Random`` with ``k``
@@ -465,38 +415,46 @@ def inspect(fn: Callable[..., Any], plan: PlanLike, *args: Any, argnums: ArgNums
         >>> row.name, row.differentiated, row.tangents, row.output_numel, row.saved_bytes   # 2 * 24 * 4 bytes
         ('layer', {'arg0': 15, 'arg1': 0}, 2, 24, 192)
     """
-    where = "madfunc.inspect"
-    runner = _Runner(fn, args, argnums, where)
-    state = runner.measure(as_plan(plan), check=True)
-    rev_state = runner.measure(Plan({"*": Reverse()})) if state.calls else None
-    reverse_bytes = _reverse_bytes(state, rev_state)
+    checked = as_plan(plan)
+    state = _measure(fn, args, argnums, checked)
+    state.check_plan_used()
+    all_reverse = _measure(fn, args, argnums, Plan({"*": Reverse()})) if state.calls else None
+    reverse_bytes = _reverse_bytes(state, all_reverse)
     rows: list[SegmentRow] = []
     seen_nested: set[tuple[int, str]] = set()
     parent = -1
     for call in state.calls:
-        if call.nested_in is not None:
-            if (parent, call.name) in seen_nested:
-                continue  # the enclosing forward segment traced its body once per tangent batch
-            seen_nested.add((parent, call.name))
-        else:
+        if call.nested_in is None:
             parent += 1
+        elif (parent, call.name) in seen_nested:
+            continue  # the enclosing forward segment traced its body once per tangent batch
+        else:
+            seen_nested.add((parent, call.name))
         stats = call.stats
         alternative = reverse_bytes[parent] if call.nested_in is None and call.strategy.is_forward else None
-        rows.append(
-            SegmentRow(
-                name=call.name,
-                strategy=repr(call.strategy),
-                nested_in=call.nested_in,
-                differentiated=dict(stats.get("differentiated_per_argument", {})),
-                differentiated_numel=stats.get("differentiated_numel"),
-                tangents=stats.get("tangents"),
-                output_numel=stats.get("output_numel"),
-                saved_bytes=stats.get("saved_bytes"),
-                reverse_saved_bytes=alternative,
-                flags=tuple(_flags(call, alternative)),
-            )
+        rows.append(SegmentRow(
+            name=call.name, strategy=repr(call.strategy), nested_in=call.nested_in,
+            differentiated=dict(stats.get("differentiated_per_argument", {})),
+            differentiated_numel=stats.get("differentiated_numel"), tangents=stats.get("tangents"),
+            output_numel=stats.get("output_numel"), saved_bytes=stats.get("saved_bytes"),
+            reverse_saved_bytes=alternative, flags=tuple(_flags(call, alternative)),
+        ))
+    return InspectReport(rows=tuple(rows), plan=repr(checked))
+
+
+def _measure(fn: Callable[..., Any], args: tuple, argnums: ArgNums, plan: Plan) -> _context.CallState:
+    """Run ``fn`` forward under ``plan`` with measuring on, under plain autograd: the differentiated
+    arguments become fresh leaves that require grad (torch.func.grad rejects saved-tensor hooks)."""
+    args_ = list(args)
+    for i in (argnums,) if isinstance(argnums, int) else argnums:
+        args_[i] = optree.tree_map(
+            lambda t: t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t,
+            args_[i],
         )
-    return InspectReport(rows=tuple(rows), plan=repr(as_plan(plan)))
+    state = _context.CallState(plan, "madfunc.inspect", measure=True)
+    with _context.activate(state):
+        fn(*args_)
+    return state
 
 
 def _reverse_bytes(state: _context.CallState, rev_state: _context.CallState | None) -> list[int | None]:
@@ -507,18 +465,14 @@ def _reverse_bytes(state: _context.CallState, rev_state: _context.CallState | No
     """
     top = [call.name for call in state.calls if call.nested_in is None]
     result: list[int | None] = [None] * len(top)
-    if rev_state is None:
-        return result
     index = -1
-    for call in rev_state.calls:
+    for call in rev_state.calls if rev_state is not None else ():
         if index + 1 < len(top) and call.name == top[index + 1]:
             index += 1
             result[index] = 0
         elif index < 0:
-            return [None] * len(top)  # the runs diverged (data-dependent control flow)
-        saved = call.stats.get("saved_bytes")
-        if saved is not None and result[index] is not None:
-            result[index] += saved
+            break  # the runs diverged (data-dependent control flow)
+        result[index] += call.stats.get("saved_bytes") or 0
     return result if index == len(top) - 1 else [None] * len(top)
 
 
@@ -533,19 +487,11 @@ def _flags(call: _context.SegmentCall, reverse_bytes: int | None) -> list[str]:
     saved = stats.get("saved_bytes") or 0
     if strategy.is_forward and reverse_bytes is not None and saved > 2 * max(reverse_bytes, 1):
         per_arg = stats.get("differentiated_per_argument", {})
-        largest = max(per_arg, key=per_arg.get) if per_arg else None
-        where = f" (largest differentiated argument: {largest}, {per_arg[largest]} scalars)" if largest else ""
+        largest = max(per_arg, key=per_arg.get, default=None)
+        where = f" (largest differentiated input: {largest}, {per_arg[largest]} scalars)" if largest else ""
+        tangents, outputs = stats.get("tangents"), stats.get("output_numel")
         flags.append(
-            f"keeps {_bytes(saved)} for backward ({stats.get('tangents')} tangents x {stats.get('output_numel')} "
-            f"outputs){where}; backprop would keep {_bytes(reverse_bytes)}: Reverse() or Random(k) with a "
-            "small k is cheaper here."
+            f"keeps {_bytes(saved)} for backward ({tangents} tangents x {outputs} outputs){where}; backprop "
+            f"would keep {_bytes(reverse_bytes)}: Reverse() or Random(k) with a small k is cheaper here."
         )
     return flags
-
-
-def _bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError
