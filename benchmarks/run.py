@@ -1,0 +1,199 @@
+"""Ratio benchmarks of the performance issue: ``python benchmarks/run.py [--quick] [--json PATH]``.
+
+Every comparison times its candidates side by side in one process: warm-up calls, then rounds in
+which each candidate runs once (the order alternates between rounds, to cancel drift), and the
+median per candidate. Memory is measured in child processes (peak RSS of the step above the RSS
+right before it). Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch.func import grad, jvp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import models  # noqa: E402
+
+import madfunc as mf  # noqa: E402
+
+THREADS = 2
+
+
+def timeit(candidates: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each candidate in each round, measured interleaved."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    items = list(candidates.items())
+    for r in range(rounds):
+        for name, fn in items if r % 2 == 0 else items[::-1]:
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def loop_of_jvps(loss: Callable, k: int) -> Callable:
+    """The naive forward gradient: k single-tangent jvp calls, each with fresh Gaussian tangents."""
+
+    def step(params: tuple, *data: torch.Tensor) -> list[torch.Tensor]:
+        g = [torch.zeros_like(p) for p in params]
+        for _ in range(k):
+            v = tuple(torch.randn_like(p) for p in params)
+            _, d = jvp(lambda *ps: loss(ps, *data), params, v)
+            torch._foreach_add_(g, list(v), alpha=d.item() / k)
+        return g
+
+    return step
+
+
+def time_targets(quick: bool) -> list[dict]:
+    rounds, warmup = (7, 2) if quick else (21, 3)
+    rows = []
+
+    def compare(target: str, what: str, ours: Callable, reference: Callable, limit: float | None,
+                args: tuple, ref_name: str) -> None:
+        t = timeit({"ours": lambda: ours(*args), "reference": lambda: reference(*args)}, rounds, warmup)
+        # The ratio is the median of per-round ratios: the two calls of a round ran back to back, so
+        # load from other processes on the machine (drift) cancels better than in a ratio of medians.
+        paired = statistics.median(a / b for a, b in zip(t["ours"], t["reference"]))
+        rows.append(dict(target=target, what=what, reference=ref_name, ours_ms=statistics.median(t["ours"]) * 1e3,
+                         reference_ms=statistics.median(t["reference"]) * 1e3, ratio=paired, limit=limit,
+                         ratio_of_medians=statistics.median(t["ours"]) / statistics.median(t["reference"])))
+        print_row(rows[-1])
+
+    mlp = models.mlp_params(8, 512)
+    mlp_xy = models.mlp_data(128, 512)
+    backprop = grad(models.mlp_loss)
+    compare("1", "all-Reverse plan, MLP 8x512 b128 (a segment per layer)",
+            mf.mixed_grad(models.segmented_mlp_loss, plan={"layer": "rev"}), backprop, 1.05,
+            (mlp, *mlp_xy), "torch.func.grad")
+    cnn = models.cnn_params()
+    cnn2 = models.cnn_data(2)
+    compare("1b", "all-Reverse plan, small CNN b2 (info)",
+            mf.mixed_grad(models.whole_cnn_loss, plan={"cnn": "rev"}), grad(models.cnn_loss), None,
+            (cnn, *cnn2), "torch.func.grad")
+    for dist, limit in (("gaussian", 1.0), ("rademacher", None)):
+        compare("2" if limit else "2b", f"MLP 8x512 b128 as one Random(k=1, {dist!r}) segment",
+                mf.mixed_grad(models.whole_mlp_loss, plan={"mlp": mf.Random(k=1, distribution=dist)}),
+                backprop, limit, (mlp, *mlp_xy), "backprop step")
+    for dist, limit in (("gaussian", 0.5), ("rademacher", None)):
+        compare("3" if limit else "3b", f"MLP 8x512 b128, Random(k=16, {dist!r})",
+                mf.mixed_grad(models.whole_mlp_loss, plan={"mlp": mf.Random(k=16, distribution=dist)}),
+                loop_of_jvps(models.mlp_loss, 16), limit, (mlp, *mlp_xy), "loop of 16 jvp calls")
+    for batch, limit in ((2, 3.5), (32, 24.0)):
+        compare(f"4 (b{batch})", f"small CNN b{batch}, Exact() (619 basis tangents)",
+                mf.mixed_grad(models.whole_cnn_loss, plan={"cnn": mf.Exact()}), grad(models.cnn_loss),
+                limit, (cnn, *models.cnn_data(batch)), "backprop step")
+    return rows
+
+
+# -- memory, in child processes ------------------------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(kind: str, depth: int) -> None:
+    torch.set_num_threads(THREADS)
+    width, batch = 256, 4096
+    if kind == "forward":
+        step = mf.mixed_grad(models.whole_mlp_loss, plan={"mlp": mf.Random(k=4, distribution="rademacher")})
+    else:
+        step = grad(models.mlp_loss)
+    step(models.mlp_params(2, 8), *models.mlp_data(4, 8))  # warm up the code paths, allocating little
+    params, data = models.mlp_params(depth, width), models.mlp_data(batch, width)
+    before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = _rss_bytes()
+    g = step(params, *data)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    del g
+    print(json.dumps(dict(kind=kind, depth=depth, start_mb=start / 2**20, peak_above_start_mb=(peak - start) / 2**20,
+                          earlier_peak_above_start_mb=(before_max - start) / 2**20)))
+
+
+def measure_memory() -> tuple[list[dict], dict]:
+    def child(kind: str, depth: int) -> dict:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", kind, str(depth)],
+                             check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    runs = {(kind, depth): child(kind, depth) for kind, depth in (("forward", 16), ("forward", 64), ("backprop", 64))}
+    f16, f64, b64 = (runs[key]["peak_above_start_mb"] for key in (("forward", 16), ("forward", 64), ("backprop", 64)))
+    rows = [
+        dict(target="5a", what="Random(k=4,'rademacher') MLP w256 b4096: peak growth depth 16 -> 64",
+             reference="same at depth 16", ours_ms=None, reference_ms=None, ratio=f64 / f16, limit=1.6,
+             ours_mb=f64, reference_mb=f16),
+        dict(target="5b", what="Random(k=4,'rademacher') MLP w256 b4096 depth 64 vs backprop",
+             reference="backprop step", ours_ms=None, reference_ms=None, ratio=f64 / b64, limit=0.25,
+             ours_mb=f64, reference_mb=b64),
+    ]
+    for row in rows:
+        print_row(row)
+    return rows, {f"{k}@{d}": v for (k, d), v in runs.items()}
+
+
+def print_row(row: dict) -> None:
+    if row.get("ours_ms") is not None:
+        detail = f"{row['ours_ms']:8.2f} ms vs {row['reference_ms']:8.2f} ms"
+    else:
+        detail = f"{row['ours_mb']:8.1f} MB vs {row['reference_mb']:8.1f} MB"
+    limit = row["limit"]
+    verdict = "" if limit is None else ("  met" if row["ratio"] <= limit else "  MISSED")
+    bound = "info" if limit is None else f"<= {limit:g}"
+    print(f"{row['target']:<7} {row['what']:<62} {detail}  ratio {row['ratio']:6.3f} ({bound}){verdict}", flush=True)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                python=platform.python_version())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (well under two minutes)")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    parser.add_argument("--memory-child", nargs=2, metavar=("KIND", "DEPTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["time", "memory"], help="run only the timing or memory part")
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child[0], int(args.memory_child[1]))
+        return
+    torch.set_num_threads(THREADS)
+    info = machine()
+    print(f"madfunc benchmarks: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, load average "
+          f"{os.getloadavg()[0]:.1f}{' (quick)' if args.quick else ''}")
+    started = time.perf_counter()
+    rows: list[dict] = []
+    memory: dict = {}
+    if args.only != "memory":
+        rows += time_targets(args.quick)
+    if args.only != "time":
+        mem_rows, memory = measure_memory()
+        rows += mem_rows
+    print(f"({time.perf_counter() - started:.0f} s, load average now {os.getloadavg()[0]:.1f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=info, quick=args.quick, rows=rows, memory_children=memory), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
