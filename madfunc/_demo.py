@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 
-from ._diagnostics import CompareReport, compare
+from ._diagnostics import CompareReport, _table, compare
 from ._plan import Plan
 from ._segment import rev
 from ._transforms import mixed_grad_and_value
@@ -130,14 +130,16 @@ class _Progress:
         if self.live and (done == self.total or done % max(1, self.total // 50) == 0):
             filled = int(30 * done / self.total)
             rate = done / max(time.perf_counter() - self.start, 1e-9)
-            self.stream.write(f"\r{self.label:<40.40} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} "
-                              f"loss {loss:.3f} {rate:.0f} it/s")
+            bar = "#" * filled + "." * (30 - filled)
+            text = f"\r{self.label:<24.24} [{bar}] {done}/{self.total} loss {loss:.3f} {rate:.0f} it/s"
+            self.stream.write(text)
             self.stream.flush()
 
     def close(self) -> None:
         if self.stream is not None:
             elapsed = time.perf_counter() - self.start
-            self.stream.write(("\n" if self.live else f"{self.label}: {self.total} steps") + ("" if self.live else f" in {elapsed:.1f} s\n"))
+            end = f" in {elapsed:.1f} s\n"
+            self.stream.write(end if self.live else f"{self.label}: {self.total} steps{end}")
             self.stream.flush()
 
 
@@ -199,15 +201,14 @@ def summary(results: Sequence[DemoResult]) -> str:
     rows = []
     for r in results:
         q = r.quality
-        theory = [f.variance_theory for f in q.per_segment.values() if f.variance_theory is not None] if q else []
+        theory = [f.variance_theory for f in (q.per_segment.values() if q else ()) if f.variance_theory]
         rows.append((r.label, f"{r.train_accuracy:.1%}", f"{r.test_accuracy:.1%}", f"{r.ms_per_step:.2f}",
                      f"{q.cosine:.4f}" if q else "-", f"{q.relative_error:.3g}" if q else "-",
                      f"{q.variance:.3g}" if q else "-", " ".join(f"{t:.3g}" for t in theory) or "-"))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    note = ("gradient quality: at initialisation on one batch, against backprop; variance = E||g^-g||^2/||g||^2 "
-            "over all parameters, theory = that of each random segment's own estimate")
-    return "\n".join([fmt(headers), "  ".join("-" * w for w in widths), *map(fmt, rows), note])
+    note = ("gradient quality: at initialisation on one batch, against backprop; "
+            "variance = E||g^-g||^2/||g||^2\n"
+            "over all parameters; theory = that of each random segment's own estimate")
+    return f"{_table(headers, rows, left=1)}\n{note}"
 
 
 def plot(results: Sequence[DemoResult], out: str) -> None:
@@ -220,14 +221,17 @@ def plot(results: Sequence[DemoResult], out: str) -> None:
     except ImportError as error:  # pragma: no cover - dev extra installs it
         raise _missing("matplotlib", error) from None
     fig, (ax_loss, ax_acc, ax_time) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for r in results:
+    for i, r in enumerate(results):
+        style = dict(label=r.label, color=f"C{i}", linestyle=("-", "--", ":", "-.")[i % 4])
         smooth, ema = [], r.losses[0] if r.losses else 0.0
         for value in r.losses:
             ema = 0.9 * ema + 0.1 * value
             smooth.append(ema)
-        ax_loss.plot(range(1, len(smooth) + 1), smooth, label=r.label)
-        ax_acc.plot(*zip(*r.test_curve), marker=".", label=r.label)
-    ax_time.barh([r.label for r in results], [r.ms_per_step for r in results], color="C2")
+        ax_loss.plot(range(1, len(smooth) + 1), smooth, **style)
+        steps, accuracies = zip(*r.test_curve, strict=True)
+        ax_acc.plot(steps, accuracies, marker=".", **style)
+    ax_time.barh([r.label for r in results], [r.ms_per_step for r in results],
+                 color=[f"C{i}" for i in range(len(results))])
     ax_loss.set(xlabel="step", ylabel="training loss (EMA 0.9)", yscale="log", title="loss")
     ax_acc.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1), title="test accuracy")
     ax_time.set(xlabel="ms per step (median)", title="time per step")

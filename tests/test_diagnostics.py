@@ -77,7 +77,9 @@ def test_exact_plan_has_cosine_one_and_zero_error():
 
 def test_reference_plan_replaces_backprop():
     loss, params, x = two_segment_model()
-    report = mf.compare(loss, {"first": "rev"}, params, x, reference={"first": "exact", "second": "exact"}, draws=1)
+    report = mf.compare(
+        loss, {"first": "rev"}, params, x, reference={"first": "exact", "second": "exact"}, draws=1
+    )
     assert report.relative_error < 1e-12
     assert report.reference.startswith("Plan(")
 
@@ -88,10 +90,18 @@ def rademacher_moments(g: torch.Tensor, k: int) -> tuple[float, float, float, fl
     n = g.numel()
     signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=n)), dtype=torch.float64)
     single = (signs @ g)[:, None] * signs  # (2^n, n): one tangent's estimate
-    combos = torch.stack([single[list(idx)].mean(0) for idx in itertools.product(range(len(signs)), repeat=k)])
+    combos = torch.stack(
+        [single[list(idx)].mean(0) for idx in itertools.product(range(len(signs)), repeat=k)]
+    )
     x = (combos - g).pow(2).sum(1) / g.dot(g)
     b = (combos - g) @ g / g.dot(g)
-    return float(x.mean()), float(x.var(unbiased=False)), float((x - x.mean()).abs().max()), float(b.var(unbiased=False)), float(b.abs().max())
+    return (
+        float(x.mean()),
+        float(x.var(unbiased=False)),
+        float((x - x.mean()).abs().max()),
+        float(b.var(unbiased=False)),
+        float(b.abs().max()),
+    )
 
 
 def test_rademacher_variance_and_bias_match_theory():
@@ -151,7 +161,9 @@ def test_compare_errors_name_the_problem():
     loss, w, x = one_segment_model()
     with pytest.raises(ValueError, match=r"madfunc.compare\(draws=0\): draws must be an int >= 1"):
         mf.compare(loss, {}, w, x, draws=0)
-    with pytest.raises(ValueError, match=r"plan key.* 'layr' matched no segment that ran. Segments that ran: 'layer'"):
+    with pytest.raises(
+        ValueError, match=r"plan key.* 'layr' matched no segment that ran. Segments that ran: 'layer'"
+    ):
         mf.compare(loss, {"layr": "exact"}, w, x, draws=1)
 
 
@@ -188,7 +200,7 @@ def test_inspect_reports_sizes_and_bytes():
     assert rows["head"].reverse_saved_bytes is None
     assert len(report.flags) == 1
     assert report.flags[0] == (
-        "wide: keeps 86.1 KiB for backward (21 tangents x 1050 outputs) (largest differentiated argument: arg0, "
+        "wide: keeps 86.1 KiB for backward (21 tangents x 1050 outputs) (largest differentiated input: arg0, "
         "21 scalars); backprop would keep 84 B: Reverse() or Random(k) with a small k is cheaper here."
     )
     assert "(!) wide: keeps" in str(report)
