@@ -201,13 +201,16 @@ def summary(results: Sequence[DemoResult]) -> str:
     rows = []
     for r in results:
         q = r.quality
-        theory = [f.variance_theory for f in (q.per_segment.values() if q else ()) if f.variance_theory]
+        random = {n: f for n, f in q.per_segment.items() if f.variance_theory is not None} if q else {}
+        overall = f"{q.variance:.3g}" if q else "-"
+        variance = " ".join(f"{n} {f.variance:.3g}" for n, f in random.items()) or overall
+        theory = " ".join(f"{n} {f.variance_theory:.3g}" for n, f in random.items()) or "-"
+        quality = (f"{q.cosine:.4f}", f"{q.relative_error:.3g}") if q else ("-", "-")
         rows.append((r.label, f"{r.train_accuracy:.1%}", f"{r.test_accuracy:.1%}", f"{r.ms_per_step:.2f}",
-                     f"{q.cosine:.4f}" if q else "-", f"{q.relative_error:.3g}" if q else "-",
-                     f"{q.variance:.3g}" if q else "-", " ".join(f"{t:.3g}" for t in theory) or "-"))
-    note = ("gradient quality: at initialisation on one batch, against backprop; "
-            "variance = E||g^-g||^2/||g||^2\n"
-            "over all parameters; theory = that of each random segment's own estimate")
+                     *quality, variance, theory))
+    note = ("gradient quality at initialisation, one batch, against backprop: cosine and rel.error over all\n"
+            "parameters; variance = E||g^-g||^2/||g||^2 of each random segment (over the leaves it "
+            "reaches), and its theory")
     return f"{_table(headers, rows, left=1)}\n{note}"
 
 
