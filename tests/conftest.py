@@ -339,7 +339,19 @@ def record_float64_error(case: str, error: float) -> None:
     _FLOAT64_ERRORS[case] = error
 
 
+# Measured vs theoretical E||g^ - g||^2 / ||g||^2 of the random strategies, reported at the end.
+_RELATIVE_VARIANCES: dict[str, tuple[float, float]] = {}
+
+
+def record_relative_variance(case: str, measured: float, theory: float) -> None:
+    _RELATIVE_VARIANCES[case] = (measured, theory)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
+    for case, (measured, theory) in _RELATIVE_VARIANCES.items():
+        terminalreporter.write_line(
+            f"madfunc: relative variance {case}: measured {measured:.3f}, theory {theory:.3f}"
+        )
     if _FLOAT64_ERRORS:
         case, worst = max(_FLOAT64_ERRORS.items(), key=lambda item: item[1])
         terminalreporter.write_line(
