@@ -326,6 +326,20 @@ def assert_tree_close(actual: Any, expected: Any, *, rtol: float, atol: float) -
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread, restoring the setting afterwards.
+
+    The models here are tiny: with 2 threads on a busy 2-core machine, torch's parallel regions
+    (e.g. linalg.qr, conv, layer_norm) spend far longer starting and waiting for workers than computing
+    (the exactness suite: 48 s on 2 threads, 4 s on one; linalg.qr of a 15 x 5 matrix: 8 ms vs 7 us).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=FAMILIES, ids=lambda f: f.name)
 def family(request) -> Family:
     return request.param

@@ -45,14 +45,9 @@ T_MAX = float(stats.chi2.isf(1e-6, 1))  # 23.9
 M_PER_CALL = 500
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run these many tiny draws on one thread. With 2 threads, torch.linalg.qr of a 15 x 5 matrix (the
-    orthogonal tangents) takes ~8 ms on this CPU instead of ~7 us: thread start-up, not arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many tiny draws: one intra-op thread (see conftest.one_thread; with 2 threads torch.linalg.qr of the
+# 15 x 5 orthogonal-tangent matrix alone takes ~8 ms instead of ~7 us on this CPU).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rand(seed: int, *shape: int) -> torch.Tensor:
