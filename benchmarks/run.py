@@ -107,7 +107,6 @@ def _rss_bytes() -> int:
 
 
 def memory_child(kind: str, depth: int) -> None:
-    torch.set_num_threads(THREADS)
     width, batch = 256, 4096
     if kind == "forward":
         step = mf.mixed_grad(models.whole_mlp_loss, plan={"mlp": mf.Random(k=4, distribution="rademacher")})
@@ -126,7 +125,8 @@ def memory_child(kind: str, depth: int) -> None:
 
 def measure_memory() -> tuple[list[dict], dict]:
     def child(kind: str, depth: int) -> dict:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", kind, str(depth)],
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", kind, str(depth),
+                              "--threads", str(torch.get_num_threads())],
                              check=True, capture_output=True, text=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -172,12 +172,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (well under two minutes)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     parser.add_argument("--memory-child", nargs=2, metavar=("KIND", "DEPTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="torch threads (default 2, the issue's setting; 1 is far steadier on a loaded machine)")
     parser.add_argument("--only", choices=["time", "memory"], help="run only the timing or memory part")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args.memory_child[0], int(args.memory_child[1]))
         return
-    torch.set_num_threads(THREADS)
     info = machine()
     print(f"madfunc benchmarks: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, load average "
           f"{os.getloadavg()[0]:.1f}{' (quick)' if args.quick else ''}")

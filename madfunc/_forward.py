@@ -20,7 +20,7 @@ from torch.func import jvp, vmap
 
 from . import _context
 from ._plan import Exact, Random, Strategy
-from ._tangents import draw_seed, draw_tangents
+from ._tangents import draw_leaf, draw_seed, draw_tangents
 
 __all__ = ["ForwardModeError", "run_forward", "run_reverse"]
 
@@ -203,6 +203,9 @@ class _Engine:
 
             return jvp(f, tuple(tensors[i] for i in which), tangent)
 
+        if tangents[0].shape[0] == 1:  # one tangent: a vmap of size 1 would only add overhead
+            ys, ydots = single(*(t[0] for t in tangents))
+            return ys, tuple(d.unsqueeze(0) for d in ydots)
         # out_dims=0 for the primal too: under an outer vmap (per-example gradients) it may carry our
         # batch level; when it does not, vmap returns an expanded view, and [0] undoes that for free.
         ys, ydots = vmap(single, in_dims=0, out_dims=0, chunk_size=chunk)(*tangents)
@@ -256,18 +259,14 @@ class _Engine:
         chunk = self.strategy.chunk_size
         ys = None
         per_leaf: list[tuple] = []
-        # Lazy seeding: one leaf at a time, so forward AD does no tangent work before the leaf is used.
-        for i in self.diff:
-            x = tensors[i]
-            size = x.numel()
-            step = size if chunk is None else chunk
-            for start in range(0, size, step):
-                stop = min(start + step, size)
-                basis = torch.zeros(stop - start, size, dtype=x.dtype, device=x.device)
-                basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
-                ys, ydots = self._push(tensors, [i], [basis.reshape(stop - start, *x.shape)], None)
-                per_leaf.append(ydots)
-        ydots = [torch.cat(parts) for parts in zip(*per_leaf)]
+        # Lazy seeding: one group of leaves at a time, so forward AD does no tangent work before the
+        # group's first use; small leaves (biases) ride along with their neighbour (see _group_leaves).
+        for group in _group_leaves([tensors[i].numel() for i in self.diff], chunk):
+            which = [self.diff[g] for g, _, _ in group]
+            count = sum(stop - start for _, start, stop in group)
+            ys, ydots = self._push(tensors, which, _basis_block(tensors, which, group, count), None)
+            per_leaf.append(ydots)
+        ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf)]
         return ys, ydots
 
     def _check_finite(self, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Tensor]) -> None:
@@ -303,14 +302,68 @@ class _Engine:
             return [p.reshape(shape).to(dtype) for p, shape, dtype in zip(pieces, shapes, dtypes)]
         strategy = self.strategy
         assert isinstance(strategy, Random)
-        tangents = draw_tangents(strategy.distribution, strategy.k, shapes, dtypes, s.device, self.seed)
-        scale = 1.0 / strategy.k
+        coef = s * (1.0 / strategy.k)  # scale the k coefficients, not the n-element gradients
+        if strategy.distribution == "orthogonal":  # orthogonal jointly over all leaves: drawn together
+            tangents = draw_tangents(strategy.distribution, strategy.k, shapes, dtypes, s.device, self.seed)
+            return [_combine(coef, v, dtype) for v, dtype in zip(tangents, dtypes)]
+        # Regenerate one leaf at a time (each has its own stream), so at most one leaf's tangents
+        # exist next to the gradients.
         return [
-            torch.tensordot(s.to(_accumulation_dtype(v.dtype)), v.to(_accumulation_dtype(v.dtype)), dims=1)
-            .mul_(scale)
-            .to(dtype)
-            for v, dtype in zip(tangents, dtypes)
+            _combine(coef, draw_leaf(strategy.distribution, strategy.k, shape, dtype, s.device, self.seed, index), dtype)
+            for index, (shape, dtype) in enumerate(zip(shapes, dtypes))
         ]
+
+
+# A leaf this small joins the previous group of basis tangents instead of getting a jvp of its own.
+# At small batch a vmap(jvp) call costs more in overhead than pushing a few more tangents through.
+SMALL_LEAF = 64
+
+
+def _group_leaves(sizes: Sequence[int], chunk: int | None) -> list[list[tuple[int, int, int]]]:
+    """Groups of ``(leaf, start, stop)`` slices of the basis, pushed through the segment together.
+
+    A leaf larger than ``SMALL_LEAF`` starts a group; smaller ones join the group before them (usually
+    the weight of the same layer, used at the same point), so their tangents cost no extra work there.
+    No group holds more than ``chunk`` tangents; a leaf larger than ``chunk`` is split across groups.
+    """
+    groups: list[list[tuple[int, int, int]]] = []
+    count = 0
+    for leaf, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            room = size - start if chunk is None else min(size - start, chunk)
+            joins = groups and size <= SMALL_LEAF and (chunk is None or count + room <= chunk)
+            if joins and start == 0:
+                groups[-1].append((leaf, 0, size))
+                count += size
+                break
+            groups.append([(leaf, start, start + room)])
+            count = room
+            start += room
+    return groups
+
+
+def _basis_block(tensors: Sequence[torch.Tensor], which: Sequence[int], group: Sequence[tuple[int, int, int]],
+                 count: int) -> list[torch.Tensor]:
+    """Basis tangents for one group: row r is the r-th basis direction among the group's slices."""
+    out = []
+    row = 0
+    for i, (_, start, stop) in zip(which, group):
+        x = tensors[i]
+        basis = torch.zeros(count, x.numel(), dtype=x.dtype, device=x.device)
+        # rows row..row+(stop-start) carry directions start..stop of this leaf: a shifted diagonal.
+        basis[row : row + stop - start].diagonal(offset=start).fill_(1)
+        out.append(basis.view(count, *x.shape))
+        row += stop - start
+    return out
+
+
+def _combine(coef: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``sum_j coef_j v_j`` for tangents ``v`` of shape ``(k, *shape)``, as ``dtype``; may reuse ``v``."""
+    acc = _accumulation_dtype(v.dtype)
+    if v.shape[0] == 1 and acc == v.dtype and not _is_batched(coef):
+        return v[0].mul_(coef[0].to(acc))  # in place: the regenerated tangent becomes the gradient
+    return torch.tensordot(coef.to(acc), v.to(acc), dims=1).to(dtype)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
