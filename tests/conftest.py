@@ -315,14 +315,14 @@ def plain_loss(family: Family, has_aux: bool) -> Callable[..., Any]:
 
 def max_abs_error(actual: Any, expected: Any) -> float:
     """Largest absolute difference over two pytrees of tensors with the same structure."""
-    pairs = zip(optree.tree_leaves(actual), optree.tree_leaves(expected))
+    pairs = zip(optree.tree_leaves(actual), optree.tree_leaves(expected), strict=True)
     return max((float((a.double() - e.double()).abs().max()) for a, e in pairs), default=0.0)
 
 
 def assert_tree_close(actual: Any, expected: Any, *, rtol: float, atol: float) -> None:
     """Same pytree structure, and every leaf close (dtype and shape included)."""
     assert optree.tree_structure(actual) == optree.tree_structure(expected)
-    for a, e in zip(optree.tree_leaves(actual), optree.tree_leaves(expected)):
+    for a, e in zip(optree.tree_leaves(actual), optree.tree_leaves(expected), strict=True):
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
 
 

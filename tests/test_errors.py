@@ -27,7 +27,9 @@ def test_plan_key_matching_no_segment_lists_the_segments_that_ran() -> None:
     stem = mf.fwd(lambda w, x: torch.tanh(x @ w), name="stem")
     head = mf.rev(lambda w, x: (x @ w).sum(), name="head")
     loss = lambda w, x: head(w, stem(w, x))  # noqa: E731
-    with pytest.raises(ValueError, match=r"mixed_grad: plan key.* 'stme' matched no segment that ran.*'stem', 'head'"):
+    with pytest.raises(
+        ValueError, match=r"mixed_grad: plan key.* 'stme' matched no segment that ran.*'stem', 'head'"
+    ):
         mf.mixed_grad(loss, {"stme": "exact"})(_w(3, 3), _w(2, 3, seed=1))
     with pytest.raises(ValueError, match=r"'block\*' matched no segment.*Segments that ran: 'stem', 'head'"):
         mf.mixed_grad_and_value(loss, {"stem": "rev", "block*": "exact"})(_w(3, 3), _w(2, 3, seed=1))
@@ -40,7 +42,9 @@ def test_plan_key_when_no_segment_ran_says_none() -> None:
 
 def test_plan_checked_on_leaving_use_plan() -> None:
     layer = mf.fwd(nn.Linear(2, 1).to(DT), name="layer")
-    with pytest.raises(ValueError, match=r"use_plan: plan key.* 'layr' matched no segment.*Segments that ran: 'layer'"):
+    with pytest.raises(
+        ValueError, match=r"use_plan: plan key.* 'layr' matched no segment.*Segments that ran: 'layer'"
+    ):
         with mf.use_plan({"layr": "rev"}):
             layer(_w(3, 2)).sum().backward()
 
@@ -67,8 +71,11 @@ def test_strategy_of_wrong_type() -> None:
 
 @pytest.mark.parametrize("bad", ["normal", "Gaussian", "sobol"])
 def test_unknown_distribution(bad: str) -> None:
-    with pytest.raises(ValueError, match=rf"Random\(distribution={bad!r}\): unknown distribution; expected one of "
-                       r"'gaussian', 'rademacher', 'orthogonal'"):
+    with pytest.raises(
+        ValueError,
+        match=rf"Random\(distribution={bad!r}\): unknown distribution; expected one of "
+        r"'gaussian', 'rademacher', 'orthogonal'",
+    ):
         mf.Random(k=2, distribution=bad)
 
 
@@ -98,7 +105,9 @@ def test_chunk_size_not_an_int(chunk) -> None:
 
 def test_orthogonal_with_k_above_n_names_the_segment() -> None:
     seg = mf.fwd(lambda w, x: x @ w, name="tiny")
-    with pytest.raises(ValueError, match=r"segment 'tiny': Random\(k=5, distribution='orthogonal'\) needs k <= n.*4"):
+    with pytest.raises(
+        ValueError, match=r"segment 'tiny': Random\(k=5, distribution='orthogonal'\) needs k <= n.*4"
+    ):
         mf.mixed_grad(lambda w, x: seg(w, x).sum(), {"tiny": mf.Random(k=5, distribution="orthogonal")})(
             _w(2, 2), _w(3, 2)
         )
@@ -106,10 +115,14 @@ def test_orthogonal_with_k_above_n_names_the_segment() -> None:
 
 def test_two_patterns_with_different_strategies() -> None:
     plan = mf.Plan({"block*": "exact", "*1": "rev"})
-    with pytest.raises(ValueError, match=r"segment 'block1' is matched by several patterns with different strategies"):
+    with pytest.raises(
+        ValueError, match=r"segment 'block1' is matched by several patterns with different strategies"
+    ):
         plan.lookup("block1")
     seg = mf.fwd(lambda w: w.sin().sum(), name="block1")
-    with pytest.raises(ValueError, match=r"'block1' is matched by several patterns.*'block\*' -> Exact.*'\*1' -> Reverse"):
+    with pytest.raises(
+        ValueError, match=r"'block1' is matched by several patterns.*'block\*' -> Exact.*'\*1' -> Reverse"
+    ):
         mf.mixed_grad(seg, plan)(_w(3))
     # Same strategy from both patterns is not ambiguous.
     assert mf.Plan({"block*": "exact", "*1": mf.Exact()}).lookup("block1") == mf.Exact()
@@ -117,14 +130,18 @@ def test_two_patterns_with_different_strategies() -> None:
 
 # -- segment names and identity -----------------------------------------------------------------------
 def test_lambda_without_name() -> None:
-    with pytest.raises(TypeError, match=r"fwd\(fn\): .* has no usable __name__ .* give the segment an explicit name"):
+    with pytest.raises(
+        TypeError, match=r"fwd\(fn\): .* has no usable __name__ .* give the segment an explicit name"
+    ):
         mf.fwd(lambda w: w)
     with pytest.raises(TypeError, match=r"rev\(fn\): .*explicit name, e.g. rev\(fn, name='stem'\)"):
         mf.rev(lambda w: w)
 
 
 def test_module_without_name() -> None:
-    with pytest.raises(TypeError, match=r"fwd\(module\): a module segment needs an explicit name, e.g. fwd\(model\.linear"):
+    with pytest.raises(
+        TypeError, match=r"fwd\(module\): a module segment needs an explicit name, e.g. fwd\(model\.linear"
+    ):
         mf.fwd(nn.Linear(2, 2))
     with pytest.raises(TypeError, match=r"rev\(module\): a module segment needs an explicit name"):
         mf.rev(nn.Linear(2, 2))
@@ -147,8 +164,11 @@ def test_non_callable_segment() -> None:
 def test_two_functions_under_one_name_in_one_call() -> None:
     a = mf.fwd(lambda w: torch.sin(w), name="block")
     b = mf.fwd(lambda w: torch.cos(w), name="block")
-    with pytest.raises(ValueError, match=r"mixed_grad: two different functions ran under the segment name 'block' "
-                       r"in one call .*Give each segment its own name"):
+    with pytest.raises(
+        ValueError,
+        match=r"mixed_grad: two different functions ran under the segment name 'block' "
+        r"in one call .*Give each segment its own name",
+    ):
         mf.mixed_grad(lambda w: (a(w) + b(w)).sum())(_w(3))
     # fwd and rev of different functions under one name: same error
     c = mf.rev(torch.tanh, name="block")
@@ -179,7 +199,7 @@ def test_recreating_segments_is_fine() -> None:
     params = {k: v.detach() for k, v in module.named_parameters()}
     for _ in range(2):
         seg = mf.fwd(module, name="lin")
-        mf.mixed_grad(lambda p: seg(p, _w(2, 3)).sum())(params)
+        mf.mixed_grad(lambda p, seg=seg: seg(p, _w(2, 3)).sum())(params)
 
 
 # -- forward-mode rules ---------------------------------------------------------------------------------
@@ -187,16 +207,24 @@ def test_recreating_segments_is_fine() -> None:
     ("name", "body", "op"),
     [
         ("dist", lambda w, x: torch.cdist(x @ w, x), "_cdist_forward"),
-        ("sampler", lambda w, x: F.grid_sample(w.reshape(1, 1, 3, 3), x[:1, :2].reshape(1, 1, 1, 2), align_corners=False),
-         "grid_sampler_2d"),
+        (
+            "sampler",
+            lambda w, x: F.grid_sample(
+                w.reshape(1, 1, 3, 3), x[:1, :2].reshape(1, 1, 1, 2), align_corners=False
+            ),
+            "grid_sampler_2d",
+        ),
         ("pdist", lambda w, x: F.pdist(x @ w), "_pdist_forward"),
     ],
 )
 def test_op_without_forward_rule(name: str, body, op: str) -> None:
     seg = mf.fwd(body, name=name)
     loss = lambda w, x: seg(w, x).sum()  # noqa: E731
-    with pytest.raises(mf.ForwardModeError, match=rf"segment '{name}' runs in forward mode, but op '{op}' inside it "
-                       rf"has no forward-mode \(jvp\) rule.*Mark the part that uses it rev\(\)") as info:
+    with pytest.raises(
+        mf.ForwardModeError,
+        match=rf"segment '{name}' runs in forward mode, but op '{op}' inside it "
+        rf"has no forward-mode \(jvp\) rule.*Mark the part that uses it rev\(\)",
+    ) as info:
         mf.mixed_grad(loss)(_w(3, 3), _w(4, 3, seed=1))
     assert isinstance(info.value, NotImplementedError)  # still catchable as torch's error type
     # The suggested fix works and is exact.
@@ -211,7 +239,9 @@ def test_op_without_forward_rule(name: str, body, op: str) -> None:
 def test_op_without_forward_rule_in_nested_segment_names_the_forward_segment() -> None:
     inner = mf.rev(lambda x: torch.cdist(x, x), name="inner")
     outer = mf.fwd(lambda w, x: inner(x @ w), name="outer")
-    with pytest.raises(mf.ForwardModeError, match=r"segment 'outer' runs in forward mode, but op '_cdist_forward'"):
+    with pytest.raises(
+        mf.ForwardModeError, match=r"segment 'outer' runs in forward mode, but op '_cdist_forward'"
+    ):
         mf.mixed_grad(lambda w, x: outer(w, x).sum())(_w(3, 3), _w(4, 3, seed=1))
 
 
@@ -222,7 +252,9 @@ def test_scaled_dot_product_attention_works_in_forward_segments(is_causal: bool,
 
     def attend(w, x, mask):
         q, k, v = (x @ w).chunk(3, dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal
+        )
 
     seg = mf.fwd(attend, name="attn")
     w, x = _w(4, 6), _w(2, 5, 4, seed=1)
@@ -231,7 +263,7 @@ def test_scaled_dot_product_attention_works_in_forward_segments(is_causal: bool,
     loss = lambda w, x, f: f(w, x, mask).sin().sum()  # noqa: E731
     got = mf.mixed_grad(lambda w, x: loss(w, x, seg), {"attn": strategy}, argnums=(0, 1))(w, x)
     want = torch.func.grad(lambda w, x: loss(w, x, attend), argnums=(0, 1))(w, x)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -252,11 +284,15 @@ def test_segment_mutating_its_data_input_in_place(annotate) -> None:
     "annotate",
     [
         mf.fwd,
-        pytest.param(mf.rev, marks=pytest.mark.xfail(
-            strict=True,
-            reason="madfunc bug: rev segment doing w.mul_(2) on a differentiated leaf raises torch's bare "
-            "'a leaf Variable that requires grad is being used in an in-place operation.' without the segment name",
-        )),
+        pytest.param(
+            mf.rev,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="madfunc bug: rev segment doing w.mul_(2) on a differentiated leaf raises torch's "
+                "bare 'a leaf Variable that requires grad is being used in an in-place operation.' "
+                "without the segment name",
+            ),
+        ),
     ],
     ids=["fwd", "rev"],
 )
@@ -273,7 +309,12 @@ def test_segment_mutating_a_differentiated_input_in_place(annotate) -> None:
 @pytest.mark.parametrize("annotate", [mf.fwd, mf.rev], ids=["fwd", "rev"])
 @pytest.mark.parametrize(
     ("returned", "type_name"),
-    [(lambda h: 1.5, "float"), (lambda h: "text", "str"), (lambda h: (h, 3), "int"), (lambda h: [h, {"b": np.ones(2)}], "ndarray")],
+    [
+        (lambda h: 1.5, "float"),
+        (lambda h: "text", "str"),
+        (lambda h: (h, 3), "int"),
+        (lambda h: [h, {"b": np.ones(2)}], "ndarray"),
+    ],
 )
 def test_segment_returning_non_tensor(annotate, returned, type_name: str) -> None:
     seg = annotate(lambda w: returned(torch.sin(w)), name="odd")
@@ -282,8 +323,11 @@ def test_segment_returning_non_tensor(annotate, returned, type_name: str) -> Non
         seg(w)
         return w.sum()
 
-    with pytest.raises(TypeError, match=rf"segment 'odd' returned a {type_name} .*a segment must return a tensor or a "
-                       r"pytree"):
+    with pytest.raises(
+        TypeError,
+        match=rf"segment 'odd' returned a {type_name} .*a segment must return a tensor or a "
+        r"pytree",
+    ):
         mf.mixed_grad(loss)(_w(3))
 
 
@@ -297,8 +341,11 @@ def test_segment_returning_non_tensor(annotate, returned, type_name: str) -> Non
 def test_non_finite_tangents_where_the_output_is_finite(name, body, x) -> None:
     seg = mf.fwd(body, name=name)
     assert bool(torch.isfinite(body(x)).all())
-    with pytest.raises(FloatingPointError, match=rf"segment '{name}': forward mode produced non-finite output "
-                       r"tangents where the output itself is finite.*Mark the op rev\(\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"segment '{name}': forward mode produced non-finite output "
+        r"tangents where the output itself is finite.*Mark the op rev\(\)",
+    ):
         mf.mixed_grad(lambda x: seg(x).sum())(x)
     # Backprop through the same function stays finite for LPPool (the fix the message suggests).
     if name == "lppool":
@@ -308,8 +355,9 @@ def test_non_finite_tangents_where_the_output_is_finite(name, body, x) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="madfunc bug: a -inf entry in a forward segment's output (log at 0) makes the Exact gradient NaN for "
-    "every input, also those whose reverse-mode gradient is finite (0 * inf in the tangents), silently",
+    reason="madfunc bug: a -inf entry in a forward segment's output (log at 0) makes the Exact gradient "
+    "NaN for every input, also those whose reverse-mode gradient is finite (0 * inf in the tangents), "
+    "silently",
 )
 def test_non_finite_primal_does_not_silently_poison_other_gradients() -> None:
     """log(0) = -inf in one output entry that the loss does not use: backprop gives [nan, 1], finite where

@@ -103,12 +103,15 @@ def test_annotations_are_transparent_outside_madfunc(family: Family) -> None:
     for order in ORDERS:
         got = torch.func.grad(segmented_loss(family, order, False))(params, x, y)
         want = torch.func.grad(plain_loss(family, False))(params, x, y)
-        for a, e in zip(optree.tree_leaves(got), optree.tree_leaves(want)):
+        for a, e in zip(optree.tree_leaves(got), optree.tree_leaves(want), strict=True):
             assert torch.equal(a, e), order
 
 
 def _relative_error(got, want) -> float:
-    num = sum(float(((a.double() - e) ** 2).sum()) for a, e in zip(optree.tree_leaves(got), optree.tree_leaves(want)))
+    num = sum(
+        float(((a.double() - e) ** 2).sum())
+        for a, e in zip(optree.tree_leaves(got), optree.tree_leaves(want), strict=True)
+    )
     den = sum(float((e**2).sum()) for e in optree.tree_leaves(want))
     return math.sqrt(num / den)
 
@@ -136,7 +139,7 @@ def test_low_precision_smoke(family: Family, order: str, dtype: torch.dtype) -> 
     want64 = torch.func.grad(plain_loss(family, False))(params64, x64, y64)
     ref_low = torch.func.grad(plain_loss(family, False))(params, x, y)
     got = mf.mixed_grad(segmented_loss(family, order, False), {"f_*": mf.Exact()})(params, x, y)
-    for leaf, p in zip(optree.tree_leaves(got), optree.tree_leaves(params)):
+    for leaf, p in zip(optree.tree_leaves(got), optree.tree_leaves(params), strict=True):
         assert leaf.dtype == p.dtype and leaf.shape == p.shape
     bound = 8 * max(_relative_error(ref_low, want64), UNIT_ROUNDOFF[dtype])
     assert _relative_error(got, want64) <= bound
@@ -168,7 +171,10 @@ def test_int_and_bool_inputs_of_a_segment_are_not_seeded(strategy: mf.Strategy) 
     seg = mf.fwd(body, name="f_body")
     w = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    buffers = {"mask": torch.tensor([True, False, True, True, False]).unsqueeze(-1), "index": torch.tensor([0, 2, 3])}
+    buffers = {
+        "mask": torch.tensor([True, False, True, True, False]).unsqueeze(-1),
+        "index": torch.tensor([0, 2, 3]),
+    }
 
     def loss(p, buffers, x, f):
         out = f(p, buffers, x)
@@ -201,13 +207,18 @@ def test_per_example_gradients_under_vmap(strategy: mf.Strategy) -> None:
     layer = lambda p, x: torch.tanh(x @ p["w"] + p["b"])  # noqa: E731
     seg = mf.fwd(layer, name="f_layer")
     g = torch.Generator().manual_seed(7)
-    params = {"w": torch.randn(3, 2, dtype=torch.float64, generator=g), "b": torch.randn(2, dtype=torch.float64, generator=g)}
+    params = {
+        "w": torch.randn(3, 2, dtype=torch.float64, generator=g),
+        "b": torch.randn(2, dtype=torch.float64, generator=g),
+    }
     xs = torch.randn(4, 3, dtype=torch.float64, generator=g)
 
     def loss(p, x, f):
         return (f(p, x) ** 2).sum()
 
-    got = torch.func.vmap(mf.mixed_grad(lambda p, x: loss(p, x, seg), {"f_layer": strategy}), in_dims=(None, 0))(params, xs)
+    got = torch.func.vmap(
+        mf.mixed_grad(lambda p, x: loss(p, x, seg), {"f_layer": strategy}), in_dims=(None, 0)
+    )(params, xs)
     want = torch.func.vmap(torch.func.grad(lambda p, x: loss(p, x, layer)), in_dims=(None, 0))(params, xs)
     assert_tree_close(got, want, rtol=RTOL64, atol=ATOL64)
 

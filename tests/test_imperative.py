@@ -22,7 +22,8 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = mf.fwd(
-            nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten()), name="stem"
+            nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten()),
+            name="stem",
         )
         self.body = mf.rev(nn.Sequential(nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 12)), name="body")
         self.head = mf.fwd(nn.Sequential(nn.LayerNorm(12), nn.Linear(12, 3)), name="head")
@@ -68,12 +69,12 @@ def test_gradients_and_sgd_steps_equal_plain_autograd(plan) -> None:
         loss_plain = F.cross_entropy(plain(x), y)
         loss_plain.backward()
         torch.testing.assert_close(loss_mixed, loss_plain, rtol=1e-12, atol=1e-14)
-        for (name, p_mixed), p_plain in zip(mixed.named_parameters(), plain.parameters()):
+        for (name, p_mixed), p_plain in zip(mixed.named_parameters(), plain.parameters(), strict=True):
             assert p_mixed.grad is not None, name
             torch.testing.assert_close(p_mixed.grad, p_plain.grad, rtol=1e-10, atol=1e-12, msg=name)
         opt_mixed.step()
         opt_plain.step()
-    for p_mixed, p_plain in zip(mixed.parameters(), plain.parameters()):
+    for p_mixed, p_plain in zip(mixed.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p_mixed, p_plain, rtol=1e-10, atol=1e-12)
 
 
@@ -126,7 +127,7 @@ def test_outside_use_plan_segments_are_plain_modules() -> None:
     got = [p.grad.clone() for p in inner.parameters()]
     inner.zero_grad()
     inner(x).sum().backward()
-    for a, p in zip(got, inner.parameters()):
+    for a, p in zip(got, inner.parameters(), strict=True):
         assert torch.equal(a, p.grad)
     with pytest.raises(mf.ForwardModeError, match="segment 'dist'"):
         with mf.use_plan():
@@ -138,7 +139,9 @@ def test_outside_use_plan_segments_are_plain_modules() -> None:
 def test_plan_checked_on_exit() -> None:
     net = _net()
     x, y = _data()
-    with pytest.raises(ValueError, match=r"use_plan: plan key.*'stme'.*Segments that ran: 'stem', 'body', 'head'"):
+    with pytest.raises(
+        ValueError, match=r"use_plan: plan key.*'stme'.*Segments that ran: 'stem', 'body', 'head'"
+    ):
         with mf.use_plan({"stme": "exact"}):
             F.cross_entropy(net(x), y).backward()
     # The error comes on exit, after the block's work: the gradients were computed.
@@ -161,7 +164,7 @@ def test_nested_use_plan_blocks_restore_state() -> None:
     F.cross_entropy(plain(x), y).backward()
     with mf.use_plan():
         F.cross_entropy(net(x), y).backward()
-    for p, q in zip(net.parameters(), plain.parameters()):
+    for p, q in zip(net.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
 
 
@@ -182,7 +185,7 @@ def test_batchnorm_in_training_mode_inside_a_forward_segment() -> None:
         assert "segment 'bn_stem'" in str(error)
         return
     loss.backward()
-    for p, q in zip(module.parameters(), reference.parameters()):
+    for p, q in zip(module.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(module[1].running_mean, reference[1].running_mean)
     torch.testing.assert_close(module[1].running_var, reference[1].running_var)

@@ -90,7 +90,10 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple]]] = {
     ),
     "PixelShuffle": (lambda: nn.PixelShuffle(2), lambda: (_randn(0, 1, 8, 2, 2),)),
     "PixelUnshuffle": (lambda: nn.PixelUnshuffle(2), lambda: (_randn(0, 1, 2, 4, 4),)),
-    "Flatten_Unflatten": (lambda: nn.Sequential(nn.Flatten(), nn.Unflatten(1, (3, 2))), lambda: (_randn(0, 2, 2, 3),)),
+    "Flatten_Unflatten": (
+        lambda: nn.Sequential(nn.Flatten(), nn.Unflatten(1, (3, 2))),
+        lambda: (_randn(0, 2, 2, 3),),
+    ),
     "Unfold": (lambda: nn.Unfold(2), lambda: (_randn(0, 1, 2, 3, 3),)),
     "Fold": (lambda: nn.Fold((3, 3), 2), lambda: (_randn(0, 1, 8, 4),)),
     "CosineSimilarity": (lambda: nn.CosineSimilarity(), lambda: (_randn(0, 3, 4), _randn(1, 3, 4))),
@@ -99,7 +102,9 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple]]] = {
     "HuberLoss": (lambda: nn.HuberLoss(delta=0.5), lambda: (_randn(0, 3, 4), _randn(1, 3, 4))),
     "CrossEntropyLoss": (lambda: nn.CrossEntropyLoss(), lambda: (_randn(0, 3, 4), torch.tensor([0, 3, 1]))),
     "Sequential_conv_bn_pool": (
-        lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), _bn(nn.BatchNorm2d, 2), nn.ReLU(), nn.MaxPool2d(2)),
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=1), _bn(nn.BatchNorm2d, 2), nn.ReLU(), nn.MaxPool2d(2)
+        ),
         lambda: (_randn(0, 2, 1, 4, 4),),
     ),
 }
@@ -119,7 +124,12 @@ MISSING_RULE: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple], str]
     ),
     "CTCLoss": (
         lambda: nn.CTCLoss(),
-        lambda: (_randn(0, 5, 1, 4).log_softmax(-1), torch.tensor([[1, 2]]), torch.tensor([5]), torch.tensor([2])),
+        lambda: (
+            _randn(0, 5, 1, 4).log_softmax(-1),
+            torch.tensor([[1, 2]]),
+            torch.tensor([5]),
+            torch.tensor([2]),
+        ),
         "_ctc_loss",
     ),
     "MultiMarginLoss": (
@@ -134,11 +144,13 @@ MISSING_RULE: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple], str]
     ),
 }
 
+
 # torch's own warning that vmap falls back to a slow loop for an op without a batching rule (raised
 # inside torch, harmless for correctness). ".." stands for "::", which a filterwarnings spec cannot hold.
 def _no_batching_rule(op: str):
     return pytest.mark.filterwarnings(
-        f"ignore:There is a performance drop because we have not yet implemented the batching rule for aten..{op}"
+        "ignore:There is a performance drop because we have not yet implemented the batching rule "
+        f"for aten..{op}"
     )
 
 
@@ -188,9 +200,9 @@ def test_module_without_forward_rule_raises_forward_mode_error(case: str) -> Non
         return _scalar(seg(p, *xs))
 
     # Reverse mode handles it (so the failure is forward mode's, not the test's) ...
-    want = torch.func.grad(lambda p, *xs: _scalar(torch.func.functional_call(module, p, xs)), argnums=argnums)(
-        params, *inputs
-    )
+    want = torch.func.grad(
+        lambda p, *xs: _scalar(torch.func.functional_call(module, p, xs)), argnums=argnums
+    )(params, *inputs)
     got = mf.mixed_grad(loss, {f"seg_{case}": "rev"}, argnums=argnums)(params, *inputs)
     assert_tree_close(got, want, rtol=RTOL64, atol=ATOL64)
     # ... and forward mode says which segment, which op, and what to do.

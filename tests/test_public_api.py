@@ -19,8 +19,18 @@ def test_all_is_unique_sorted_and_public() -> None:
 
 
 def test_issue_names_are_public() -> None:
-    required = {"fwd", "rev", "Reverse", "Exact", "Random", "Plan", "mixed_grad", "mixed_grad_and_value", "use_plan",
-                "ForwardModeError"}
+    required = {
+        "fwd",
+        "rev",
+        "Reverse",
+        "Exact",
+        "Random",
+        "Plan",
+        "mixed_grad",
+        "mixed_grad_and_value",
+        "use_plan",
+        "ForwardModeError",
+    }
     assert required <= set(madfunc.__all__)
 
 

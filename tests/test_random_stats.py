@@ -15,8 +15,9 @@ that a correct implementation fails for a seed chosen at random. Every assertion
 
 * variance: ``z = (mean(r) - rho) / (s_r / sqrt(N))`` with ``r_i = ||g^_i - g||^2/||g||^2`` and the
   sample standard deviation ``s_r``; ``|z| <= 5`` has a two-sided normal tail of 5.7e-7. ``r`` is skewed
-  (a product of chi-square variables); the first Edgeworth correction to that tail at N >= 1000 draws is of
-  order ``skew/(6 sqrt N) (z^2-1) phi(z)``, about 2e-6 for skewness 10 at N = 1000, so the rate stays below 1e-5.
+  (a product of chi-square variables); the first Edgeworth correction to that tail at N >= 1000 draws
+  is of order ``skew/(6 sqrt N) (z^2-1) phi(z)``, about 2e-6 for skewness 10 at N = 1000, so the rate
+  stays below 1e-5.
 * unbiasedness, all directions: ``T = N ||mean(g^) - g||^2 / tr(S)`` (``S`` the sample covariance of
   one draw). By the CLT, ``N ||mean - g||^2`` is a Gaussian quadratic form ``sum_i l_i chi2_1`` with
   ``sum_i l_i = tr(Cov)``, and for thresholds above 1.54 the tail of such a form is largest when all
@@ -88,7 +89,9 @@ def _draws(strategy: mf.Random, n_draws: int, seed: int) -> torch.Tensor:
 
 def _theory(strategy: mf.Random, n: int) -> float:
     k = strategy.k
-    return {"gaussian": (n + 1) / k, "rademacher": (n - 1) / k, "orthogonal": n / k - 1}[strategy.distribution]
+    return {"gaussian": (n + 1) / k, "rademacher": (n - 1) / k, "orthogonal": n / k - 1}[
+        strategy.distribution
+    ]
 
 
 def _assert_unbiased(draws: torch.Tensor, g: torch.Tensor) -> None:
@@ -130,8 +133,10 @@ def test_orthogonal_with_k_equal_n_is_exact() -> None:
     g = torch.func.grad(lambda p, x: (torch.tanh(x @ p["w"] + p["b"]) * C).sum())(PARAMS, X)
     for seed in range(3):
         torch.manual_seed(seed)
-        got = mf.mixed_grad(lambda p, x: _loss_of_copies([p], x), {"layer": mf.Random(k=N_SCALARS, distribution="orthogonal")})(PARAMS, X)
-        for a, b in zip(optree.tree_leaves(got), optree.tree_leaves(g)):
+        got = mf.mixed_grad(
+            lambda p, x: _loss_of_copies([p], x), {"layer": mf.Random(k=N_SCALARS, distribution="orthogonal")}
+        )(PARAMS, X)
+        for a, b in zip(optree.tree_leaves(got), optree.tree_leaves(g), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -159,7 +164,11 @@ def test_random_segment_in_a_mixed_model() -> None:
     through it. Upstream (a), the gradient comes through r's estimated input cotangent (Rev2Fwd):
     unbiased, and so is r's own.
     """
-    plain = (lambda p, x: torch.sin(x @ p), lambda p, h: torch.tanh(h @ p["w"] + p["b"]), lambda p, h: torch.sigmoid(h @ p))
+    plain = (
+        lambda p, x: torch.sin(x @ p),
+        lambda p, h: torch.tanh(h @ p["w"] + p["b"]),
+        lambda p, h: torch.sigmoid(h @ p),
+    )
     g = torch.func.grad(lambda p, x: _chain(p, x, *plain))(MIXED_PARAMS, X)
     grad = mf.mixed_grad(
         lambda copies, x: sum(_chain(p, x, A, R, E) for p in copies),
