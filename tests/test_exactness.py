@@ -240,3 +240,96 @@ def test_segment_reused_with_different_weights_and_inputs() -> None:
     got = mf.mixed_grad(lambda ws, x: loss(ws, x, seg), argnums=(0, 1))(ws, x)
     want = torch.func.grad(lambda ws, x: loss(ws, x, block), argnums=(0, 1))(ws, x)
     assert_tree_close(got, want, rtol=RTOL64, atol=ATOL64)
+
+
+# -- segment calling conventions ------------------------------------------------------------------------
+def _g(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("strategy", [mf.Exact(), mf.Exact(chunk_size=1), mf.Reverse()], ids=repr)
+def test_keyword_and_non_tensor_arguments(strategy: mf.Strategy) -> None:
+    """Tensors passed by keyword are seeded like positional ones; numbers and strings pass through."""
+
+    def body(p, x, *, bias, scale=1.0, act="tanh"):
+        h = (x @ p["w"] + bias) * scale
+        return torch.tanh(h) if act == "tanh" else torch.sin(h)
+
+    seg = mf.fwd(body, name="f_kw")
+    p, x, bias = {"w": _g(0, 3, 2)}, _g(1, 4, 3), _g(2, 2)
+
+    def loss(p, x, bias, f):
+        return (f(p, x, bias=bias, scale=0.5, act="sin") ** 2).sum()
+
+    got = mf.mixed_grad(lambda p, x, b: loss(p, x, b, seg), {"f_kw": strategy}, argnums=(0, 1, 2))(p, x, bias)
+    want = torch.func.grad(lambda p, x, b: loss(p, x, b, body), argnums=(0, 1, 2))(p, x, bias)
+    assert_tree_close(got, want, rtol=RTOL64, atol=ATOL64)
+
+
+@pytest.mark.parametrize("strategy", [mf.Exact(), mf.Exact(chunk_size=4), mf.Random(k=2)], ids=repr)
+def test_unused_outputs_unused_params_and_constant_outputs(strategy: mf.Strategy) -> None:
+    """Outputs the loss ignores (no cotangent), a parameter the segment ignores, an output that does not
+    depend on the parameters: Exact gives zeros where torch.func.grad does, and is exact elsewhere."""
+
+    def body(p, x):
+        used = torch.sin(x @ p["w"])
+        return {"used": used, "ignored": used.exp(), "constant": x * 2, "count": (used > 0).sum()}
+
+    seg = mf.fwd(body, name="f_multi")
+    p = {"w": _g(0, 3, 2), "unused": _g(1, 5)}
+    x = _g(2, 4, 3)
+
+    def loss(p, x, f):
+        out = f(p, x)
+        return out["used"].sum() + out["constant"].sum()
+
+    torch.manual_seed(0)
+    got = mf.mixed_grad(lambda p, x: loss(p, x, seg), {"f_multi": strategy})(p, x)
+    want = torch.func.grad(lambda p, x: loss(p, x, body))(p, x)
+    if isinstance(strategy, mf.Exact):
+        assert torch.equal(got["unused"], torch.zeros(5, dtype=torch.float64))
+        assert_tree_close(got, want, rtol=RTOL64, atol=ATOL64)
+    else:
+        # A random tangent also has components on the unused parameter, so its estimate is zero-mean
+        # noise, not zero: the forward-gradient estimator, unbiased but not sparse.
+        assert got["unused"].shape == (5,) and bool(torch.isfinite(got["unused"]).all())
+
+
+def test_decorator_forms_and_methods() -> None:
+    @mf.fwd
+    def plain(w, x):
+        return torch.sin(x @ w)
+
+    @mf.fwd(name="f_named", strategy="exact")
+    def named(w, x):
+        return torch.cos(x @ w)
+
+    @mf.rev(name="r_named")
+    def back(w, x):
+        return torch.tanh(x @ w)
+
+    class Layer:
+        def __init__(self, scale: float) -> None:
+            self.scale = scale
+
+        @mf.fwd(name="f_method")
+        def __call__(self, w, x):
+            return torch.sin(x @ w) * self.scale
+
+    assert plain.name == "plain" and named.name == "f_named" and back.name == "r_named"
+    assert plain.__name__ == "plain" and plain.__doc__ is None  # functools.wraps-style metadata
+    layer = Layer(3.0)
+    w, x = _g(0, 3, 3), _g(1, 2, 3)
+
+    def loss(w, x):
+        return (plain(w, x) + named(w, x) + back(w, x) + layer(w, x)).pow(2).sum()
+
+    def reference(w, x):
+        h = x @ w
+        return (torch.sin(h) + torch.cos(h) + torch.tanh(h) + torch.sin(h) * 3.0).pow(2).sum()
+
+    got = mf.mixed_grad(loss, {"f_named": "exact", "r_named": "exact", "f_method": "exact"}, argnums=(0, 1))(
+        w, x
+    )
+    want = torch.func.grad(reference, argnums=(0, 1))(w, x)
+    assert_tree_close(got, want, rtol=RTOL64, atol=ATOL64)
