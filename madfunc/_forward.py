@@ -94,8 +94,9 @@ def _translate_error(name: str, error: BaseException) -> BaseException | None:
         )
     if isinstance(error, RuntimeError) and ("in-place" in message or "inplace" in message):
         return RuntimeError(
-            f"segment {name!r} modified a tensor in place in a way forward mode cannot follow. Segments "
-            "must be pure functions: use out-of-place ops (x = x + 1, not x += 1 or x.add_(1)).\n"
+            f"segment {name!r} modified a tensor in place, which a segment must not do (it would change "
+            "its own inputs or what its gradient is computed from). Use out-of-place ops (x = x + 1, not "
+            "x += 1 or x.add_(1)), or clone the input first.\n"
             f"PyTorch said: {message.strip().splitlines()[0]}"
         )
     return None
@@ -116,25 +117,41 @@ def run_reverse(
     """
     leaves = optree.tree_leaves((args, kwargs))
     before = _versions(leaves)
-    if record is None:
-        out = fn(*args, **kwargs)
-    else:
-        saved = [0]
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            saved[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn(*args, **kwargs)
-        record.stats.update(
-            differentiated_numel=sum(t.numel() for t in leaves if _needs_grad(t)),
-            differentiated_per_argument=_differentiated_per_argument(args, kwargs),
-            saved_bytes=saved[0],
-            tangents=0,
-        )
+    try:
+        out = _call_reverse(fn, args, kwargs, leaves, record)
+    except RuntimeError as error:
+        translated = _translate_error(name, error) if "in-place" in str(error) else None
+        if translated is None:
+            raise
+        raise translated from error
     _check_not_mutated(name, leaves, before)
     _flatten_output(name, out)
+    return out
+
+
+def _call_reverse(
+    fn: Callable[..., Any], args: tuple, kwargs: dict, leaves: list, record: _context.SegmentCall | None
+) -> Any:
+    if record is None:
+        return fn(*args, **kwargs)
+    record.stats.update(
+        differentiated_numel=sum(t.numel() for t in leaves if _needs_grad(t)),
+        differentiated_per_argument=_differentiated_per_argument(args, kwargs),
+        tangents=0,
+    )
+    if _differentiating_transforms() > 0:
+        # torch.func's grad transforms refuse saved-tensor hooks: bytes are measured under plain autograd.
+        record.stats["saved_bytes"] = None
+        return fn(*args, **kwargs)
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    record.stats["saved_bytes"] = saved[0]
     return out
 
 
@@ -270,18 +287,34 @@ class _Engine:
         return ys, ydots
 
     def _check_finite(self, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Tensor]) -> None:
+        """Non-finite output tangents poison every differentiated input's gradient: refuse them.
+
+        In forward mode one NaN/inf entry of ``J v_j`` makes ``s_j = <J v_j, ybar>`` NaN (0 * inf = NaN
+        even where ``ybar`` is 0), so unlike backprop no gradient entry would survive.
+        """
         for i, ydot in zip(self.float_out, ydots):
             y = ys[i]
             if _is_batched(y) or _is_batched(ydot):
                 continue  # data-dependent checks cannot run under vmap
-            bad = ~torch.isfinite(ydot) & torch.isfinite(y)
-            if bool(bad.any()):
+            finite = torch.isfinite(ydot)
+            if bool(finite.all()):
+                continue
+            bad = ~finite
+            at_finite = bad & torch.isfinite(y)
+            if bool(at_finite.any()):
                 raise FloatingPointError(
                     f"segment {self.name!r}: forward mode produced non-finite output tangents where the "
-                    f"output itself is finite (output leaf {i}, {int(bad.sum())} entries). Some ops' "
+                    f"output itself is finite (output leaf {i}, {int(at_finite.sum())} entries). Some ops' "
                     "forward-mode rules give NaN where backprop is finite (e.g. LPPool or sqrt at 0). "
                     f"Mark the op rev(), or give segment {self.name!r} the strategy Reverse()."
                 )
+            raise FloatingPointError(
+                f"segment {self.name!r}: its output has non-finite entries (output leaf {i}, e.g. log(0) or "
+                "a division by zero) and so do its output tangents there. In forward mode these make the "
+                "gradient of every differentiated input NaN (0 * inf = NaN), even where backprop's stays "
+                f"finite. Keep the output finite (clamp or mask before the op), or give segment {self.name!r} "
+                "the strategy Reverse()."
+            )
 
     # -- the backward contraction ----------------------------------------------------------------
     def backward(self, ydots: Sequence[torch.Tensor], tensors_meta, grads: Sequence[torch.Tensor]) -> list:

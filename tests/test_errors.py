@@ -280,22 +280,7 @@ def test_segment_mutating_its_data_input_in_place(annotate) -> None:
         mf.mixed_grad(lambda w, x: seg(w, x).sum())(_w(3, 2), x)
 
 
-@pytest.mark.parametrize(
-    "annotate",
-    [
-        mf.fwd,
-        pytest.param(
-            mf.rev,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="madfunc bug: rev segment doing w.mul_(2) on a differentiated leaf raises torch's "
-                "bare 'a leaf Variable that requires grad is being used in an in-place operation.' "
-                "without the segment name",
-            ),
-        ),
-    ],
-    ids=["fwd", "rev"],
-)
+@pytest.mark.parametrize("annotate", [mf.fwd, mf.rev], ids=["fwd", "rev"])
 def test_segment_mutating_a_differentiated_input_in_place(annotate) -> None:
     def body(w, x):
         w.mul_(2)
@@ -353,12 +338,6 @@ def test_non_finite_tangents_where_the_output_is_finite(name, body, x) -> None:
         assert bool(torch.isfinite(g).all())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="madfunc bug: a -inf entry in a forward segment's output (log at 0) makes the Exact gradient "
-    "NaN for every input, also those whose reverse-mode gradient is finite (0 * inf in the tangents), "
-    "silently",
-)
 def test_non_finite_primal_does_not_silently_poison_other_gradients() -> None:
     """log(0) = -inf in one output entry that the loss does not use: backprop gives [nan, 1], finite where
     it can be. Forward mode must not silently turn the finite entry into NaN: match it, or say so."""
