@@ -129,6 +129,33 @@ def test_unbiased_with_theoretical_variance(strategy: mf.Random) -> None:
     assert abs(z) <= Z_MAX, f"relative variance {float(r.mean()):.3f} vs theory {rho:.3f} (z = {z:.2f})"
 
 
+@pytest.mark.parametrize(
+    "strategy",
+    [mf.Random(k=2, distribution="rademacher"), mf.Random(k=13, distribution="orthogonal")],
+    ids=lambda s: f"{s.distribution}-k{s.k}",
+)
+def test_variance_with_activation_input_seeded(strategy: mf.Random) -> None:
+    """Rev2Fwd: when the segment's input needs a gradient too, it is seeded alongside the parameters,
+    so n = 15 parameters + 24 input scalars = 39, and the joint estimate follows the same theory."""
+    n = N_SCALARS + X.numel()
+    plain = lambda p, x: (torch.tanh(x @ p["w"] + p["b"]) * C).sum()  # noqa: E731
+    g = _flat(torch.func.grad(plain, argnums=(0, 1))(PARAMS, X))
+    grad = mf.mixed_grad(lambda pairs: sum((LAYER(p, x) * C).sum() for p, x in pairs), {"layer": strategy})
+    torch.manual_seed(4321)
+    rows = []
+    for _ in range(2):
+        rows.extend(_flat(pair) for pair in grad([(dict(PARAMS), X.clone()) for _ in range(M_PER_CALL)]))
+    draws = torch.stack(rows)
+    _assert_unbiased(draws, g)
+    r = ((draws - g) ** 2).sum(1) / g.dot(g)
+    rho = _theory(strategy, n)
+    record_relative_variance(
+        f"{strategy.distribution} k={strategy.k} n={n} (params + input)", float(r.mean()), rho
+    )
+    z = (float(r.mean()) - rho) / (float(r.std()) / math.sqrt(len(r)))
+    assert abs(z) <= Z_MAX, f"relative variance {float(r.mean()):.3f} vs theory {rho:.3f} (z = {z:.2f})"
+
+
 def test_orthogonal_with_k_equal_n_is_exact() -> None:
     g = torch.func.grad(lambda p, x: (torch.tanh(x @ p["w"] + p["b"]) * C).sum())(PARAMS, X)
     for seed in range(3):
