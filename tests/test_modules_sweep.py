@@ -101,6 +101,12 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple]]] = {
     "MSELoss": (lambda: nn.MSELoss(), lambda: (_randn(0, 3, 4), _randn(1, 3, 4))),
     "HuberLoss": (lambda: nn.HuberLoss(delta=0.5), lambda: (_randn(0, 3, 4), _randn(1, 3, 4))),
     "CrossEntropyLoss": (lambda: nn.CrossEntropyLoss(), lambda: (_randn(0, 3, 4), torch.tensor([0, 3, 1]))),
+    "Sequential_inplace_relu_dropout": (
+        lambda: nn.Sequential(
+            nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2), nn.Dropout(0.2, inplace=True)
+        ),
+        lambda: (_randn(0, 5, 3),),
+    ),
     "Sequential_conv_bn_pool": (
         lambda: nn.Sequential(
             nn.Conv2d(1, 2, 3, padding=1), _bn(nn.BatchNorm2d, 2), nn.ReLU(), nn.MaxPool2d(2)
