@@ -340,11 +340,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=FAMILIES, ids=lambda f: f.name)
-def family(request) -> Family:
-    return request.param
-
-
 # The largest float64 error against torch.func.grad seen by the exactness tests, reported at the end.
 _FLOAT64_ERRORS: dict[str, float] = {}
 

@@ -11,7 +11,7 @@ unbiasedness test below would see the mean error of a single draw, ~``N`` times 
 
 False-failure rates. Seeds are fixed, so each test is deterministic; the rates below are the chance
 that a correct implementation fails for a seed chosen at random. Every assertion is set at or below
-1e-5 (the brief asks for below 1e-4):
+1e-5 (issue 2 asks for below 1e-4):
 
 * variance: ``z = (mean(r) - rho) / (s_r / sqrt(N))`` with ``r_i = ||g^_i - g||^2/||g||^2`` and the
   sample standard deviation ``s_r``; ``|z| <= 5`` has a two-sided normal tail of 5.7e-7. ``r`` is skewed
