@@ -1,0 +1,119 @@
+"""mixed_grad / use_plan behaviours around other transforms: vmap, higher order, no_grad, nesting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import madfunc as mf
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DT = torch.float64
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 3, generator=g, dtype=DT)
+    x = torch.randn(5, 3, generator=g, dtype=DT)
+    return w, x
+
+
+def _loss_with(seg):
+    return lambda w, x: seg(w, x).pow(2).sum()
+
+
+def test_higher_order_through_a_forward_segment_is_refused():
+    """grad of mixed_grad would silently miss the tangents' own dependence on w (Hessian off by ~8)."""
+    w, x = _data()
+    loss = _loss_with(mf.fwd(lambda w, x: torch.tanh(x @ w), name="s"))
+    with pytest.raises(NotImplementedError, match=r"segment 's': .*differentiated again.*first-order"):
+        torch.func.grad(lambda w: mf.mixed_grad(loss)(w, x).pow(2).sum())(w)
+    with pytest.raises(NotImplementedError, match=r"segment 's': .*first-order gradients only"):
+        torch.func.hessian(lambda w: mf.mixed_grad(loss)(w, x).sum())(w)
+    with pytest.raises(NotImplementedError, match=r"segment 's': forward-mode AD .* not supported"):
+        torch.func.jvp(lambda w: mf.mixed_grad(loss)(w, x), (w,), (torch.ones_like(w),))
+
+
+def test_create_graph_under_use_plan_is_refused():
+    w, x = _data()
+    seg = mf.fwd(lambda w, x: torch.tanh(x @ w), name="s")
+    w = w.clone().requires_grad_()
+    with mf.use_plan():
+        loss = seg(w, x).pow(2).sum()
+    with pytest.raises(NotImplementedError, match=r"segment 's': .*create_graph=True"):
+        torch.autograd.grad(loss, w, create_graph=True)
+
+
+def test_higher_order_through_reverse_segments_only_still_works():
+    """Only forward segments limit the order: an all-reverse plan is plain torch.func."""
+    w, x = _data()
+    loss = _loss_with(mf.fwd(lambda w, x: torch.tanh(x @ w), name="s"))
+    got = torch.func.hessian(lambda w: mf.mixed_grad(loss, {"s": "rev"})(w, x).sum())(w)
+    want = torch.func.hessian(lambda w: torch.func.grad(loss)(w, x).sum())(w)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_per_example_random_gradients_need_shared_randomness():
+    w, x = _data()
+    loss = lambda w, x: mf.fwd(lambda w, x: torch.tanh(x @ w), name="s")(w, x).pow(2).sum()  # noqa: E731
+    per_example = mf.mixed_grad(loss, {"s": mf.Random(k=3, distribution="rademacher")})
+    with pytest.raises(RuntimeError, match=r"segment 's': a Random strategy under torch.func.vmap needs "
+                       r"vmap\(\.\.\., randomness='same'\)"):
+        torch.func.vmap(per_example, in_dims=(None, 0))(w, x)
+    torch.manual_seed(3)
+    got = torch.func.vmap(per_example, in_dims=(None, 0), randomness="same")(w, x)
+    torch.manual_seed(3)
+    again = torch.func.vmap(per_example, in_dims=(None, 0), randomness="same")(w, x)
+    assert torch.equal(got, again)
+    # Every example's estimate is a combination of the same k = 3 directions: the stacked per-example
+    # estimates span at most 3 dimensions (independent tangents per example would span 5).
+    assert torch.linalg.matrix_rank(got.reshape(5, -1)) <= 3
+
+
+def test_per_example_exact_gradients_match_torch_func():
+    w, x = _data()
+    loss = _loss_with(mf.fwd(lambda w, x: torch.tanh(x @ w), name="s"))
+    got = torch.func.vmap(mf.mixed_grad(loss), in_dims=(None, 0))(w, x)
+    want = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(w, x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_no_grad_evaluation_runs_forward_segments_as_plain_code():
+    layer = torch.nn.Linear(3, 2).double()
+    seg = mf.fwd(layer, name="layer")
+    x = torch.randn(4, 3, dtype=DT)
+    with mf.use_plan({"layer": mf.Random(k=2)}):
+        with torch.no_grad():
+            y = seg(x)
+        state = mf._context.active()
+        assert state is not None and state.calls[-1].stats["tangents"] == 0
+    assert not y.requires_grad
+    torch.testing.assert_close(y, layer(x).detach())
+
+
+def test_plan_key_for_a_segment_nested_in_a_forward_segment_is_an_error():
+    inner = mf.fwd(torch.sin, name="inner")
+    outer = mf.fwd(lambda w: inner(w) * 2, name="outer")
+    loss = lambda w: outer(w).sum()  # noqa: E731
+    w = torch.randn(3, dtype=DT)
+    with pytest.raises(ValueError, match=r"plan key 'inner' matches only segment 'inner', which ran inside "
+                       r"forward segment 'outer'.*no effect"):
+        mf.mixed_grad(loss, {"inner": "rev"})(w)
+    # A pattern that also reaches a top-level segment is fine, and the outer one decides.
+    torch.testing.assert_close(mf.mixed_grad(loss, {"*": "exact"})(w), 2 * torch.cos(w))
+    # With the outer segment reverse, the inner one runs on its own and its key applies.
+    torch.testing.assert_close(mf.mixed_grad(loss, {"outer": "rev", "inner": "exact"})(w), 2 * torch.cos(w))
+
+
+def test_segment_called_outside_any_transform_is_the_plain_function():
+    calls = []
+
+    def body(w):
+        calls.append(type(w))
+        return w * 2
+
+    seg = mf.fwd(body, name="body")
+    w = torch.randn(3, dtype=DT)
+    assert torch.equal(seg(w), w * 2)
+    torch.testing.assert_close(torch.func.grad(lambda w: seg(w).sum())(w), torch.full_like(w, 2.0))
+    assert mf._context.active() is None
