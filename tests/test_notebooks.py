@@ -1,0 +1,86 @@
+"""Re-execute every notebook in quick mode (small sizes) and check what it measured.
+
+Each notebook reads ``MADFUNC_NOTEBOOK_QUICK=1`` in its first code cell and shrinks its sizes; its last
+cell asserts its own conclusions (measured vs theoretical variance, exact-forward training equal to
+backprop, forward plan using less memory than backprop). Here we run a copy in a temporary directory
+(the committed notebook and the repository are never written) and also read the printed figures.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def _execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, int]:
+    """Run notebook ``name`` in quick mode; return its text output and the number of PNG figures."""
+    monkeypatch.setenv("MADFUNC_NOTEBOOK_QUICK", "1")  # inherited by the kernel process
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    text, images = [], 0
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                text.append(output["text"])
+            elif output.get("output_type") == "error":  # pragma: no cover - execute() raises first
+                pytest.fail(f"{name}: {output['ename']}: {output['evalue']}")
+            data = output.get("data", {})
+            images += "image/png" in data
+            if "text/plain" in data and "image/png" not in data:
+                text.append(data["text/plain"])
+    return "\n".join(text), images
+
+
+def test_committed_notebooks_have_outputs() -> None:
+    names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+    assert names == ["01_exact_vs_random.ipynb", "02_mixing_modes.ipynb", "03_memory.ipynb"]
+    for name in names:
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        assert any("image/png" in o.get("data", {}) for o in outputs), f"{name} has no committed figure"
+        assert not any(o.get("output_type") == "error" for o in outputs), f"{name} was committed with an error"
+        assert "checks passed" in "".join(o.get("text", "") for o in outputs), f"{name}: checks did not pass"
+
+
+def test_exact_vs_random(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text, images = _execute("01_exact_vs_random.ipynb", tmp_path, monkeypatch)
+    assert images >= 1
+    assert re.search(r"all \d+ \(distribution, k\) points agree with theory", text)
+    # Exact forward mode equals backprop to float64 rounding.
+    match = re.search(r"exact forward mode vs backprop: relative difference (\S+)", text)
+    assert match and float(match.group(1)) < 1e-12
+    # Orthogonal tangents at k = n reproduce the exact gradient (relative MSE ~ 0, cosine 1).
+    row = re.search(r"^orthogonal\s+544\s+\d+ \|\s+(\S+)\s.*\|\s+(\S+)\s+\S+\s*$", text, re.M)
+    assert row and float(row.group(1)) < 1e-20 and float(row.group(2)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_mixing_modes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text, images = _execute("02_mixing_modes.ipynb", tmp_path, monkeypatch)
+    assert images >= 1 and "checks passed" in text
+    gap = re.search(r"largest gap between the exact-stem and backprop loss curves: (\S+)", text)
+    assert gap and float(gap.group(1)) < 1e-4
+    for plan in ("backprop", "exact stem", "random stem", "random head"):
+        assert re.search(rf"^{plan}\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", text, re.M), plan
+
+
+def test_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text, images = _execute("03_memory.ipynb", tmp_path, monkeypatch)
+    assert images >= 1 and "checks passed" in text
+    rows = re.findall(r"^\s*(\d+) \|\s+([\d.]+)\s+([\d.]+) \|\s+([\d.]+)\s+([\d.]+)\s*$", text, re.M)
+    assert len(rows) >= 2
+    depths = [int(r[0]) for r in rows]
+    saved_rev, saved_fwd, peak_rev, peak_fwd = ([float(r[i]) for r in rows] for i in range(1, 5))
+    assert depths == sorted(depths)
+    assert saved_fwd[-1] == saved_fwd[0] < saved_rev[-1]  # forward keeps the same bytes at every depth
+    assert saved_rev[-1] > saved_rev[0] * (depths[-1] / depths[0]) / 2  # backprop's grow ~linearly
+    assert peak_fwd[-1] < peak_rev[-1]
