@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Iterator, Mapping
-from typing import Union
 
 __all__ = ["Strategy", "Reverse", "Exact", "Random", "Plan", "PlanLike", "as_plan", "as_strategy"]
 
@@ -61,8 +60,7 @@ class Exact(Strategy):
                 )
             if self.chunk_size < 1:
                 raise ValueError(
-                    f"Exact(chunk_size={self.chunk_size}): chunk_size must be >= 1 (or None for no "
-                    "chunking)."
+                    f"Exact(chunk_size={self.chunk_size}): chunk_size must be >= 1 (or None for no chunking)."
                 )
 
 
@@ -104,7 +102,7 @@ class Random(Strategy):
 
 _STRATEGY_STRINGS = {"rev": Reverse(), "reverse": Reverse(), "exact": Exact()}
 
-StrategyLike = Union[Strategy, str]
+StrategyLike = Strategy | str
 
 
 def as_strategy(value: StrategyLike, where: str) -> Strategy:
@@ -212,7 +210,7 @@ class Plan(Mapping):
         return self._entries[keys[0]]
 
 
-PlanLike = Union[Plan, Mapping[str, StrategyLike], None]
+PlanLike = Plan | Mapping[str, StrategyLike] | None
 
 
 def as_plan(plan: PlanLike) -> Plan:

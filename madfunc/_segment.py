@@ -18,7 +18,15 @@ __all__ = ["Segment", "ModuleSegment", "fwd", "rev"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _dispatch(seg_name: str, default: Strategy, owner: Any, identity: Any, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def _dispatch(
+    seg_name: str,
+    default: Strategy,
+    owner: Any,
+    identity: Any,
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+) -> Any:
     state = _context.active()
     if state is None:  # outside any madfunc transform: exactly the plain function
         return fn(*args, **kwargs)
@@ -87,7 +95,8 @@ class Segment:
         return functools.partial(self.__call__, instance)
 
     def __repr__(self) -> str:
-        return f"{self.annotation}({getattr(self.fn, '__qualname__', self.fn)!s}, name={self.name!r}, default={self.default!r})"
+        fn = getattr(self.fn, "__qualname__", self.fn)
+        return f"{self.annotation}({fn!s}, name={self.name!r}, default={self.default!r})"
 
 
 class ModuleSegment(nn.Module):
@@ -114,8 +123,15 @@ class ModuleSegment(nn.Module):
             params, inputs = dict(args[0]), args[1:]
         else:
             params, inputs = dict(self.module.named_parameters()), args
-        return _dispatch(self.name, self.default, self.module, ("object", id(self.module)),
-                         self._functional, (params, *inputs), kwargs)
+        return _dispatch(
+            self.name,
+            self.default,
+            self.module,
+            ("object", id(self.module)),
+            self._functional,
+            (params, *inputs),
+            kwargs,
+        )
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, default={self.default!r}"
@@ -131,7 +147,9 @@ def _make(fn: Any, name: str | None, default: Strategy, annotation: str) -> Any:
 @overload
 def fwd(fn: F, /, *, name: str | None = None, strategy: StrategyLike | None = None) -> F: ...
 @overload
-def fwd(fn: None = None, /, *, name: str | None = None, strategy: StrategyLike | None = None) -> Callable[[F], F]: ...
+def fwd(
+    fn: None = None, /, *, name: str | None = None, strategy: StrategyLike | None = None
+) -> Callable[[F], F]: ...
 def fwd(fn: Any = None, /, *, name: str | None = None, strategy: StrategyLike | None = None) -> Any:
     """Mark ``fn`` as a forward-mode segment.
 

@@ -57,8 +57,11 @@ def test_per_example_random_gradients_need_shared_randomness():
     w, x = _data()
     loss = lambda w, x: mf.fwd(lambda w, x: torch.tanh(x @ w), name="s")(w, x).pow(2).sum()  # noqa: E731
     per_example = mf.mixed_grad(loss, {"s": mf.Random(k=3, distribution="rademacher")})
-    with pytest.raises(RuntimeError, match=r"segment 's': a Random strategy under torch.func.vmap needs "
-                       r"vmap\(\.\.\., randomness='same'\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"segment 's': a Random strategy under torch.func.vmap needs "
+        r"vmap\(\.\.\., randomness='same'\)",
+    ):
         torch.func.vmap(per_example, in_dims=(None, 0))(w, x)
     torch.manual_seed(3)
     got = torch.func.vmap(per_example, in_dims=(None, 0), randomness="same")(w, x)
@@ -96,8 +99,11 @@ def test_plan_key_for_a_segment_nested_in_a_forward_segment_is_an_error():
     outer = mf.fwd(lambda w: inner(w) * 2, name="outer")
     loss = lambda w: outer(w).sum()  # noqa: E731
     w = torch.randn(3, dtype=DT)
-    with pytest.raises(ValueError, match=r"plan key 'inner' matches only segment 'inner', which ran inside "
-                       r"forward segment 'outer'.*no effect"):
+    with pytest.raises(
+        ValueError,
+        match=r"plan key 'inner' matches only segment 'inner', which ran inside "
+        r"forward segment 'outer'.*no effect",
+    ):
         mf.mixed_grad(loss, {"inner": "rev"})(w)
     # A pattern that also reaches a top-level segment is fine, and the outer one decides.
     torch.testing.assert_close(mf.mixed_grad(loss, {"*": "exact"})(w), 2 * torch.cos(w))
