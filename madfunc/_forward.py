@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import optree
@@ -29,15 +29,27 @@ class ForwardModeError(NotImplementedError):
     """An op inside a forward segment has no forward-mode (jvp) rule in PyTorch."""
 
 
-try:  # PyTorch >= 2.3: fall back to the math kernel, which has forward-mode rules.
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    """Inside forward segments, attention uses kernels that have forward-mode rules.
 
-    def _math_attention() -> contextlib.AbstractContextManager[None]:
-        return sdpa_kernel(SDPBackend.MATH)
+    Scaled-dot-product attention falls back to PyTorch's math kernel (the CPU flash kernel has no jvp
+    rule), and nn.MultiheadAttention / TransformerEncoderLayer leave their fused "fast path"
+    (``_transformer_encoder_layer_fwd`` and friends have no jvp rule either).
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-except ImportError:  # pragma: no cover - older PyTorch
-    def _math_attention() -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        except ImportError:  # pragma: no cover - PyTorch < 2.3
+            pass
+        mha = getattr(torch.backends, "mha", None)
+        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+            previous = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+            stack.callback(mha.set_fastpath_enabled, previous)
+        yield
 
 
 def _is_batched(t: torch.Tensor) -> bool:
