@@ -20,7 +20,7 @@ from torch.func import jvp, vmap
 
 from . import _context
 from ._plan import Exact, Random, Strategy
-from ._tangents import draw_leaf, draw_seed, draw_tangents
+from ._tangents import LazySeeds, draw_leaf, draw_seed, draw_tangents
 
 __all__ = ["ForwardModeError", "run_forward", "run_reverse"]
 
@@ -240,6 +240,40 @@ class _Engine:
         ys, ydots = vmap(single, in_dims=0, out_dims=0, chunk_size=chunk)(*tangents)
         return tuple(y[0] for y in ys), ydots
 
+    def _push_lazy(self, tensors, device: torch.device) -> tuple[tuple, list[torch.Tensor]] | None:
+        """Random tangents seeded where each leaf is first used (see LazySeeds); None if a leaf was
+        never reached through a torch function (then the caller seeds eagerly, which is always right)."""
+        strategy = self.strategy
+        assert isinstance(strategy, Random)
+        k = strategy.k
+        values = [tensors[i] for i in self.diff]
+
+        def make(index: int) -> torch.Tensor:
+            leaf = values[index]
+            return draw_leaf(strategy.distribution, k, leaf.shape, leaf.dtype, device, self.seed, index)
+
+        token = torch.zeros(k, device=device)
+        modes: list[LazySeeds] = []
+
+        def single(direction: torch.Tensor) -> tuple:
+            def f(tok: torch.Tensor) -> tuple:
+                mode = LazySeeds(values, tok, make)
+                modes.append(mode)
+                with mode:
+                    return self._call(tensors, values)
+
+            return jvp(f, (token,), (direction,))
+
+        if k == 1:
+            ys, ydots = single(torch.ones(1, device=device))
+            ydots = tuple(d.unsqueeze(0) for d in ydots)
+        else:  # randomness="same": tangents are drawn once, outside the batch of k directions
+            ys, ydots = vmap(single, out_dims=0, randomness="same")(torch.eye(k, device=device))
+            ys = tuple(y[0] for y in ys)
+        if any(len(mode.seeded) < len(values) for mode in modes):
+            return None
+        return ys, list(ydots)
+
     def forward(self, tensors: Sequence[torch.Tensor]) -> tuple:
         before = _versions(tensors)
         try:
@@ -273,6 +307,11 @@ class _Engine:
                 )
             stats["tangents"] = strategy.k
             device = _common_device(self.name, diff_tensors)
+            tangent_bytes = strategy.k * sum(t.numel() * t.element_size() for t in diff_tensors)
+            if strategy.distribution != "orthogonal" and tangent_bytes >= LAZY_SEEDING_BYTES:
+                lazy = self._push_lazy(tensors, device)
+                if lazy is not None:
+                    return lazy
             tangents = draw_tangents(
                 strategy.distribution,
                 strategy.k,
@@ -350,7 +389,7 @@ class _Engine:
         coef = s * (1.0 / strategy.k)  # scale the k coefficients, not the n-element gradients
         if strategy.distribution == "orthogonal":  # orthogonal jointly over all leaves: drawn together
             tangents = draw_tangents(strategy.distribution, strategy.k, shapes, dtypes, s.device, self.seed)
-            return [_combine(coef, v, dtype) for v, dtype in zip(tangents, dtypes)]
+            return [_combine(coef, v, dtype, reuse=False) for v, dtype in zip(tangents, dtypes)]
         # Regenerate one leaf at a time (each has its own stream), so at most one leaf's tangents
         # exist next to the gradients.
         return [
@@ -358,6 +397,12 @@ class _Engine:
             for index, (shape, dtype) in enumerate(zip(shapes, dtypes))
         ]
 
+
+# Random tangents this large (k x the differentiated inputs) are seeded lazily, where each leaf is first
+# used, so that they need not all exist at once: memory then stops growing with the number of leaves
+# (benchmarks/RESULTS.md, target 5). Below it, eager seeding is faster: lazy seeding costs an extra
+# pass over every leaf (the seeding op) and a Python hook on every op of the segment.
+LAZY_SEEDING_BYTES = 32 * 2**20
 
 # A leaf this small joins the previous group of basis tangents instead of getting a jvp of its own.
 # At small batch a vmap(jvp) call costs more in overhead than pushing a few more tangents through.
@@ -403,10 +448,11 @@ def _basis_block(tensors: Sequence[torch.Tensor], which: Sequence[int], group: S
     return out
 
 
-def _combine(coef: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``sum_j coef_j v_j`` for tangents ``v`` of shape ``(k, *shape)``, as ``dtype``; may reuse ``v``."""
+def _combine(coef: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, reuse: bool = True) -> torch.Tensor:
+    """``sum_j coef_j v_j`` for tangents ``v`` of shape ``(k, *shape)``, as ``dtype``; with ``reuse``
+    (``v`` is a fresh tensor of our own), it may be overwritten."""
     acc = _accumulation_dtype(v.dtype)
-    if v.shape[0] == 1 and acc == v.dtype and not _is_batched(coef):
+    if reuse and v.shape[0] == 1 and acc == v.dtype and not _is_batched(coef):
         return v[0].mul_(coef[0].to(acc))  # in place: the regenerated tangent becomes the gradient
     return torch.tensordot(coef.to(acc), v.to(acc), dims=1).to(dtype)
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import optree
 import torch
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["draw_seed", "draw_leaf", "draw_tangents", "leaf_seed"]
+__all__ = ["LazySeeds", "draw_seed", "draw_leaf", "draw_tangents", "leaf_seed"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -117,3 +119,53 @@ def draw_tangents(
         pieces = torch.split(flat, sizes, dim=1)
         return [p.reshape(k, *s).to(d) for p, s, d in zip(pieces, shapes, dtypes)]
     return [draw_leaf(distribution, k, shape, dtype, device, seed, i) for i, (shape, dtype) in enumerate(zip(shapes, dtypes))]
+
+
+# Tensor queries that read metadata only: a leaf passed to them needs no tangent.
+_METADATA = frozenset(
+    getattr(torch.Tensor, name).__get__ if isinstance(getattr(torch.Tensor, name), property) or
+    type(getattr(torch.Tensor, name)).__name__ == "getset_descriptor" else getattr(torch.Tensor, name)
+    for name in ("size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "element_size",
+                 "data_ptr", "__len__", "shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "layout")
+)
+
+
+class LazySeeds(TorchFunctionMode):
+    """Seeds each leaf's tangents where an op first uses it, instead of on entry: lazy seeding.
+
+    Inside a ``jvp`` whose only primal is ``token`` (zeros of shape ``(k,)``, tangent ``e_j`` in slice
+    ``j`` of a vmap), every op argument that *is* one of ``leaves`` is replaced by
+    ``leaf + token . V`` with ``V = make(index)`` of shape ``(k, *leaf.shape)``: the same values, with
+    tangent ``V[j]``. ``V`` is drawn on the spot and dropped after the op, so no leaf's tangents outlive
+    its use (memory no longer grows with the number of leaves), and none are drawn for unused leaves.
+    ``seeded`` records which leaves were reached; the caller must check that all were.
+    """
+
+    def __init__(self, leaves: Sequence[torch.Tensor], token: torch.Tensor, make) -> None:
+        super().__init__()
+        self.by_id = {id(t): (index, t) for index, t in enumerate(leaves)}
+        self.token = token
+        self.make = make
+        self.seeded: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            return func(*args, **kwargs)
+        flat, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
+        # In-place methods keep their own first argument: mutating a leaf must still mutate the leaf,
+        # so that the purity check names the segment.
+        name = getattr(func, "__name__", "")
+        keep_first = name.endswith("_") and not name.endswith("__") or name.startswith("__i")
+        hit = False
+        for pos, arg in enumerate(flat):
+            entry = self.by_id.get(id(arg)) if isinstance(arg, torch.Tensor) else None
+            if entry is None or entry[1] is not arg or (pos == 0 and keep_first):
+                continue
+            v = self.make(entry[0])
+            flat[pos] = arg + torch.tensordot(self.token.to(v.dtype), v, dims=1)
+            self.seeded.add(entry[0])
+            hit = True
+        if hit:
+            args, kwargs = optree.tree_unflatten(spec, flat)
+        return func(*args, **kwargs)
