@@ -4,10 +4,6 @@ Mark parts of a model as segments (:func:`fwd`, :func:`rev`), then choose per se
 between reverse mode, exact forward mode and randomized forward gradients.
 """
 
-from ._diagnostics import CompareReport as CompareReport
-from ._diagnostics import GradientFigures as GradientFigures
-from ._diagnostics import InspectReport as InspectReport
-from ._diagnostics import SegmentRow as SegmentRow
 from ._diagnostics import compare as compare
 from ._diagnostics import inspect as inspect
 from ._forward import ForwardModeError as ForwardModeError
@@ -16,6 +12,10 @@ from ._plan import Plan as Plan
 from ._plan import Random as Random
 from ._plan import Reverse as Reverse
 from ._plan import Strategy as Strategy
+from ._reports import CompareReport as CompareReport
+from ._reports import GradientFigures as GradientFigures
+from ._reports import InspectReport as InspectReport
+from ._reports import SegmentRow as SegmentRow
 from ._segment import ModuleSegment as ModuleSegment
 from ._segment import Segment as Segment
 from ._segment import fwd as fwd

@@ -18,8 +18,9 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 
-from ._diagnostics import CompareReport, _table, compare
+from ._diagnostics import compare
 from ._plan import Plan
+from ._reports import CompareReport, _table
 from ._segment import rev
 from ._transforms import mixed_grad_and_value
 
@@ -33,7 +34,7 @@ Params = dict[str, torch.Tensor]
 
 def _missing(what: str, error: ImportError) -> RuntimeError:
     return RuntimeError(
-        f"the madfunc demo needs {what} ({error}); install it with: pip install -e \".[demo]\" "
+        f'the madfunc demo needs {what} ({error}); install it with: pip install -e ".[demo]" '
         "(or pip install scikit-learn matplotlib)."
     )
 
@@ -63,9 +64,12 @@ def init_params(seed: int = 0) -> Params:
         return (torch.rand(shape, generator=gen) * 2 - 1) * bound
 
     return {
-        "conv1.weight": uniform((4, 1, 3, 3), 9), "conv1.bias": uniform((4,), 9),
-        "conv2.weight": uniform((8, 4, 3, 3), 36), "conv2.bias": uniform((8,), 36),
-        "head.weight": uniform((10, 32), 32), "head.bias": uniform((10,), 32),
+        "conv1.weight": uniform((4, 1, 3, 3), 9),
+        "conv1.bias": uniform((4,), 9),
+        "conv2.weight": uniform((8, 4, 3, 3), 36),
+        "conv2.bias": uniform((8,), 36),
+        "head.weight": uniform((10, 32), 32),
+        "head.bias": uniform((10,), 32),
     }
 
 
@@ -144,8 +148,15 @@ class _Progress:
 
 
 def train(
-    plan: Plan, data: Sequence[torch.Tensor], steps: int, batch_size: int = 64, lr: float = 1e-2,
-    seed: int = 0, eval_every: int = 20, label: str = "", progress: TextIO | None = None,
+    plan: Plan,
+    data: Sequence[torch.Tensor],
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    seed: int = 0,
+    eval_every: int = 20,
+    label: str = "",
+    progress: TextIO | None = None,
 ) -> tuple[Params, dict[str, Any]]:
     """Train the CNN with Adam under ``plan`` for ``steps`` minibatch steps; return params and a log."""
     x_train, y_train, x_test, y_test = data
@@ -173,8 +184,14 @@ def train(
 
 
 def run_demo(
-    plans: Mapping[str, Plan], steps: int = 200, batch_size: int = 64, lr: float = 1e-2, seed: int = 0,
-    draws: int = 16, out: str | None = "madfunc-demo.png", progress: TextIO | None = sys.stderr,
+    plans: Mapping[str, Plan],
+    steps: int = 200,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    seed: int = 0,
+    draws: int = 16,
+    out: str | None = "madfunc-demo.png",
+    progress: TextIO | None = sys.stderr,
 ) -> list[DemoResult]:
     """Train the CNN once per plan, measure gradient quality at initialisation, optionally plot."""
     data = digits(seed)
@@ -185,11 +202,17 @@ def run_demo(
         params, log = train(plan, data, steps, batch_size, lr, seed, label=label, progress=progress)
         torch.manual_seed(seed)
         quality = compare(loss_fn, plan, init_params(seed), x_train[probe], y_train[probe], draws=draws)
-        results.append(DemoResult(
-            label=label, losses=tuple(log["losses"]), step_seconds=tuple(log["seconds"]),
-            test_curve=tuple(log["curve"]), train_accuracy=accuracy(params, x_train, y_train),
-            test_accuracy=accuracy(params, data[2], data[3]), quality=quality,
-        ))
+        results.append(
+            DemoResult(
+                label=label,
+                losses=tuple(log["losses"]),
+                step_seconds=tuple(log["seconds"]),
+                test_curve=tuple(log["curve"]),
+                train_accuracy=accuracy(params, x_train, y_train),
+                test_accuracy=accuracy(params, data[2], data[3]),
+                quality=quality,
+            )
+        )
     if out:
         plot(results, out)
     return results
@@ -206,11 +229,22 @@ def summary(results: Sequence[DemoResult]) -> str:
         variance = " ".join(f"{n} {f.variance:.3g}" for n, f in random.items()) or overall
         theory = " ".join(f"{n} {f.variance_theory:.3g}" for n, f in random.items()) or "-"
         quality = (f"{q.cosine:.4f}", f"{q.relative_error:.3g}") if q else ("-", "-")
-        rows.append((r.label, f"{r.train_accuracy:.1%}", f"{r.test_accuracy:.1%}", f"{r.ms_per_step:.2f}",
-                     *quality, variance, theory))
-    note = ("gradient quality at initialisation, one batch, against backprop: cosine and rel.error over all\n"
-            "parameters; variance = E||g^-g||^2/||g||^2 of each random segment (over the leaves it "
-            "reaches), and its theory")
+        rows.append(
+            (
+                r.label,
+                f"{r.train_accuracy:.1%}",
+                f"{r.test_accuracy:.1%}",
+                f"{r.ms_per_step:.2f}",
+                *quality,
+                variance,
+                theory,
+            )
+        )
+    note = (
+        "gradient quality at initialisation, one batch, against backprop: cosine and rel.error over all\n"
+        "parameters; variance = E||g^-g||^2/||g||^2 of each random segment (over the leaves it "
+        "reaches), and its theory"
+    )
     return f"{_table(headers, rows, left=1)}\n{note}"
 
 
@@ -233,8 +267,9 @@ def plot(results: Sequence[DemoResult], out: str) -> None:
         ax_loss.plot(range(1, len(smooth) + 1), smooth, **style)
         steps, accuracies = zip(*r.test_curve, strict=True)
         ax_acc.plot(steps, accuracies, marker=".", **style)
-    ax_time.barh([r.label for r in results], [r.ms_per_step for r in results],
-                 color=[f"C{i}" for i in range(len(results))])
+    ax_time.barh(
+        [r.label for r in results], [r.ms_per_step for r in results], color=[f"C{i}" for i in range(len(results))]
+    )
     ax_loss.set(xlabel="step", ylabel="training loss (EMA 0.9)", yscale="log", title="loss")
     ax_acc.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1), title="test accuracy")
     ax_time.set(xlabel="ms per step (median)", title="time per step")

@@ -3,12 +3,10 @@ segment does and keeps for backward), with their frozen, printable report object
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 import time
-import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import optree
@@ -16,172 +14,11 @@ import torch
 
 from . import _context
 from ._plan import Plan, PlanLike, Random, Reverse, Strategy, as_plan
+from ._reports import CompareReport, GradientFigures, InspectReport, SegmentRow, _bytes
 
 __all__ = ["CompareReport", "GradientFigures", "InspectReport", "SegmentRow", "compare", "inspect"]
 
 ArgNums = int | tuple[int, ...]
-
-
-def _plain(value: Any) -> Any:
-    """JSON-ready copy: tuples to lists, mappings and dataclasses to dicts, NaN to None."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if dataclasses.is_dataclass(value):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> str:
-    """Columns padded to width; the first ``left`` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        pairs = enumerate(zip(cells, widths, strict=True))
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in pairs)
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
-def _num(value: float | None) -> str:
-    if value is None or math.isnan(value):
-        return "-"
-    return str(value) if isinstance(value, int) else f"{value:.4g}"
-
-
-def _bytes(count: int | None) -> str:
-    if count is None:
-        return "-"
-    if count < 1024:
-        return f"{count} B"
-    exponent = min(int(math.log(count, 1024)), 3)
-    return f"{count / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
-
-
-@dataclasses.dataclass(frozen=True)
-class GradientFigures:
-    """Quality of gradient estimates against the exact gradient ``g`` (see :func:`compare`).
-
-    Attributes: ``cosine``, ``relative_error``, ``variance`` (measured ``E||g^-g||^2/||g||^2``),
-    ``bias`` with ``bias_ci`` (95% CI), ``bias_norm``, ``draws``, ``numel`` (scalars measured),
-    ``variance_theory`` (None unless a formula applies), ``leaves`` (gradient leaves measured), and
-    for a segment: ``strategy``, ``differentiated`` (its ``n``) and ``calls``.
-    """
-
-    cosine: float
-    relative_error: float
-    variance: float
-    bias: float
-    bias_ci: tuple[float, float]
-    bias_norm: float
-    draws: int
-    numel: int
-    variance_theory: float | None = None
-    leaves: tuple[str, ...] = ()
-    strategy: str | None = None
-    differentiated: int | None = None
-    calls: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python types (JSON-serialisable; NaN becomes None)."""
-        return _plain(self)
-
-    def _cells(self, name: str) -> list[str]:
-        low, high = self.bias_ci
-        ci = "" if math.isnan(low) else f" [{low:+.2g}, {high:+.2g}]"
-        return [name, self.strategy or "(whole plan)", str(self.numel), *map(_num, (
-            self.cosine, self.relative_error, self.variance, self.variance_theory)), f"{self.bias:+.2g}{ci}"]
-
-
-@dataclasses.dataclass(frozen=True)
-class CompareReport:
-    """What :func:`compare` measured: ``overall`` figures (also as ``report.cosine`` etc.),
-    ``per_segment`` figures, and median seconds per gradient call (``time_plan``, ``time_reference``)."""
-
-    overall: GradientFigures
-    per_segment: Mapping[str, GradientFigures]
-    time_plan: float
-    time_reference: float
-    plan: str
-    reference: str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "per_segment", types.MappingProxyType(dict(self.per_segment)))
-
-    cosine = property(lambda self: self.overall.cosine, doc="Mean cosine similarity to the exact gradient.")
-    relative_error = property(lambda self: self.overall.relative_error, doc="Mean ||g^ - g|| / ||g||.")
-    variance = property(lambda self: self.overall.variance, doc="Measured E||g^ - g||^2 / ||g||^2.")
-    variance_theory = property(lambda self: self.overall.variance_theory, doc="Theoretical variance or None.")
-    bias = property(lambda self: self.overall.bias, doc="Mean <g^ - g, g> / ||g||^2.")
-    bias_ci = property(lambda self: self.overall.bias_ci, doc="95% confidence interval of ``bias``.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python types (JSON-serialisable; NaN becomes None)."""
-        return _plain(self)
-
-    def __str__(self) -> str:
-        headers = ("segment", "strategy", "scalars", "cosine", "rel.error", "variance", "theory",
-                   "bias [95% CI]")
-        rows = [self.overall._cells("(all)"), *(f._cells(name) for name, f in self.per_segment.items())]
-        ratio = self.time_plan / self.time_reference if self.time_reference > 0 else math.nan
-        return (
-            f"compare: {self.overall.draws} draws of {self.plan} against {self.reference}\n"
-            f"{_table(headers, rows)}\ntime per gradient (median): plan {self.time_plan * 1e3:.3g} ms, "
-            f"reference {self.time_reference * 1e3:.3g} ms ({ratio:.2f}x)"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class SegmentRow:
-    """One segment call as :func:`inspect` saw it run. Sizes count scalars; bytes are kept for backward
-    (``reverse_saved_bytes``: what backprop would keep there instead, for forward segments)."""
-
-    name: str
-    strategy: str
-    nested_in: str | None
-    differentiated: Mapping[str, int]
-    differentiated_numel: int | None
-    tangents: int | None
-    output_numel: int | None
-    saved_bytes: int | None
-    reverse_saved_bytes: int | None
-    flags: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python types."""
-        return _plain(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class InspectReport:
-    """What :func:`inspect` saw: ``rows`` (one per segment call) and ``flags`` (costly choices)."""
-
-    rows: tuple[SegmentRow, ...]
-    plan: str
-
-    @property
-    def flags(self) -> tuple[str, ...]:
-        """Every flagged costly choice, prefixed with its segment's name."""
-        return tuple(f"{row.name}: {flag}" for row in self.rows for flag in row.flags)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python types (JSON-serialisable)."""
-        return {"plan": self.plan, "rows": [row.to_dict() for row in self.rows], "flags": list(self.flags)}
-
-    def __str__(self) -> str:
-        headers = ("segment", "strategy", "differentiated", "tangents", "outputs", "kept for backward",
-                   "backprop would keep")
-        rows = [
-            [f"  {r.name}", f"(inside {r.nested_in})", "", "", "", "", ""] if r.nested_in else
-            [r.name + (" (!)" if r.flags else ""), r.strategy,
-             " + ".join(f"{k}:{v}" for k, v in r.differentiated.items()) or "-", _num(r.tangents),
-             _num(r.output_numel), _bytes(r.saved_bytes), _bytes(r.reverse_saved_bytes)]
-            for r in self.rows
-        ]
-        return f"inspect: {self.plan}\n{_table(headers, rows)}" + "".join(f"\n(!) {f}" for f in self.flags)
 
 
 def theoretical_variance(strategy: Strategy, n: int) -> float | None:
@@ -197,9 +34,12 @@ def _t_quantile(dof: int) -> float:
     if dof <= 2:
         return (math.nan, 12.7062, 4.3027)[max(dof, 0)]
     z = statistics.NormalDist().inv_cdf(0.975)
-    terms = ((z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96,
-             (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
-             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160)
+    terms = (
+        (z**3 + z) / 4,
+        (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+        (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160,
+    )
     return z + sum(term / dof ** (i + 1) for i, term in enumerate(terms))
 
 
@@ -216,10 +56,15 @@ def _figures(draws: torch.Tensor, exact: torch.Tensor, **extra: Any) -> Gradient
     bias = float(along.mean())
     half = _t_quantile(count - 1) * float(along.std()) / math.sqrt(count) if count > 1 else math.nan
     return GradientFigures(
-        cosine=float(cosine.mean()), relative_error=float(relative.mean()),
+        cosine=float(cosine.mean()),
+        relative_error=float(relative.mean()),
         variance=float(relative.square().mean()),
-        bias=bias, bias_ci=(bias - half, bias + half), bias_norm=float(errors.mean(dim=0).norm()) / norm,
-        draws=count, numel=exact.numel(), **extra,
+        bias=bias,
+        bias_ci=(bias - half, bias + half),
+        bias_norm=float(errors.mean(dim=0).norm()) / norm,
+        draws=count,
+        numel=exact.numel(),
+        **extra,
     )
 
 
@@ -267,7 +112,11 @@ def _top_level(state: _context.CallState) -> dict[str, list[_context.SegmentCall
 
 
 def compare(
-    fn: Callable[..., Any], plan: PlanLike, *args: Any, reference: PlanLike = None, draws: int = 32,
+    fn: Callable[..., Any],
+    plan: PlanLike,
+    *args: Any,
+    reference: PlanLike = None,
+    draws: int = 32,
     argnums: ArgNums = 0,
 ) -> CompareReport:
     """Measure how good the gradients of ``fn`` under ``plan`` are, against an exact reference.
@@ -328,8 +177,9 @@ def compare(
     checked = as_plan(plan)
     ref_plan = None if reference is None else as_plan(reference)
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"madfunc.compare(draws={draws!r}): draws must be an int >= 1 (independent "
-                         "gradients under the plan).")
+        raise ValueError(
+            f"madfunc.compare(draws={draws!r}): draws must be an int >= 1 (independent gradients under the plan)."
+        )
     exact_grads, ref_state, _ = _grad(fn, args, argnums, ref_plan, check=True)
     names, exact = _flat(exact_grads)
     sizes = [t.numel() for t in optree.tree_leaves(exact_grads)]
@@ -432,13 +282,20 @@ def inspect(fn: Callable[..., Any], plan: PlanLike, *args: Any, argnums: ArgNums
             seen_nested.add((parent, call.name))
         stats = call.stats
         alternative = reverse_bytes[parent] if call.nested_in is None and call.strategy.is_forward else None
-        rows.append(SegmentRow(
-            name=call.name, strategy=repr(call.strategy), nested_in=call.nested_in,
-            differentiated=dict(stats.get("differentiated_per_argument", {})),
-            differentiated_numel=stats.get("differentiated_numel"), tangents=stats.get("tangents"),
-            output_numel=stats.get("output_numel"), saved_bytes=stats.get("saved_bytes"),
-            reverse_saved_bytes=alternative, flags=tuple(_flags(call, alternative)),
-        ))
+        rows.append(
+            SegmentRow(
+                name=call.name,
+                strategy=repr(call.strategy),
+                nested_in=call.nested_in,
+                differentiated=dict(stats.get("differentiated_per_argument", {})),
+                differentiated_numel=stats.get("differentiated_numel"),
+                tangents=stats.get("tangents"),
+                output_numel=stats.get("output_numel"),
+                saved_bytes=stats.get("saved_bytes"),
+                reverse_saved_bytes=alternative,
+                flags=tuple(_flags(call, alternative)),
+            )
+        )
     return InspectReport(rows=tuple(rows), plan=repr(checked))
 
 
