@@ -24,7 +24,7 @@ def mlp_data(batch: int, width: int, dtype: torch.dtype = torch.float32, seed: i
 
 def mlp_loss(params: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     h = x
-    for w, b in zip(params[::2], params[1::2]):
+    for w, b in zip(params[::2], params[1::2], strict=False):
         h = torch.tanh(h @ w + b)
     return F.mse_loss(h, y)
 
@@ -39,7 +39,7 @@ LAYER = mf.fwd(_layer, name="layer")
 def segmented_mlp_loss(params: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The MLP with every layer a segment (one name, called once per layer)."""
     h = x
-    for w, b in zip(params[::2], params[1::2]):
+    for w, b in zip(params[::2], params[1::2], strict=False):
         h = LAYER(w, b, h)
     return F.mse_loss(h, y)
 

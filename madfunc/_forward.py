@@ -20,7 +20,7 @@ from torch.func import jvp, vmap
 
 from . import _context
 from ._plan import Exact, Random, Strategy
-from ._tangents import LazySeeds, draw_leaf, draw_seed, draw_tangents
+from ._tangents import LazySeeds, basis_block, draw_leaf, draw_seed, draw_tangents, group_leaves
 
 __all__ = ["ForwardModeError", "run_forward", "run_reverse"]
 
@@ -77,7 +77,7 @@ def _versions(leaves: Sequence[Any]) -> list[int | None]:
 
 
 def _check_not_mutated(name: str, leaves: Sequence[Any], before: Sequence[int | None]) -> None:
-    for index, (leaf, version) in enumerate(zip(leaves, before)):
+    for index, (leaf, version) in enumerate(zip(leaves, before, strict=False)):
         if version is not None and leaf._version != version:
             raise RuntimeError(
                 f"segment {name!r} modified its input in place (input leaf {index}, shape "
@@ -210,9 +210,9 @@ class _Engine:
     # -- the computation -------------------------------------------------------------------------
     def _call(self, tensors: Sequence[torch.Tensor], diff_values: Sequence[torch.Tensor]) -> tuple:
         leaves = list(self.leaves)
-        for pos, t in zip(self.tensor_positions, tensors):
+        for pos, t in zip(self.tensor_positions, tensors, strict=False):
             leaves[pos] = t
-        for i, value in zip(self.diff, diff_values):
+        for i, value in zip(self.diff, diff_values, strict=False):
             leaves[self.tensor_positions[i]] = value
         args, kwargs = optree.tree_unflatten(self.spec, leaves)
         with _context.inside_forward_segment(self.name), _math_attention():
@@ -226,7 +226,7 @@ class _Engine:
         def single(*tangent):
             def f(*xs):
                 values = [tensors[i] for i in self.diff]
-                for j, x in zip(which, xs):
+                for j, x in zip(which, xs, strict=False):
                     values[self.diff.index(j)] = x
                 return self._call(tensors, values)
 
@@ -328,13 +328,13 @@ class _Engine:
         ys = None
         per_leaf: list[tuple] = []
         # Lazy seeding: one group of leaves at a time, so forward AD does no tangent work before the
-        # group's first use; small leaves (biases) ride along with their neighbour (see _group_leaves).
-        for group in _group_leaves([tensors[i].numel() for i in self.diff], chunk):
+        # group's first use; small leaves (biases) ride along with their neighbour (see group_leaves).
+        for group in group_leaves([tensors[i].numel() for i in self.diff], chunk):
             which = [self.diff[g] for g, _, _ in group]
             count = sum(stop - start for _, start, stop in group)
-            ys, ydots = self._push(tensors, which, _basis_block(tensors, which, group, count), None)
+            ys, ydots = self._push(tensors, which, basis_block(tensors, which, group, count), None)
             per_leaf.append(ydots)
-        ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf)]
+        ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf, strict=False)]
         return ys, ydots
 
     def _check_finite(self, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Tensor]) -> None:
@@ -343,7 +343,7 @@ class _Engine:
         In forward mode one NaN/inf entry of ``J v_j`` makes ``s_j = <J v_j, ybar>`` NaN (0 * inf = NaN
         even where ``ybar`` is 0), so unlike backprop no gradient entry would survive.
         """
-        for i, ydot in zip(self.float_out, ydots):
+        for i, ydot in zip(self.float_out, ydots, strict=False):
             y = ys[i]
             if _is_batched(y) or _is_batched(ydot):
                 continue  # data-dependent checks cannot run under vmap
@@ -370,7 +370,7 @@ class _Engine:
     # -- the backward contraction ----------------------------------------------------------------
     def backward(self, ydots: Sequence[torch.Tensor], tensors_meta, grads: Sequence[torch.Tensor]) -> list:
         s = None
-        for i, ydot in zip(self.float_out, ydots):
+        for i, ydot in zip(self.float_out, ydots, strict=False):
             ybar = grads[i]
             if ybar is None:
                 continue
@@ -380,21 +380,25 @@ class _Engine:
         shapes = [meta[0] for meta in tensors_meta]
         dtypes = [meta[1] for meta in tensors_meta]
         if s is None:
-            return [torch.zeros(shape, dtype=dtype, device=meta[2]) for shape, dtype, meta in zip(shapes, dtypes, tensors_meta)]
+            return [
+                torch.zeros(shape, dtype=dtype, device=meta[2])
+                for shape, dtype, meta in zip(shapes, dtypes, tensors_meta, strict=False)
+            ]
         if isinstance(self.strategy, Exact):
             pieces = torch.split(s, [math.prod(shape) for shape in shapes])
-            return [p.reshape(shape).to(dtype) for p, shape, dtype in zip(pieces, shapes, dtypes)]
+            return [p.reshape(shape).to(dtype) for p, shape, dtype in zip(pieces, shapes, dtypes, strict=False)]
         strategy = self.strategy
         assert isinstance(strategy, Random)
         coef = s * (1.0 / strategy.k)  # scale the k coefficients, not the n-element gradients
         if strategy.distribution == "orthogonal":  # orthogonal jointly over all leaves: drawn together
             tangents = draw_tangents(strategy.distribution, strategy.k, shapes, dtypes, s.device, self.seed)
-            return [_combine(coef, v, dtype, reuse=False) for v, dtype in zip(tangents, dtypes)]
+            return [_combine(coef, v, dtype, reuse=False) for v, dtype in zip(tangents, dtypes, strict=False)]
         # Regenerate one leaf at a time (each has its own stream), so at most one leaf's tangents
         # exist next to the gradients.
         return [
-            _combine(coef, draw_leaf(strategy.distribution, strategy.k, shape, dtype, s.device, self.seed, index), dtype)
-            for index, (shape, dtype) in enumerate(zip(shapes, dtypes))
+            _combine(coef, draw_leaf(strategy.distribution, strategy.k, shape, dtype, s.device, self.seed, index),
+                     dtype)
+            for index, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=False))
         ]
 
 
@@ -403,50 +407,6 @@ class _Engine:
 # (benchmarks/RESULTS.md, target 5). Below it, eager seeding is faster: lazy seeding costs an extra
 # pass over every leaf (the seeding op) and a Python hook on every op of the segment.
 LAZY_SEEDING_BYTES = 32 * 2**20
-
-# A leaf this small joins the previous group of basis tangents instead of getting a jvp of its own.
-# At small batch a vmap(jvp) call costs more in overhead than pushing a few more tangents through.
-SMALL_LEAF = 64
-
-
-def _group_leaves(sizes: Sequence[int], chunk: int | None) -> list[list[tuple[int, int, int]]]:
-    """Groups of ``(leaf, start, stop)`` slices of the basis, pushed through the segment together.
-
-    A leaf larger than ``SMALL_LEAF`` starts a group; smaller ones join the group before them (usually
-    the weight of the same layer, used at the same point), so their tangents cost no extra work there.
-    No group holds more than ``chunk`` tangents; a leaf larger than ``chunk`` is split across groups.
-    """
-    groups: list[list[tuple[int, int, int]]] = []
-    count = 0
-    for leaf, size in enumerate(sizes):
-        start = 0
-        while start < size:
-            room = size - start if chunk is None else min(size - start, chunk)
-            joins = groups and size <= SMALL_LEAF and (chunk is None or count + room <= chunk)
-            if joins and start == 0:
-                groups[-1].append((leaf, 0, size))
-                count += size
-                break
-            groups.append([(leaf, start, start + room)])
-            count = room
-            start += room
-    return groups
-
-
-def _basis_block(tensors: Sequence[torch.Tensor], which: Sequence[int], group: Sequence[tuple[int, int, int]],
-                 count: int) -> list[torch.Tensor]:
-    """Basis tangents for one group: row r is the r-th basis direction among the group's slices."""
-    out = []
-    row = 0
-    for i, (_, start, stop) in zip(which, group):
-        x = tensors[i]
-        basis = torch.zeros(count, x.numel(), dtype=x.dtype, device=x.device)
-        # rows row..row+(stop-start) carry directions start..stop of this leaf: a shifted diagonal.
-        basis[row : row + stop - start].diagonal(offset=start).fill_(1)
-        out.append(basis.view(count, *x.shape))
-        row += stop - start
-    return out
-
 
 def _combine(coef: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, reuse: bool = True) -> torch.Tensor:
     """``sum_j coef_j v_j`` for tangents ``v`` of shape ``(k, *shape)``, as ``dtype``; with ``reuse``
@@ -524,7 +484,7 @@ class _ForwardSegment(torch.autograd.Function):
         ydots = ctx.saved_tensors
         diff_grads = engine.backward(ydots, ctx.meta, grads[: engine.n_out])
         result: list[torch.Tensor | None] = [None] * ctx.n_tensors
-        for i, g in zip(engine.diff, diff_grads):
+        for i, g in zip(engine.diff, diff_grads, strict=False):
             result[i] = g
         return (None, *result)
 

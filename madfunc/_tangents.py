@@ -15,7 +15,9 @@ import optree
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["LazySeeds", "draw_seed", "draw_leaf", "draw_tangents", "leaf_seed"]
+__all__ = [
+    "LazySeeds", "SMALL_LEAF", "basis_block", "draw_seed", "draw_leaf", "draw_tangents", "group_leaves", "leaf_seed",
+]
 
 _MASK64 = (1 << 64) - 1
 
@@ -117,8 +119,11 @@ def draw_tangents(
         common = torch.float64 if torch.float64 in dtypes else torch.float32
         flat = _orthogonal(k, sizes, common, device, gen)
         pieces = torch.split(flat, sizes, dim=1)
-        return [p.reshape(k, *s).to(d) for p, s, d in zip(pieces, shapes, dtypes)]
-    return [draw_leaf(distribution, k, shape, dtype, device, seed, i) for i, (shape, dtype) in enumerate(zip(shapes, dtypes))]
+        return [p.reshape(k, *s).to(d) for p, s, d in zip(pieces, shapes, dtypes, strict=False)]
+    return [
+        draw_leaf(distribution, k, shape, dtype, device, seed, i)
+        for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True))
+    ]
 
 
 # Tensor queries that read metadata only: a leaf passed to them needs no tangent.
@@ -169,3 +174,47 @@ class LazySeeds(TorchFunctionMode):
         if hit:
             args, kwargs = optree.tree_unflatten(spec, flat)
         return func(*args, **kwargs)
+
+
+# A leaf this small joins the previous group of basis tangents instead of getting a jvp of its own.
+# At small batch a vmap(jvp) call costs more in overhead than pushing a few more tangents through.
+SMALL_LEAF = 64
+
+
+def group_leaves(sizes: Sequence[int], chunk: int | None) -> list[list[tuple[int, int, int]]]:
+    """Groups of ``(leaf, start, stop)`` slices of the basis, pushed through the segment together.
+
+    A leaf larger than ``SMALL_LEAF`` starts a group; smaller ones join the group before them (usually
+    the weight of the same layer, used at the same point), so their tangents cost no extra work there.
+    No group holds more than ``chunk`` tangents; a leaf larger than ``chunk`` is split across groups.
+    """
+    groups: list[list[tuple[int, int, int]]] = []
+    count = 0
+    for leaf, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            room = size - start if chunk is None else min(size - start, chunk)
+            joins = groups and size <= SMALL_LEAF and (chunk is None or count + room <= chunk)
+            if joins and start == 0:
+                groups[-1].append((leaf, 0, size))
+                count += size
+                break
+            groups.append([(leaf, start, start + room)])
+            count = room
+            start += room
+    return groups
+
+
+def basis_block(tensors: Sequence[torch.Tensor], which: Sequence[int], group: Sequence[tuple[int, int, int]],
+                 count: int) -> list[torch.Tensor]:
+    """Basis tangents for one group: row r is the r-th basis direction among the group's slices."""
+    out = []
+    row = 0
+    for i, (_, start, stop) in zip(which, group, strict=False):
+        x = tensors[i]
+        basis = torch.zeros(count, x.numel(), dtype=x.dtype, device=x.device)
+        # rows row..row+(stop-start) carry directions start..stop of this leaf: a shifted diagonal.
+        basis[row : row + stop - start].diagonal(offset=start).fill_(1)
+        out.append(basis.view(count, *x.shape))
+        row += stop - start
+    return out

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import madfunc as mf
-from madfunc._forward import SMALL_LEAF, _group_leaves
-from madfunc._tangents import draw_leaf, draw_seed, draw_tangents, leaf_seed
+from madfunc._tangents import SMALL_LEAF, draw_leaf, draw_seed, draw_tangents, group_leaves, leaf_seed
 
 CPU = torch.device("cpu")
 
@@ -19,7 +18,7 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("chunk", [None, 1, 7, 64, 1000])
 @pytest.mark.parametrize("sizes", [[108, 4, 180, 5, 315, 7], [4, 108, 5, 180], [1], [3, 2, 1], [200, 65, 64]])
 def test_groups_cover_every_leaf_in_order(sizes: list[int], chunk: int | None) -> None:
-    groups = _group_leaves(sizes, chunk)
+    groups = group_leaves(sizes, chunk)
     flat = [piece for group in groups for piece in group]
     # in order, leaf by leaf, each leaf's slices tile [0, size): backward splits s by leaf sizes
     expected_leaf, expected_start = 0, 0
@@ -38,7 +37,8 @@ def test_groups_cover_every_leaf_in_order(sizes: list[int], chunk: int | None) -
 
 
 def test_weight_and_bias_share_one_jvp() -> None:
-    assert [[leaf for leaf, _, _ in g] for g in _group_leaves([108, 4, 180, 5, 315, 7], None)] == [[0, 1], [2, 3], [4, 5]]
+    groups = group_leaves([108, 4, 180, 5, 315, 7], None)
+    assert [[leaf for leaf, _, _ in g] for g in groups] == [[0, 1], [2, 3], [4, 5]]
 
 
 def _cnn(params: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -54,11 +54,12 @@ def test_grouped_exact_matches_backprop_in_float64(strategy: mf.Exact) -> None:
     gen = torch.Generator().manual_seed(0)
     shapes = [(4, 3, 3, 3), (4,), (5, 4, 3, 3), (5,), (7, 45), (7,)]
     params = tuple(torch.randn(s, generator=gen, dtype=torch.float64) * 0.3 for s in shapes)
-    x, y = torch.randn(2, 3, 16, 16, generator=gen, dtype=torch.float64), torch.randn(2, 7, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randn(2, 7, generator=gen, dtype=torch.float64)
     seg = mf.fwd(_cnn, name="cnn")
     got = mf.mixed_grad(lambda p, x, y: seg(p, x, y), {"cnn": strategy}, argnums=(0, 1))(params, x, y)
     want = torch.func.grad(_cnn, argnums=(0, 1))(params, x, y)
-    for g, w in zip([*got[0], got[1]], [*want[0], want[1]]):
+    for g, w in zip([*got[0], got[1]], [*want[0], want[1]], strict=False):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
 
 
@@ -99,7 +100,7 @@ def test_draw_tangents_is_draw_leaf_per_leaf() -> None:
     shapes, dtypes = [torch.Size([3, 4]), torch.Size([5])], [torch.float32, torch.float64]
     for dist in ("gaussian", "rademacher"):
         both = draw_tangents(dist, 3, shapes, dtypes, CPU, 42)
-        for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+        for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=False)):
             assert torch.equal(both[i], draw_leaf(dist, 3, shape, dtype, CPU, 42, i))
 
 
@@ -123,12 +124,12 @@ def test_random_gradient_is_the_forward_gradient_of_the_regenerated_tangents(k: 
     seed = draw_seed()
     v = [draw_leaf(distribution, k, t.shape, t.dtype, CPU, seed, i) for i, t in enumerate((w, b))]
     true = torch.func.grad(loss, argnums=(0, 1))(w, b, x)
-    s = sum((vi.reshape(k, -1) @ gi.reshape(-1)) for vi, gi in zip(v, true))
-    for g, vi in zip(got, v):
+    s = sum((vi.reshape(k, -1) @ gi.reshape(-1)) for vi, gi in zip(v, true, strict=False))
+    for g, vi in zip(got, v, strict=False):
         torch.testing.assert_close(g, torch.tensordot(s / k, vi, dims=1), rtol=1e-12, atol=1e-12)
     torch.manual_seed(2024)  # and the whole call is bit-identical under the same torch seed
     again = mf.mixed_grad(lambda w, b, x: seg(w, b, x), plan, argnums=(0, 1))(w, b, x)
-    assert all(torch.equal(a, c) for a, c in zip(got, again))
+    assert all(torch.equal(a, c) for a, c in zip(got, again, strict=False))
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -154,7 +155,7 @@ def test_lazy_seeding_gives_the_same_gradient_as_eager_seeding(k: int, monkeypat
         monkeypatch.setattr(_forward, "LAZY_SEEDING_BYTES", threshold)
         torch.manual_seed(11)
         results.append(mf.mixed_grad(lambda p, x: seg(p, x), plan)(params, x))
-    for lazy, eager in zip(*results):
+    for lazy, eager in zip(*results, strict=False):
         torch.testing.assert_close(lazy, eager, rtol=1e-12, atol=1e-12)
 
 
@@ -171,7 +172,7 @@ def test_lazy_seeding_falls_back_when_a_leaf_is_never_reached(monkeypatch: pytes
         torch.manual_seed(0)
         results.append(mf.mixed_grad(lambda w, u: seg(w, u, torch.arange(3.0, dtype=torch.float64)),
                                      {"partial": mf.Random(k=2)}, argnums=(0, 1))(w, unused))
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=False))
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "orthogonal"])
