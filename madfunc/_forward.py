@@ -332,10 +332,22 @@ class _Engine:
         for group in group_leaves([tensors[i].numel() for i in self.diff], chunk):
             which = [self.diff[g] for g, _, _ in group]
             count = sum(stop - start for _, start, stop in group)
+            self._check_basis_size(tensors, which, count)
             ys, ydots = self._push(tensors, which, basis_block(tensors, which, group, count), None)
             per_leaf.append(ydots)
         ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf, strict=False)]
         return ys, ydots
+
+    def _check_basis_size(self, tensors: Sequence[torch.Tensor], which: Sequence[int], count: int) -> None:
+        """Refuse, before allocating, an Exact basis block that could not fit (rather than dying of OOM)."""
+        nbytes = count * sum(tensors[i].numel() * tensors[i].element_size() for i in which)
+        if nbytes > EXACT_BASIS_BYTES:
+            raise MemoryError(
+                f"segment {self.name!r}: Exact() would push {count} basis tangents at once, "
+                f"{nbytes / 2**30:.1f} GiB for the tangents alone (and {count} times the segment's activations). "
+                f"Bound it with Exact(chunk_size=...) (each leaf's n tangents are then pushed chunk_size at a "
+                "time), or use Random(k) / Reverse() for a segment this large."
+            )
 
     def _check_finite(self, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Tensor]) -> None:
         """Non-finite output tangents poison every differentiated input's gradient: refuse them.
@@ -407,6 +419,8 @@ class _Engine:
 # (benchmarks/RESULTS.md, target 5). Below it, eager seeding is faster: lazy seeding costs an extra
 # pass over every leaf (the seeding op) and a Python hook on every op of the segment.
 LAZY_SEEDING_BYTES = 32 * 2**20
+# The largest block of Exact basis tangents pushed at once before we refuse (see _check_basis_size).
+EXACT_BASIS_BYTES = 2 * 2**30
 
 def _combine(coef: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, reuse: bool = True) -> torch.Tensor:
     """``sum_j coef_j v_j`` for tangents ``v`` of shape ``(k, *shape)``, as ``dtype``; with ``reuse``

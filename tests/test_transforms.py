@@ -123,3 +123,11 @@ def test_segment_called_outside_any_transform_is_the_plain_function():
     assert torch.equal(seg(w), w * 2)
     torch.testing.assert_close(torch.func.grad(lambda w: seg(w).sum())(w), torch.full_like(w, 2.0))
     assert mf._context.active() is None
+
+
+def test_exact_refuses_a_basis_that_cannot_fit_before_allocating_it():
+    seg = mf.fwd(lambda w, x: torch.tanh(x @ w), name="big")
+    w, x = torch.zeros(512, 512), torch.zeros(2, 512)  # 262144 basis tangents of 1 MiB each: 256 GiB
+    with pytest.raises(MemoryError, match=r"segment 'big': Exact\(\) would push 262144 basis tangents.*256\.0 GiB"
+                       r".*Exact\(chunk_size=\.\.\.\)"):
+        mf.mixed_grad(lambda w, x: seg(w, x).sum())(w, x)
