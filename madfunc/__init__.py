@@ -4,9 +4,9 @@ Mark parts of a model as segments (:func:`fwd`, :func:`rev`), then choose per se
 between reverse mode, exact forward mode and randomized forward gradients.
 """
 
+from ._checks import ForwardModeError as ForwardModeError
 from ._diagnostics import compare as compare
 from ._diagnostics import inspect as inspect
-from ._forward import ForwardModeError as ForwardModeError
 from ._plan import Exact as Exact
 from ._plan import Plan as Plan
 from ._plan import Random as Random

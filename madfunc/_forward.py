@@ -8,10 +8,8 @@ torch.func.grad) carries cotangents between segments in any order, so no glue la
 
 from __future__ import annotations
 
-import contextlib
 import math
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optree
@@ -19,152 +17,23 @@ import torch
 from torch.func import jvp, vmap
 
 from . import _context
+from ._checks import (
+    _check_not_mutated,
+    _common_device,
+    _differentiated_per_argument,
+    _flatten_output,
+    _is_batched,
+    _math_attention,
+    _needs_grad,
+    _refuse_higher_order,
+    _translate_error,
+    _versions,
+    run_reverse,
+)
 from ._plan import Exact, Random, Strategy
 from ._tangents import LazySeeds, basis_block, draw_leaf, draw_seed, draw_tangents, group_leaves
 
-__all__ = ["ForwardModeError", "run_forward", "run_reverse"]
-
-
-class ForwardModeError(NotImplementedError):
-    """An op inside a forward segment has no forward-mode (jvp) rule in PyTorch."""
-
-
-@contextlib.contextmanager
-def _math_attention() -> Iterator[None]:
-    """Inside forward segments, attention uses kernels that have forward-mode rules.
-
-    Scaled-dot-product attention falls back to PyTorch's math kernel (the CPU flash kernel has no jvp
-    rule), and nn.MultiheadAttention / TransformerEncoderLayer leave their fused "fast path"
-    (``_transformer_encoder_layer_fwd`` and friends have no jvp rule either).
-    """
-    with contextlib.ExitStack() as stack:
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        except ImportError:  # pragma: no cover - PyTorch < 2.3
-            pass
-        mha = getattr(torch.backends, "mha", None)
-        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
-            previous = mha.get_fastpath_enabled()
-            mha.set_fastpath_enabled(False)
-            stack.callback(mha.set_fastpath_enabled, previous)
-        yield
-
-
-def _is_batched(t: torch.Tensor) -> bool:
-    return bool(torch._C._functorch.is_batchedtensor(t))
-
-
-def _needs_grad(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
-
-
-def _flatten_output(name: str, out: Any) -> tuple[list[torch.Tensor], Any]:
-    leaves, spec = optree.tree_flatten(out)
-    for leaf in leaves:
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(
-                f"segment {name!r} returned a {type(leaf).__name__} ({leaf!r:.60}) inside its output; a "
-                "segment must return a tensor or a pytree (tuple, list, dict) of tensors. Return "
-                "non-tensor values from outside the segment, or wrap numbers with torch.tensor()."
-            )
-    return leaves, spec
-
-
-def _versions(leaves: Sequence[Any]) -> list[int | None]:
-    return [leaf._version if isinstance(leaf, torch.Tensor) else None for leaf in leaves]
-
-
-def _check_not_mutated(name: str, leaves: Sequence[Any], before: Sequence[int | None]) -> None:
-    for index, (leaf, version) in enumerate(zip(leaves, before, strict=False)):
-        if version is not None and leaf._version != version:
-            raise RuntimeError(
-                f"segment {name!r} modified its input in place (input leaf {index}, shape "
-                f"{tuple(leaf.shape)}). Segments must be pure functions: use out-of-place ops "
-                "(x = x + 1, not x += 1 or x.add_(1)), or clone the input first."
-            )
-
-
-def _translate_error(name: str, error: BaseException) -> BaseException | None:
-    """A madfunc error for failures whose torch message would not say what to do, else None."""
-    message = str(error)
-    missing_rule = re.search(
-        r"forward AD with (\S+?) that does not support|derivative for (\S+?) is not implemented"
-        r"|(\S+?): forward AD is not implemented|jvp for (\S+?) is not implemented",
-        message,
-    )
-    if isinstance(error, (NotImplementedError, RuntimeError)) and (
-        missing_rule or "forward AD" in message or "forward-mode" in message
-    ):
-        op = next((g for g in missing_rule.groups() if g), None) if missing_rule else None
-        what = f"op {op!r}" if op else "an op"
-        return ForwardModeError(
-            f"segment {name!r} runs in forward mode, but {what} inside it has no forward-mode (jvp) rule "
-            f"in PyTorch {torch.__version__}. Mark the part that uses it rev() (or give segment {name!r} "
-            f"the strategy Reverse() in the plan).\nPyTorch said: {message.strip().splitlines()[0]}"
-        )
-    if isinstance(error, RuntimeError) and ("in-place" in message or "inplace" in message):
-        return RuntimeError(
-            f"segment {name!r} modified a tensor in place, which a segment must not do (it would change "
-            "its own inputs or what its gradient is computed from). Use out-of-place ops (x = x + 1, not "
-            "x += 1 or x.add_(1)), or clone the input first.\n"
-            f"PyTorch said: {message.strip().splitlines()[0]}"
-        )
-    return None
-
-
-def _differentiated_per_argument(args: tuple, kwargs: dict) -> dict[str, int]:
-    sizes = {f"arg{i}": optree.tree_leaves(a) for i, a in enumerate(args)}
-    sizes.update({k: optree.tree_leaves(v) for k, v in kwargs.items()})
-    return {k: sum(t.numel() for t in leaves if _needs_grad(t)) for k, leaves in sizes.items()}
-
-
-def run_reverse(
-    name: str, fn: Callable[..., Any], args: tuple, kwargs: dict, record: _context.SegmentCall | None = None
-) -> Any:
-    """Run a reverse-mode segment under a transform: plain code, plus the purity and output checks.
-
-    With ``record`` (diagnostics), also count the bytes autograd saves for backward inside it.
-    """
-    leaves = optree.tree_leaves((args, kwargs))
-    before = _versions(leaves)
-    try:
-        out = _call_reverse(fn, args, kwargs, leaves, record)
-    except RuntimeError as error:
-        translated = _translate_error(name, error) if "in-place" in str(error) else None
-        if translated is None:
-            raise
-        raise translated from error
-    _check_not_mutated(name, leaves, before)
-    _flatten_output(name, out)
-    return out
-
-
-def _call_reverse(
-    fn: Callable[..., Any], args: tuple, kwargs: dict, leaves: list, record: _context.SegmentCall | None
-) -> Any:
-    if record is None:
-        return fn(*args, **kwargs)
-    record.stats.update(
-        differentiated_numel=sum(t.numel() for t in leaves if _needs_grad(t)),
-        differentiated_per_argument=_differentiated_per_argument(args, kwargs),
-        tangents=0,
-    )
-    if _differentiating_transforms() > 0:
-        # torch.func's grad transforms refuse saved-tensor hooks: bytes are measured under plain autograd.
-        record.stats["saved_bytes"] = None
-        return fn(*args, **kwargs)
-    saved = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args, **kwargs)
-    record.stats["saved_bytes"] = saved[0]
-    return out
+__all__ = ["run_forward"]
 
 
 def _seed_for(name: str) -> int:
@@ -223,6 +92,7 @@ class _Engine:
 
     def _push(self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], chunk: int | None):
         """Primal outputs and output tangents for tangent batches ``tangents`` seeded on leaves ``which``."""
+
         def single(*tangent):
             def f(*xs):
                 values = [tensors[i] for i in self.diff]
@@ -408,8 +278,9 @@ class _Engine:
         # Regenerate one leaf at a time (each has its own stream), so at most one leaf's tangents
         # exist next to the gradients.
         return [
-            _combine(coef, draw_leaf(strategy.distribution, strategy.k, shape, dtype, s.device, self.seed, index),
-                     dtype)
+            _combine(
+                coef, draw_leaf(strategy.distribution, strategy.k, shape, dtype, s.device, self.seed, index), dtype
+            )
             for index, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=False))
         ]
 
@@ -422,6 +293,7 @@ LAZY_SEEDING_BYTES = 32 * 2**20
 # The largest block of Exact basis tangents pushed at once before we refuse (see _check_basis_size).
 EXACT_BASIS_BYTES = 2 * 2**30
 
+
 def _combine(coef: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, reuse: bool = True) -> torch.Tensor:
     """``sum_j coef_j v_j`` for tangents ``v`` of shape ``(k, *shape)``, as ``dtype``; with ``reuse``
     (``v`` is a fresh tensor of our own), it may be overwritten."""
@@ -433,36 +305,6 @@ def _combine(coef: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, reuse: boo
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _common_device(name: str, tensors: Sequence[torch.Tensor]) -> torch.device:
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(
-            f"segment {name!r}: its differentiated inputs live on several devices "
-            f"({', '.join(sorted(map(str, devices)))}); move them to one device."
-        )
-    return next(iter(devices))
-
-
-def _differentiating_transforms() -> int:
-    """How many torch.func grad/jvp transforms are active (vmap does not count)."""
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    kinds = {"TransformType.Grad", "TransformType.Jvp"}
-    return sum(str(i.key()) in kinds for i in retrieve_all_functorch_interpreters())
-
-
-def _refuse_higher_order(name: str) -> None:
-    """The backward contraction is not itself differentiable: refuse instead of a silently wrong result."""
-    levels = _differentiating_transforms()
-    if levels >= 2 or (levels == 0 and torch.is_grad_enabled()):
-        raise NotImplementedError(
-            f"segment {name!r}: a forward-mode segment's gradient was differentiated again (torch.func.grad, "
-            "jacrev or hessian over mixed_grad, or backward(create_graph=True) under use_plan). madfunc "
-            "gives first-order gradients only; take higher-order derivatives of the plain model (outside "
-            "madfunc transforms), or mark the segment rev()."
-        )
 
 
 class _ForwardSegment(torch.autograd.Function):

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from . import _context
-from ._forward import run_forward, run_reverse
+from ._checks import run_reverse
+from ._forward import run_forward
 from ._plan import Exact, Reverse, Strategy, StrategyLike, as_strategy
 
 __all__ = ["Segment", "ModuleSegment", "fwd", "rev"]
@@ -147,9 +148,7 @@ def _make(fn: Any, name: str | None, default: Strategy, annotation: str) -> Any:
 @overload
 def fwd(fn: F, /, *, name: str | None = None, strategy: StrategyLike | None = None) -> F: ...
 @overload
-def fwd(
-    fn: None = None, /, *, name: str | None = None, strategy: StrategyLike | None = None
-) -> Callable[[F], F]: ...
+def fwd(fn: None = None, /, *, name: str | None = None, strategy: StrategyLike | None = None) -> Callable[[F], F]: ...
 def fwd(fn: Any = None, /, *, name: str | None = None, strategy: StrategyLike | None = None) -> Any:
     """Mark ``fn`` as a forward-mode segment.
 
