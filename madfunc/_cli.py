@@ -12,11 +12,11 @@ from collections.abc import Sequence
 import torch
 
 from ._diagnostics import compare, inspect
-from ._plan import DISTRIBUTIONS, Exact, Plan, Random, Reverse, Strategy
+from ._plan import DISTRIBUTIONS, SEEDINGS, Exact, Plan, Random, Reverse, Strategy
 
 __all__ = ["format_plan", "main", "parse_plan"]
 
-STRATEGY_SYNTAX = "rev | reverse | exact[:CHUNK] | random[:K[:DISTRIBUTION]]"
+STRATEGY_SYNTAX = "rev | reverse | exact[:CHUNK] | random[:K[:DISTRIBUTION[:SEEDING]]]"
 EXAMPLE = "features=random:16:rademacher,head=rev"
 DEFAULT_PLANS = {
     "backprop": "features=rev,head=rev",
@@ -38,15 +38,20 @@ def _strategy(segment: str, text: str) -> Strategy:
         return Reverse()
     if kind == "exact" and len(fields) <= 1:
         return Exact(_positive_int(fields[0], segment, "CHUNK", "exact:CHUNK") if fields else None)
-    if kind == "random" and len(fields) <= 2:
+    if kind == "random" and len(fields) <= 3:
         k = _positive_int(fields[0], segment, "K", "random:K") if fields else 1
-        distribution = fields[1].lower() if len(fields) == 2 else "gaussian"
+        distribution = fields[1].lower() if len(fields) >= 2 else "gaussian"
         if distribution not in DISTRIBUTIONS:
             raise ValueError(
                 f"segment {segment!r}: unknown distribution {distribution!r}; valid distributions: "
                 f"{', '.join(DISTRIBUTIONS)}."
             )
-        return Random(k, distribution)
+        seeding = fields[2].lower() if len(fields) == 3 else "auto"
+        if seeding not in SEEDINGS:
+            raise ValueError(
+                f"segment {segment!r}: unknown seeding {seeding!r}; valid seedings: {', '.join(SEEDINGS)}."
+            )
+        return Random(k, distribution, seeding)
     if kind in ("rev", "reverse", "exact", "random"):
         raise ValueError(
             f"segment {segment!r}: too many ':' fields in {text!r}; valid strategies: {STRATEGY_SYNTAX}."
@@ -58,7 +63,8 @@ def parse_plan(text: str) -> Plan:
     """Parse ``"SEGMENT=STRATEGY,..."`` into a :class:`Plan`.
 
     Strategies: ``rev`` or ``reverse``; ``exact`` or ``exact:CHUNK``; ``random``, ``random:K`` or
-    ``random:K:DISTRIBUTION`` (gaussian, rademacher, orthogonal). Segment names may be fnmatch patterns.
+    ``random:K:DISTRIBUTION`` (gaussian, rademacher, orthogonal) or ``random:K:DISTRIBUTION:SEEDING``
+    (auto, lazy, eager). Segment names may be fnmatch patterns.
 
     Args:
         text: the plan, e.g. ``"features=random:16:rademacher,head=rev"``.
@@ -115,6 +121,8 @@ def format_plan(plan: Plan) -> str:
         else:
             assert isinstance(strategy, Random)
             text = f"random:{strategy.k}:{strategy.distribution}"
+            if strategy.seeding != "auto":
+                text += f":{strategy.seeding}"
         parts.append(f"{name}={text}")
     return ",".join(parts)
 

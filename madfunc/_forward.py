@@ -178,7 +178,10 @@ class _Engine:
             stats["tangents"] = strategy.k
             device = _common_device(self.name, diff_tensors)
             tangent_bytes = strategy.k * sum(t.numel() * t.element_size() for t in diff_tensors)
-            if strategy.distribution != "orthogonal" and tangent_bytes >= LAZY_SEEDING_BYTES:
+            lazy_wanted = strategy.seeding == "lazy" or (
+                strategy.seeding == "auto" and tangent_bytes >= LAZY_SEEDING_BYTES
+            )
+            if strategy.distribution != "orthogonal" and lazy_wanted:
                 lazy = self._push_lazy(tensors, device)
                 if lazy is not None:
                     return lazy

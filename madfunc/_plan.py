@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 __all__ = ["Strategy", "Reverse", "Exact", "Random", "Plan", "PlanLike", "as_plan", "as_strategy"]
 
 DISTRIBUTIONS = ("gaussian", "rademacher", "orthogonal")
+SEEDINGS = ("auto", "lazy", "eager")
 
 
 class Strategy:
@@ -78,6 +79,13 @@ class Random(Strategy):
         distribution: ``"gaussian"`` (standard normal entries), ``"rademacher"`` (random signs) or
             ``"orthogonal"`` (``k`` random orthonormal directions scaled by ``sqrt(n)``; needs
             ``k <= n`` and gives the exact gradient at ``k == n``). Default: ``"gaussian"``.
+        seeding: when the tangents are drawn. ``"eager"`` draws all ``k`` tangents of every leaf on
+            entry to the segment (fastest; they all exist during its forward pass). ``"lazy"`` draws
+            each leaf's tangents where an op first uses the leaf and drops them after it, so at most
+            one leaf's tangents exist at a time (least memory; costs about two extra passes over the
+            tangents). ``"auto"`` is lazy when the ``k`` tangents of all leaves exceed 32 MiB, else
+            eager. ``"orthogonal"`` tangents are always drawn eagerly (they are orthogonal jointly over
+            all leaves). The gradient estimate is the same either way. Default: ``"auto"``.
 
     Examples:
         >>> import madfunc as mf
@@ -87,8 +95,18 @@ class Random(Strategy):
 
     k: int = 1
     distribution: str = "gaussian"
+    seeding: str = "auto"
+
+    def __repr__(self) -> str:
+        extra = "" if self.seeding == "auto" else f", seeding={self.seeding!r}"
+        return f"Random(k={self.k}, distribution={self.distribution!r}{extra})"
 
     def __post_init__(self) -> None:
+        if self.seeding not in SEEDINGS:
+            raise ValueError(
+                f"Random(seeding={self.seeding!r}): unknown seeding; expected one of "
+                f"{', '.join(repr(s) for s in SEEDINGS)}."
+            )
         if isinstance(self.k, bool) or not isinstance(self.k, int):
             raise TypeError(f"Random(k=...): expected an int >= 1, got {type(self.k).__name__} {self.k!r}.")
         if self.k < 1:

@@ -168,7 +168,8 @@ class LazySeeds(TorchFunctionMode):
             if entry is None or entry[1] is not arg or (pos == 0 and keep_first):
                 continue
             v = self.make(entry[0])
-            flat[pos] = arg + torch.tensordot(self.token.to(v.dtype), v, dims=1)
+            # token @ V as a (1, k) x (k, numel) product: under vmap a plain (k, k) x (k, numel) matmul.
+            flat[pos] = arg + (self.token.to(v.dtype) @ v.reshape(v.shape[0], -1)).view(arg.shape)
             self.seeded.add(entry[0])
             hit = True
         if hit:

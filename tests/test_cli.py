@@ -34,6 +34,14 @@ def one_thread():
             "a=random:3,b=RANDOM:2:Orthogonal,c=exact",
             {"a": mf.Random(3), "b": mf.Random(2, "orthogonal"), "c": mf.Exact()},
         ),
+        (
+            "a=random:4:rademacher:lazy,b=random:2:gaussian:eager,c=random:2:gaussian:auto",
+            {
+                "a": mf.Random(4, "rademacher", "lazy"),
+                "b": mf.Random(2, "gaussian", "eager"),
+                "c": mf.Random(2, "gaussian"),
+            },
+        ),
     ],
 )
 def test_parse_plan_round_trips(text, plan):
@@ -43,7 +51,7 @@ def test_parse_plan_round_trips(text, plan):
     assert format_plan(parse_plan(format_plan(parsed))) == format_plan(parsed)
 
 
-VALID = r"valid strategies: rev \| reverse \| exact\[:CHUNK\] \| random\[:K\[:DISTRIBUTION\]\]\."
+VALID = r"valid strategies: rev \| reverse \| exact\[:CHUNK\] \| random\[:K\[:DISTRIBUTION\[:SEEDING\]\]\]\."
 
 
 @pytest.mark.parametrize(
@@ -67,8 +75,12 @@ VALID = r"valid strategies: rev \| reverse \| exact\[:CHUNK\] \| random\[:K\[:DI
             r"gaussian, rademacher, orthogonal\.$",
         ),
         (
+            "features=random:4:gaussian:lazy:2",
+            r"^segment 'features': too many ':' fields in 'random:4:gaussian:lazy:2'; " + VALID,
+        ),
+        (
             "features=random:4:gaussian:2",
-            r"^segment 'features': too many ':' fields in 'random:4:gaussian:2'; " + VALID,
+            r"^segment 'features': unknown seeding '2'; valid seedings: auto, lazy, eager\.$",
         ),
         ("head=rev:2", r"^segment 'head': too many ':' fields in 'rev:2'; " + VALID),
     ],

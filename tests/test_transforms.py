@@ -131,3 +131,27 @@ def test_exact_refuses_a_basis_that_cannot_fit_before_allocating_it():
     with pytest.raises(MemoryError, match=r"segment 'big': Exact\(\) would push 262144 basis tangents.*256\.0 GiB"
                        r".*Exact\(chunk_size=\.\.\.\)"):
         mf.mixed_grad(lambda w, x: seg(w, x).sum())(w, x)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_lazy_and_eager_seeding_give_bit_identical_gradients(distribution):
+    """Seeding only changes when tangents are drawn, never which: same seed, same gradient, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(6, 6, generator=g, dtype=DT) for _ in range(3)]
+    x = torch.randn(4, 6, generator=g, dtype=DT)
+    seg = mf.fwd(lambda ps, x: torch.tanh(torch.tanh(torch.tanh(x @ ps[0]) @ ps[1]) @ ps[2]), name="mlp")
+    grads = {}
+    for seeding in ("lazy", "eager"):
+        torch.manual_seed(5)
+        plan = {"mlp": mf.Random(k=3, distribution=distribution, seeding=seeding)}
+        grads[seeding] = mf.mixed_grad(lambda ps, x: seg(ps, x).pow(2).sum(), plan)(params, x)
+    for lazy, eager in zip(grads["lazy"], grads["eager"], strict=True):
+        assert torch.equal(lazy, eager)
+
+
+def test_seeding_is_validated_and_shown_only_when_set():
+    assert repr(mf.Random(k=2)) == "Random(k=2, distribution='gaussian')"
+    assert repr(mf.Random(k=2, seeding="lazy")) == "Random(k=2, distribution='gaussian', seeding='lazy')"
+    assert eval(repr(mf.Random(k=2, seeding="eager")), vars(mf)) == mf.Random(k=2, seeding="eager")  # noqa: S307
+    with pytest.raises(ValueError, match=r"Random\(seeding='later'\): unknown seeding; expected one of 'auto'"):
+        mf.Random(seeding="later")
