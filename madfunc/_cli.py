@@ -25,6 +25,10 @@ DEFAULT_PLANS = {
 }
 
 
+def _threads(count: int) -> str:
+    return f"{count} thread" + ("" if count == 1 else "s")
+
+
 def _positive_int(text: str, segment: str, what: str, usage: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"segment {segment!r}: {usage}: {what} must be an integer >= 1, got {text!r}.")
@@ -218,7 +222,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         out=None if args.no_plot else args.out, progress=None if args.no_progress else sys.stderr,
     )
     print(f"madfunc demo: small CNN on sklearn digits, {steps} Adam steps of batch {args.batch_size} per "
-          f"plan (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+          f"plan (torch {torch.__version__}, {_threads(torch.get_num_threads())})")
     for label, plan in plans.items():
         print(f"  {label}: {format_plan(plan)}")
     print(summary(results))
