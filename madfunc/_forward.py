@@ -112,7 +112,8 @@ class _Engine:
 
     def _push_lazy(self, tensors, device: torch.device) -> tuple[tuple, list[torch.Tensor]] | None:
         """Random tangents seeded where each leaf is first used (see LazySeeds); None if a leaf was
-        never reached through a torch function (then the caller seeds eagerly, which is always right)."""
+        never reached through a torch function or is returned as it is (then the caller seeds eagerly,
+        which is always right)."""
         strategy = self.strategy
         assert isinstance(strategy, Random)
         k = strategy.k
@@ -125,12 +126,17 @@ class _Engine:
         token = torch.zeros(k, device=device)
         modes: list[LazySeeds] = []
 
+        returned_leaf = [False]
+
         def single(direction: torch.Tensor) -> tuple:
             def f(tok: torch.Tensor) -> tuple:
                 mode = LazySeeds(values, tok, make)
                 modes.append(mode)
                 with mode:
-                    return self._call(tensors, values)
+                    outs = self._call(tensors, values)
+                # A leaf returned as it is never passed through an op, so it carries no tangent here.
+                returned_leaf[0] |= any(o is v for o in outs for v in values)
+                return outs
 
             return jvp(f, (token,), (direction,))
 
@@ -140,7 +146,7 @@ class _Engine:
         else:  # randomness="same": tangents are drawn once, outside the batch of k directions
             ys, ydots = vmap(single, out_dims=0, randomness="same")(torch.eye(k, device=device))
             ys = tuple(y[0] for y in ys)
-        if any(len(mode.seeded) < len(values) for mode in modes):
+        if returned_leaf[0] or any(len(mode.seeded) < len(values) for mode in modes):
             return None
         return ys, list(ydots)
 

@@ -155,3 +155,35 @@ def test_seeding_is_validated_and_shown_only_when_set():
     assert eval(repr(mf.Random(k=2, seeding="eager")), vars(mf)) == mf.Random(k=2, seeding="eager")  # noqa: S307
     with pytest.raises(ValueError, match=r"Random\(seeding='later'\): unknown seeding; expected one of 'auto'"):
         mf.Random(seeding="later")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda h: (h, h * 2),  # the leaf returned as it is, next to an op on it: once a silently wrong gradient
+        lambda h: {"a": h.sin(), "b": h},
+        lambda h: h,
+        lambda h: h[0],
+        lambda h: h.t(),
+        lambda h: torch.ops.aten.mm(h, h.t()),
+        lambda h: torch.stack([h, h.cos()]),
+    ],
+    ids=["leaf-and-op", "dict-with-leaf", "identity", "index", "transpose", "aten-op", "stack"],
+)
+def test_lazy_seeding_matches_eager_whatever_the_segment_does_with_its_input(body):
+    """Lazy seeding sees a leaf only through the ops it passes; every other use must fall back to eager."""
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(4, 3, generator=g, dtype=DT), torch.randn(5, 4, generator=g, dtype=DT)
+    seg = mf.fwd(body, name="v")
+
+    def loss(w, x):
+        h = torch.tanh(x @ w)
+        out = seg(h)
+        leaves = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, tuple) else [out]
+        return sum(((i + 2) * leaf).pow(2).sum() for i, leaf in enumerate(leaves)) + h.sum()
+
+    grads = []
+    for seeding in ("lazy", "eager"):
+        torch.manual_seed(0)
+        grads.append(mf.mixed_grad(loss, {"v": mf.Random(k=4, distribution="rademacher", seeding=seeding)})(w, x))
+    assert torch.equal(*grads)
