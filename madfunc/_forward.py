@@ -112,8 +112,8 @@ class _Engine:
 
     def _push_lazy(self, tensors, device: torch.device) -> tuple[tuple, list[torch.Tensor]] | None:
         """Random tangents seeded where each leaf is first used (see LazySeeds); None if a leaf was
-        never reached through a torch function or is returned as it is (then the caller seeds eagerly,
-        which is always right)."""
+        never reached through a torch function or is returned as it is, or if the segment ran an
+        in-place op (then the caller seeds eagerly, which is always right)."""
         strategy = self.strategy
         assert isinstance(strategy, Random)
         k = strategy.k
@@ -146,7 +146,7 @@ class _Engine:
         else:  # randomness="same": tangents are drawn once, outside the batch of k directions
             ys, ydots = vmap(single, out_dims=0, randomness="same")(torch.eye(k, device=device))
             ys = tuple(y[0] for y in ys)
-        if returned_leaf[0] or any(len(mode.seeded) < len(values) for mode in modes):
+        if returned_leaf[0] or any(len(mode.seeded) < len(values) or mode.saw_inplace for mode in modes):
             return None
         return ys, list(ydots)
 

@@ -144,6 +144,11 @@ class LazySeeds(TorchFunctionMode):
     tangent ``V[j]``. ``V`` is drawn on the spot and dropped after the op, so no leaf's tangents outlive
     its use (memory no longer grows with the number of leaves), and none are drawn for unused leaves.
     ``seeded`` records which leaves were reached; the caller must check that all were.
+
+    An in-place op (``x.add_``, ``x[i] = v``, ``out=``) on a *seeded copy* would change the copy, not the
+    input, so the segment would silently compute something else than its plain call (and its
+    purity check would not fire). ``saw_inplace`` records any in-place op; the caller then seeds
+    eagerly, where in-place ops act on the real tensors.
     """
 
     def __init__(self, leaves: Sequence[torch.Tensor], token: torch.Tensor, make) -> None:
@@ -152,6 +157,7 @@ class LazySeeds(TorchFunctionMode):
         self.token = token
         self.make = make
         self.seeded: set[int] = set()
+        self.saw_inplace = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -161,7 +167,10 @@ class LazySeeds(TorchFunctionMode):
         # In-place methods keep their own first argument: mutating a leaf must still mutate the leaf,
         # so that the purity check names the segment.
         name = getattr(func, "__name__", "")
-        keep_first = name.endswith("_") and not name.endswith("__") or name.startswith("__i")
+        keep_first = (
+            name.endswith("_") and not name.endswith("__") or name.startswith("__i") or name == "__setitem__"
+        )
+        self.saw_inplace |= keep_first or "out" in kwargs
         hit = False
         for pos, arg in enumerate(flat):
             entry = self.by_id.get(id(arg)) if isinstance(arg, torch.Tensor) else None

@@ -167,8 +167,9 @@ def test_seeding_is_validated_and_shown_only_when_set():
         lambda h: h.t(),
         lambda h: torch.ops.aten.mm(h, h.t()),
         lambda h: torch.stack([h, h.cos()]),
+        lambda h: (h * 2).relu_(),  # in place on a temporary: legal, seeded eagerly
     ],
-    ids=["leaf-and-op", "dict-with-leaf", "identity", "index", "transpose", "aten-op", "stack"],
+    ids=["leaf-and-op", "dict-with-leaf", "identity", "index", "transpose", "aten-op", "stack", "inplace-temp"],
 )
 def test_lazy_seeding_matches_eager_whatever_the_segment_does_with_its_input(body):
     """Lazy seeding sees a leaf only through the ops it passes; every other use must fall back to eager."""
@@ -187,3 +188,18 @@ def test_lazy_seeding_matches_eager_whatever_the_segment_does_with_its_input(bod
         torch.manual_seed(0)
         grads.append(mf.mixed_grad(loss, {"v": mf.Random(k=4, distribution="rademacher", seeding=seeding)})(w, x))
     assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [lambda h: (h[0].zero_(), h * 2)[1], lambda h: (h.__setitem__(0, 0.0), h * 2)[1]],
+    ids=["view-zero_", "setitem"],
+)
+@pytest.mark.parametrize("seeding", ["lazy", "eager"])
+def test_in_place_writes_to_a_view_of_the_input_are_refused_under_either_seeding(body, seeding):
+    """Under lazy seeding such a write would land on a seeded copy and silently change the result."""
+    w, x = torch.randn(4, 3, dtype=DT), torch.randn(5, 4, dtype=DT)
+    seg = mf.fwd(body, name="v")
+    plan = {"v": mf.Random(k=4, distribution="rademacher", seeding=seeding)}
+    with pytest.raises(RuntimeError, match=r"segment 'v' modified .*in place"):
+        mf.mixed_grad(lambda w, x: seg(torch.tanh(x @ w)).pow(2).sum(), plan)(w, x)
