@@ -203,3 +203,24 @@ def test_in_place_writes_to_a_view_of_the_input_are_refused_under_either_seeding
     plan = {"v": mf.Random(k=4, distribution="rademacher", seeding=seeding)}
     with pytest.raises(RuntimeError, match=r"segment 'v' modified .*in place"):
         mf.mixed_grad(lambda w, x: seg(torch.tanh(x @ w)).pow(2).sum(), plan)(w, x)
+
+
+def test_wrapping_a_module_at_the_call_keeps_state_dict_keys_and_gradients():
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.head(torch.tanh(mf.fwd(self.stem, name="stem")(x)))
+
+    torch.manual_seed(0)
+    net, x = Net().double(), torch.randn(5, 4, dtype=DT)
+    assert list(net.state_dict()) == ["stem.weight", "stem.bias", "head.weight", "head.bias"]
+    with mf.use_plan({"stem": "exact"}):
+        net(x).sum().backward()
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net(x).sum().backward()
+    for g, p in zip(got, net.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
