@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from ._plan import Plan, Strategy
@@ -115,8 +115,3 @@ def inside_forward_segment(name: str) -> Iterator[None]:
         yield
     finally:
         _NESTED.reset(token)
-
-
-def call_with(state: CallState | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    with activate(state):
-        return fn(*args, **kwargs)

@@ -361,8 +361,12 @@ def run_forward(
     args: tuple,
     kwargs: dict,
     record: _context.SegmentCall,
+    measure: bool = False,
 ) -> Any:
-    """Run segment ``fn`` in forward mode under ``strategy`` and return its output pytree."""
+    """Run segment ``fn`` in forward mode under ``strategy`` and return its output pytree.
+
+    With ``measure`` (diagnostics), also record the differentiated sizes per argument.
+    """
     leaves, spec = optree.tree_flatten((args, kwargs))
     tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     tensors = [leaves[i] for i in tensor_positions]
@@ -377,7 +381,8 @@ def run_forward(
         record.stats.update(differentiated_numel=0, differentiated_per_argument={}, tangents=0, saved_bytes=0)
         with _context.inside_forward_segment(name):
             return run_reverse(name, fn, args, kwargs)
-    record.stats["differentiated_per_argument"] = _differentiated_per_argument(args, kwargs)
+    if measure:  # a second flatten per call: only for inspect, not in every training step
+        record.stats["differentiated_per_argument"] = _differentiated_per_argument(args, kwargs)
     engine = _Engine(name, strategy, fn, leaves, spec, tensor_positions, diff, record)
     outputs = _ForwardSegment.apply(engine, *tensors)
     return optree.tree_unflatten(engine.out_spec, list(outputs[: engine.n_out]))

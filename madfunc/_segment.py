@@ -41,7 +41,7 @@ def _dispatch(
     state.calls.append(record)
     if not strategy.is_forward:
         return run_reverse(seg_name, fn, args, kwargs, record if state.measure else None)
-    return run_forward(seg_name, strategy, fn, args, kwargs, record)
+    return run_forward(seg_name, strategy, fn, args, kwargs, record, state.measure)
 
 
 def _identity(fn: Any) -> Any:

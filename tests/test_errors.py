@@ -269,44 +269,19 @@ def test_scaled_dot_product_attention_works_in_forward_segments(is_causal: bool,
 
 # -- purity and outputs ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("annotate", [mf.fwd, mf.rev], ids=["fwd", "rev"])
-def test_segment_mutating_its_data_input_in_place(annotate) -> None:
+@pytest.mark.parametrize(
+    "mutate",
+    [lambda w, x: x.add_(1), lambda w, x: w.mul_(2)],
+    ids=["data-input", "differentiated-input"],
+)
+def test_segment_mutating_an_input_in_place(annotate, mutate) -> None:
     def body(w, x):
-        x.add_(1)
+        mutate(w, x)
         return x @ w
 
     seg = annotate(body, name="mutator")
-    x = _w(2, 3, seed=1)
-    with pytest.raises(RuntimeError, match=r"segment 'mutator' modified .* in place.*x\.add_\(1\)"):
-        mf.mixed_grad(lambda w, x: seg(w, x).sum())(_w(3, 2), x)
-
-
-@pytest.mark.parametrize("annotate", [mf.fwd, mf.rev], ids=["fwd", "rev"])
-def test_segment_mutating_a_differentiated_input_in_place(annotate) -> None:
-    def body(w, x):
-        w.mul_(2)
-        return x @ w
-
-    seg = annotate(body, name="mutator")
-    with pytest.raises(RuntimeError, match=r"segment 'mutator' modified .*in place"):
+    with pytest.raises(RuntimeError, match=r"segment 'mutator' modified .*in place.*x\.add_\(1\)"):
         mf.mixed_grad(lambda w, x: seg(w, x).sum())(_w(3, 2), _w(2, 3, seed=1))
-
-
-@pytest.mark.parametrize("annotate", [mf.fwd, mf.rev], ids=["fwd", "rev"])
-def test_in_place_ops_on_intermediates_are_fine(annotate) -> None:
-    """The purity check must not fire on a segment's own temporaries."""
-
-    def body(w, x):
-        h = x @ w
-        h.add_(1)
-        h.mul_(torch.tanh(h))
-        return h
-
-    seg = annotate(body, name="scratch")
-    w, x = _w(3, 2), _w(4, 3, seed=1)
-    got = mf.mixed_grad(lambda w, x: seg(w, x).sin().sum(), argnums=(0, 1))(w, x)
-    want = torch.func.grad(lambda w, x: body(w, x).sin().sum(), argnums=(0, 1))(w, x)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("annotate", [mf.fwd, mf.rev], ids=["fwd", "rev"])
