@@ -285,6 +285,24 @@ def test_segment_mutating_an_input_in_place(annotate, mutate) -> None:
 
 
 @pytest.mark.parametrize("annotate", [mf.fwd, mf.rev], ids=["fwd", "rev"])
+def test_in_place_ops_on_intermediates_are_fine(annotate) -> None:
+    """The purity check must not fire on a segment's own temporaries."""
+
+    def body(w, x):
+        h = x @ w
+        h.add_(1)
+        h.mul_(torch.tanh(h))
+        return h
+
+    seg = annotate(body, name="scratch")
+    w, x = _w(3, 2), _w(4, 3, seed=1)
+    got = mf.mixed_grad(lambda w, x: seg(w, x).sin().sum(), argnums=(0, 1))(w, x)
+    want = torch.func.grad(lambda w, x: body(w, x).sin().sum(), argnums=(0, 1))(w, x)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("annotate", [mf.fwd, mf.rev], ids=["fwd", "rev"])
 @pytest.mark.parametrize(
     ("returned", "type_name"),
     [
