@@ -123,27 +123,29 @@ class DemoResult:
 
 
 class _Progress:
-    """A one-line progress bar on ``stream`` (redrawn in place on a terminal, else printed once)."""
+    """Training progress on ``stream``: a tqdm bar on a terminal, else one line when done; None: silent."""
 
     def __init__(self, label: str, total: int, stream: TextIO | None) -> None:
         self.label, self.total, self.stream = label, total, stream
-        self.live = stream is not None and stream.isatty()
         self.start = time.perf_counter()
+        self.bar = None
+        if stream is not None and stream.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError as error:  # pragma: no cover - the demo extra installs it
+                raise _missing("tqdm", error) from None
+            self.bar = tqdm(total=total, desc=label, file=stream, unit="step")
 
-    def update(self, done: int, loss: float) -> None:
-        if self.live and (done == self.total or done % max(1, self.total // 50) == 0):
-            filled = int(30 * done / self.total)
-            rate = done / max(time.perf_counter() - self.start, 1e-9)
-            bar = "#" * filled + "." * (30 - filled)
-            text = f"\r{self.label:<24.24} [{bar}] {done}/{self.total} loss {loss:.3f} {rate:.0f} it/s"
-            self.stream.write(text)
-            self.stream.flush()
+    def update(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+            self.bar.update(1)
 
     def close(self) -> None:
-        if self.stream is not None:
-            elapsed = time.perf_counter() - self.start
-            end = f" in {elapsed:.1f} s\n"
-            self.stream.write(end if self.live else f"{self.label}: {self.total} steps{end}")
+        if self.bar is not None:
+            self.bar.close()
+        elif self.stream is not None:
+            self.stream.write(f"{self.label}: {self.total} steps in {time.perf_counter() - self.start:.1f} s\n")
             self.stream.flush()
 
 
@@ -178,7 +180,7 @@ def train(
         losses.append(float(value))
         if step % eval_every == 0 or step == steps:
             curve.append((step, accuracy(params, x_test, y_test)))
-        bar.update(step, losses[-1])
+        bar.update(losses[-1])
     bar.close()
     return params, {"losses": losses, "seconds": seconds, "curve": curve}
 

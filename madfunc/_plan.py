@@ -6,21 +6,37 @@ import dataclasses
 import fnmatch
 from collections.abc import Iterator, Mapping
 
-__all__ = ["Strategy", "Reverse", "Exact", "Random", "Plan", "PlanLike", "as_plan", "as_strategy"]
+__all__ = ["Strategy", "Reverse", "Exact", "Random", "Plan", "PlanLike", "as_plan", "as_strategy", "parse_strategy"]
 
 DISTRIBUTIONS = ("gaussian", "rademacher", "orthogonal")
 SEEDINGS = ("auto", "lazy", "eager")
+# The string form of strategies and plans, written by ``str()`` and read by parse_strategy/Plan.from_string.
+STRATEGY_SYNTAX = "rev | reverse | exact[:CHUNK] | random[:K[:DISTRIBUTION[:SEEDING]]]"
+PLAN_EXAMPLE = "features=random:16:rademacher,head=rev"
 
 
 class Strategy:
     """Base class of the differentiation strategies of a segment."""
 
     __slots__ = ()
+    _FIELDS: tuple[str, ...] = ()  # the ':' fields its string form may have after the kind
 
     @property
     def is_forward(self) -> bool:
         """Whether a segment under this strategy runs in forward mode."""
         return not isinstance(self, Reverse)
+
+    def to_string(self) -> str:
+        """The strategy in the string form that :func:`parse_strategy` reads back, e.g. ``"random:16:rademacher"``."""
+        raise TypeError("Strategy is abstract; use Reverse(), Exact() or Random(...).")
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+    @classmethod
+    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
+        """Build the strategy from the (at most ``len(_FIELDS)``) fields after its kind in the string form."""
+        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +48,13 @@ class Reverse(Strategy):
         >>> mf.Reverse()
         Reverse()
     """
+
+    def to_string(self) -> str:
+        return "rev"
+
+    @classmethod
+    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
+        return cls()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +74,14 @@ class Exact(Strategy):
     """
 
     chunk_size: int | None = None
+    _FIELDS = ("CHUNK",)
+
+    def to_string(self) -> str:
+        return "exact" if self.chunk_size is None else f"exact:{self.chunk_size}"
+
+    @classmethod
+    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
+        return cls(_positive_int(fields[0], where, "CHUNK", "exact:CHUNK") if fields else None)
 
     def __post_init__(self) -> None:
         if self.chunk_size is not None:
@@ -96,10 +127,28 @@ class Random(Strategy):
     k: int = 1
     distribution: str = "gaussian"
     seeding: str = "auto"
+    _FIELDS = ("K", "DISTRIBUTION", "SEEDING")
 
     def __repr__(self) -> str:
         extra = "" if self.seeding == "auto" else f", seeding={self.seeding!r}"
         return f"Random(k={self.k}, distribution={self.distribution!r}{extra})"
+
+    def to_string(self) -> str:
+        extra = "" if self.seeding == "auto" else f":{self.seeding}"
+        return f"random:{self.k}:{self.distribution}{extra}"
+
+    @classmethod
+    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
+        k = _positive_int(fields[0], where, "K", "random:K") if fields else 1
+        distribution = fields[1].lower() if len(fields) >= 2 else "gaussian"
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"{where}: unknown distribution {distribution!r}; valid distributions: {', '.join(DISTRIBUTIONS)}."
+            )
+        seeding = fields[2].lower() if len(fields) == 3 else "auto"
+        if seeding not in SEEDINGS:
+            raise ValueError(f"{where}: unknown seeding {seeding!r}; valid seedings: {', '.join(SEEDINGS)}.")
+        return cls(k, distribution, seeding)
 
     def __post_init__(self) -> None:
         if self.seeding not in SEEDINGS:
@@ -118,7 +167,54 @@ class Random(Strategy):
             )
 
 
+# The kinds of the string form, each parsing its own fields (Strategy._from_fields).
+_KINDS: dict[str, type[Strategy]] = {"rev": Reverse, "reverse": Reverse, "exact": Exact, "random": Random}
+# The strings a Plan dict or fwd(strategy=...) accepts in place of a strategy object.
 _STRATEGY_STRINGS = {"rev": Reverse(), "reverse": Reverse(), "exact": Exact()}
+
+
+def _positive_int(text: str, where: str, what: str, usage: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ValueError(f"{where}: {usage}: {what} must be an integer >= 1, got {text!r}.")
+    return int(text)
+
+
+def parse_strategy(text: str, where: str = "parse_strategy") -> Strategy:
+    """Read a strategy from its string form, the inverse of ``str(strategy)``.
+
+    The forms are ``rev`` or ``reverse``; ``exact`` or ``exact:CHUNK``; ``random``, ``random:K``,
+    ``random:K:DISTRIBUTION`` (gaussian, rademacher, orthogonal) or ``random:K:DISTRIBUTION:SEEDING``
+    (auto, lazy, eager). Case and surrounding spaces are ignored; omitted fields take the defaults of
+    :class:`Exact` and :class:`Random`.
+
+    Args:
+        text: the strategy, e.g. ``"random:16:rademacher"``.
+        where: what the error messages name first (e.g. ``"segment 'head'"``). Default: ``"parse_strategy"``.
+
+    Returns:
+        The :class:`Reverse`, :class:`Exact` or :class:`Random` strategy.
+
+    Raises:
+        ValueError: naming the bad field and listing the valid choices.
+
+    Examples:
+        >>> parse_strategy("random:16:rademacher")
+        Random(k=16, distribution='rademacher')
+        >>> parse_strategy("backprop")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: parse_strategy: unknown strategy 'backprop'; valid strategies: rev | reverse | exact...
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"{where}: expected a str, got {type(text).__name__} {text!r}.")
+    text = text.strip()
+    kind, *fields = (field.strip() for field in text.split(":"))
+    cls = _KINDS.get(kind.lower())
+    if cls is None or len(fields) > len(cls._FIELDS):
+        problem = f"unknown strategy {text!r}" if cls is None else f"too many ':' fields in {text!r}"
+        raise ValueError(f"{where}: {problem}; valid strategies: {STRATEGY_SYNTAX}.")
+    return cls._from_fields(fields, where)
+
 
 StrategyLike = Strategy | str
 
@@ -181,8 +277,73 @@ class Plan(Mapping):
         for key, value in entries.items():
             if not isinstance(key, str) or not key:
                 raise TypeError(f"Plan(...): keys must be non-empty segment names or patterns, got {key!r}.")
+            if "," in key or "=" in key or key != key.strip():
+                raise ValueError(
+                    f"Plan(...): key {key!r} cannot be written in a plan string (str(plan)); segment names and "
+                    "patterns in a plan must not contain ',' or '=' or start or end with a space."
+                )
             checked[key] = as_strategy(value, f"Plan entry {key!r}")
         object.__setattr__(self, "_entries", checked)
+
+    @classmethod
+    def from_string(cls, text: str) -> Plan:
+        """Read a plan from its string form ``"SEGMENT=STRATEGY,..."``, the inverse of ``str(plan)``.
+
+        ``SEGMENT`` is a segment name or fnmatch pattern; ``STRATEGY`` is read by :func:`parse_strategy`:
+        ``rev`` | ``reverse`` | ``exact[:CHUNK]`` | ``random[:K[:DISTRIBUTION[:SEEDING]]]``. Spaces
+        around entries, names and strategies are ignored; the empty string is the empty plan.
+
+        Args:
+            text: the plan, e.g. ``"features=random:16:rademacher,head=rev"``.
+
+        Returns:
+            The :class:`Plan`; ``Plan.from_string(str(plan)) == plan`` for every plan.
+
+        Raises:
+            ValueError: naming the bad entry (or its segment) and the valid syntax.
+
+        Examples:
+            >>> import madfunc as mf
+            >>> plan = mf.Plan.from_string("features=random:16:rademacher, head=rev, block*=exact:8")
+            >>> plan["block*"]
+            Exact(chunk_size=8)
+            >>> str(plan)
+            'features=random:16:rademacher,head=rev,block*=exact:8'
+            >>> mf.Plan.from_string("features=random:0")
+            Traceback (most recent call last):
+            ...
+            ValueError: segment 'features': random:K: K must be an integer >= 1, got '0'.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"Plan.from_string: expected a str, got {type(text).__name__} {text!r}.")
+        if not text.strip():
+            return cls()
+        entries: dict[str, Strategy] = {}
+        for entry in text.split(","):
+            name, sep, strategy = entry.partition("=")
+            name, entry = name.strip(), entry.strip()
+            if not sep:
+                raise ValueError(
+                    f"plan entry {entry!r}: expected SEGMENT=STRATEGY, e.g. {PLAN_EXAMPLE!r}, with STRATEGY one "
+                    f"of {STRATEGY_SYNTAX}."
+                )
+            if not name:
+                raise ValueError(f"plan entry {entry!r}: missing the segment name before '='.")
+            if name in entries:
+                raise ValueError(f"plan entry {entry!r}: segment {name!r} is given twice.")
+            entries[name] = parse_strategy(strategy, f"segment {name!r}")
+        return cls(entries)
+
+    def to_string(self) -> str:
+        """The plan in the form :meth:`from_string` reads, e.g. ``"features=random:16:rademacher,head=rev"``."""
+        return ",".join(f"{key}={strategy.to_string()}" for key, strategy in self._entries.items())
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+    def __reduce__(self) -> tuple[type[Plan], tuple[dict[str, Strategy]]]:
+        # The default reduction restores __slots__ through __setattr__, which Plan forbids.
+        return (type(self), (dict(self._entries),))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Plan is immutable; build a new one.")

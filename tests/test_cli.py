@@ -1,7 +1,10 @@
-"""The command line: the --plan syntax (round trip, pinned errors) and the demo end to end, tiny."""
+"""The command line: --plan and the numeric and --out options checked before any work (pinned errors), the
+progress display, and the commands end to end, tiny. The plan syntax itself is tested in test_plan.py."""
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import subprocess
 import sys
@@ -9,8 +12,9 @@ import sys
 import pytest
 import torch
 
-import madfunc as mf
-from madfunc._cli import format_plan, main, parse_plan
+from madfunc import _demo
+from madfunc._cli import main
+from madfunc._demo import _Progress
 
 
 @pytest.fixture(autouse=True)
@@ -19,75 +23,6 @@ def one_thread():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize(
-    ("text", "plan"),
-    [
-        (
-            "features=random:16:rademacher,head=rev",
-            {"features": mf.Random(16, "rademacher"), "head": mf.Reverse()},
-        ),
-        (" features = exact:8 , head=reverse", {"features": mf.Exact(8), "head": mf.Reverse()}),
-        ("block*=random", {"block*": mf.Random(1, "gaussian")}),
-        (
-            "a=random:3,b=RANDOM:2:Orthogonal,c=exact",
-            {"a": mf.Random(3), "b": mf.Random(2, "orthogonal"), "c": mf.Exact()},
-        ),
-        (
-            "a=random:4:rademacher:lazy,b=random:2:gaussian:eager,c=random:2:gaussian:auto",
-            {
-                "a": mf.Random(4, "rademacher", "lazy"),
-                "b": mf.Random(2, "gaussian", "eager"),
-                "c": mf.Random(2, "gaussian"),
-            },
-        ),
-    ],
-)
-def test_parse_plan_round_trips(text, plan):
-    parsed = parse_plan(text)
-    assert parsed == mf.Plan(plan)
-    assert parse_plan(format_plan(parsed)) == parsed
-    assert format_plan(parse_plan(format_plan(parsed))) == format_plan(parsed)
-
-
-VALID = r"valid strategies: rev \| reverse \| exact\[:CHUNK\] \| random\[:K\[:DISTRIBUTION\[:SEEDING\]\]\]\."
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        (
-            "",
-            r"^empty plan; write SEGMENT=STRATEGY entries separated by commas, e\.g\. "
-            r"'features=random:16:rademacher,head=rev'\.$",
-        ),
-        ("features", r"^plan entry 'features': expected SEGMENT=STRATEGY, e\.g\. "),
-        ("=exact", r"^plan entry '=exact': missing the segment name before '='\.$"),
-        ("head=rev,head=exact", r"^plan entry 'head=exact': segment 'head' is given twice\.$"),
-        ("head=backprop", r"^segment 'head': unknown strategy 'backprop'; " + VALID + "$"),
-        ("head=", r"^segment 'head': unknown strategy ''; " + VALID + "$"),
-        ("features=exact:0", r"^segment 'features': exact:CHUNK: CHUNK must be an integer >= 1, got '0'\.$"),
-        ("features=random:x", r"^segment 'features': random:K: K must be an integer >= 1, got 'x'\.$"),
-        (
-            "features=random:4:uniform",
-            r"^segment 'features': unknown distribution 'uniform'; valid distributions: "
-            r"gaussian, rademacher, orthogonal\.$",
-        ),
-        (
-            "features=random:4:gaussian:lazy:2",
-            r"^segment 'features': too many ':' fields in 'random:4:gaussian:lazy:2'; " + VALID,
-        ),
-        (
-            "features=random:4:gaussian:2",
-            r"^segment 'features': unknown seeding '2'; valid seedings: auto, lazy, eager\.$",
-        ),
-        ("head=rev:2", r"^segment 'head': too many ':' fields in 'rev:2'; " + VALID),
-    ],
-)
-def test_parse_plan_rejects_bad_input(text, message):
-    with pytest.raises(ValueError, match=message):
-        parse_plan(text)
 
 
 def test_cli_names_unknown_segments_and_bad_strategies(capsys):
@@ -100,21 +35,140 @@ def test_cli_names_unknown_segments_and_bad_strategies(capsys):
     ) in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--plan", "features=random:16:rademacher,head=backprop"])
-    assert (
-        "argument --plan: segment 'head': unknown strategy 'backprop'; valid strategies: rev | reverse"
-        in (capsys.readouterr().err)
+    assert "argument --plan: segment 'head': unknown strategy 'backprop'; valid strategies: rev | reverse" in (
+        capsys.readouterr().err
     )
-    with pytest.raises(SystemExit):
-        main(["demo", "--steps", "0"])
-    assert "--steps must be >= 1, got 0." in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--plan", " "])
+    assert exit_info.value.code == 2
+    assert "argument --plan: empty plan; write SEGMENT=STRATEGY entries separated by commas" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if a command gets as far as loading data or training."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command started work before rejecting its options")
+
+    monkeypatch.setattr(_demo, "digits", refuse)
+    monkeypatch.setattr(_demo, "run_demo", refuse)
+
+
+@pytest.mark.usefixtures("no_training")
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--steps", "0"], r"argument --steps: expected an integer >= 1, got '0'\."),
+        (["demo", "--steps", "2.5"], r"argument --steps: expected an integer >= 1, got '2\.5'\."),
+        (["demo", "--steps", "-3"], r"argument --steps: expected an integer >= 1, got '-3'\."),
+        (["demo", "--draws", "0"], r"argument --draws: expected an integer >= 1, got '0'\."),
+        (["compare", "--draws", "x"], r"argument --draws: expected an integer >= 1, got 'x'\."),
+        (["inspect", "--batch-size", "0"], r"argument --batch-size: expected an integer >= 1, got '0'\."),
+        (["demo", "--threads", "0"], r"argument --threads: expected an integer >= 1, got '0'\."),
+        (["compare", "--seed", "-1"], r"argument --seed: expected an integer >= 0 and < 2\*\*63, got '-1'\."),
+        (["demo", "--seed", str(2**63)], r"argument --seed: expected an integer >= 0 and < 2\*\*63, got '9223"),
+        (["demo", "--lr", "0"], r"argument --lr: expected a finite number > 0, got '0'\."),
+        (["demo", "--lr", "-0.1"], r"argument --lr: expected a finite number > 0, got '-0\.1'\."),
+        (["demo", "--lr", "nan"], r"argument --lr: expected a finite number > 0, got 'nan'\."),
+        (["demo", "--lr", "inf"], r"argument --lr: expected a finite number > 0, got 'inf'\."),
+        (["demo", "--lr", "fast"], r"argument --lr: expected a finite number > 0, got 'fast'\."),
+    ],
+)
+def test_numeric_options_are_checked_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: madfunc {argv[0]} "), err
+    assert re.search(r"madfunc " + argv[0] + r": error: " + message, err), err
+
+
+@pytest.mark.usefixtures("no_training")
+def test_out_is_checked_before_any_work(tmp_path, capsys):
+    formats = r"use a format matplotlib writes: .*\bpdf\b.*\bpng\b.*\bsvg\b"
+    cases = [
+        (tmp_path / "plot.txt", r"'[^']*plot\.txt' has suffix '\.txt'; " + formats),
+        (tmp_path / "plot", r"'[^']*plot' has no suffix; " + formats),
+        (tmp_path, r"'[^']*' is a directory; give a file name, e\.g\. '[^']*demo\.png'\."),
+        (tmp_path / "missing" / "plot.png", r"directory '[^']*missing' does not exist; create it first\."),
+    ]
+    for out, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", "--out", str(out)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("usage: madfunc demo "), err
+        assert re.search(r"madfunc demo: error: argument --out: " + message, err), err
+
+
+@pytest.mark.usefixtures("no_training")
+def test_out_in_a_read_only_directory_is_refused(tmp_path, monkeypatch, capsys):
+    folder, access = tmp_path / "read-only", os.access
+    folder.mkdir()
+    # Simulated, so that the test also holds as root (who may write anywhere).
+    monkeypatch.setattr(os, "access", lambda path, mode: path != folder and access(path, mode))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(folder / "plot.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"argument --out: cannot write '[^']*plot\.png' \(permission denied\)\.", err), err
+
+
+def test_no_plot_skips_the_out_check(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_run_demo(plans, **kwargs):
+        seen.update(kwargs, plans=plans)
+        return []
+
+    monkeypatch.setattr(_demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(_demo, "summary", lambda results: "")
+    assert (
+        main(
+            [
+                "demo",
+                "--no-plot",
+                "--out",
+                str(tmp_path / "no" / "x.bad"),
+                "--plan",
+                "features=exact:4",
+                "--lr",
+                "1e-3",
+                "--seed",
+                "7",
+            ]
+        )
+        == 0
+    )
+    assert seen["out"] is None and seen["lr"] == 1e-3 and seen["seed"] == 7
+    assert [str(p) for p in seen["plans"].values()] == ["features=exact:4"]
+    assert "  features=exact:4: features=exact:4\n" in capsys.readouterr().out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_tqdm_bar_on_a_terminal_and_one_line_elsewhere():
+    terminal, log = _Terminal(), io.StringIO()
+    for stream in (terminal, log, None):
+        bar = _Progress("random forward", 20, stream)
+        for _ in range(20):
+            bar.update(2.5)
+        bar.close()
+    final = terminal.getvalue().split("\r")[-1]
+    assert re.fullmatch(r"random forward: 100%\|#+\| 20/20 \[[\d:]+<[\d:]+, *[\d.]+step/s, loss 2\.500\]\n", final), (
+        terminal.getvalue()
+    )
+    assert re.fullmatch(r"random forward: 20 steps in \d+\.\d s\n", log.getvalue())
 
 
 def test_compare_and_inspect_commands_print_tables(capsys):
     assert main(["compare", "--plan", "features=exact,head=rev", "--draws", "2", "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^\(all\)\s+\(whole plan\)\s+666\s+1\s", out, re.M), (
-        out
-    )  # 336 + 330 parameters, cosine 1
+    assert re.search(r"^\(all\)\s+\(whole plan\)\s+666\s+1\s", out, re.M), out  # 336 + 330 parameters, cosine 1
     assert main(["inspect", "--plan", "features=random:4,head=rev", "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
     # features: 336 parameters, 4 tangents of its 8 x 32 output, kept in float32.
@@ -132,9 +186,7 @@ def test_demo_runs_end_to_end_and_writes_the_png(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = {line.split("  ")[0]: line for line in text.splitlines()}
     assert set(rows) >= {"backprop", "exact forward", "random forward"}
-    assert re.search(r"^backprop\s+\d+\.\d%\s+\d+\.\d%\s+[\d.]+\s+1\.0000\s+0\s+0\s+-$", rows["backprop"]), (
-        text
-    )
+    assert re.search(r"^backprop\s+\d+\.\d%\s+\d+\.\d%\s+[\d.]+\s+1\.0000\s+0\s+0\s+-$", rows["backprop"]), text
     assert re.search(r"\s1\.0000\s", rows["exact forward"]), text
     # random forward: Rademacher, k = 16 over the 336 feature parameters: theory (n - 1) / k.
     assert rows["random forward"].endswith(f"{335 / 16:.3g}"), text

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 
 import pytest
 import torch
 
 import madfunc as mf
+from madfunc._plan import parse_strategy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,3 +214,141 @@ def test_plan_accepts_dict_plan_and_none_in_transforms() -> None:
         g, value = mf.mixed_grad_and_value(lambda w, x: seg(w, x).sum(), plan)(W, X)
         torch.testing.assert_close(g, WANT)
         torch.testing.assert_close(value, _dist(W, X).sum())
+
+
+# -- string form, pickling, copying -------------------------------------------------------------------------
+# Every kind of strategy and field, and plans with patterns: each row must survive str/parse, pickle and copy.
+STRING_FORMS = [
+    ("rev", mf.Reverse()),
+    ("exact", mf.Exact()),
+    ("exact:8", mf.Exact(chunk_size=8)),
+    ("random:1:gaussian", mf.Random()),
+    ("random:16:rademacher", mf.Random(k=16, distribution="rademacher")),
+    ("random:2:orthogonal", mf.Random(k=2, distribution="orthogonal")),
+    ("random:4:rademacher:lazy", mf.Random(k=4, distribution="rademacher", seeding="lazy")),
+    ("random:3:gaussian:eager", mf.Random(k=3, seeding="eager")),
+]
+PLANS = [
+    mf.Plan(),
+    mf.Plan({"features": mf.Random(k=16, distribution="rademacher"), "head": mf.Reverse()}),
+    mf.Plan({"block*": mf.Exact(chunk_size=64), "layer[0-3]": "rev", "head?": mf.Random(k=2, seeding="lazy")}),
+    mf.Plan({"stem": "exact", "*": mf.Random(k=1, distribution="orthogonal", seeding="eager")}),
+    mf.Plan({"enc.layer 1": mf.Random(k=5, seeding="eager")}),
+    mf.Plan({name: strategy for name, (_, strategy) in zip("abcdefgh", STRING_FORMS, strict=True)}),
+]
+
+
+@pytest.mark.parametrize(("text", "strategy"), STRING_FORMS, ids=[t for t, _ in STRING_FORMS])
+def test_strategy_string_form_round_trips(text: str, strategy: mf.Strategy) -> None:
+    assert str(strategy) == strategy.to_string() == text
+    assert parse_strategy(text) == strategy
+    assert parse_strategy(f"  {text.upper()} ") == strategy  # case and surrounding spaces are ignored
+
+
+@pytest.mark.parametrize(
+    ("text", "strategy"),
+    [
+        ("reverse", mf.Reverse()),
+        ("random", mf.Random()),
+        ("random:7", mf.Random(k=7)),
+        ("Random: 2 : Orthogonal", mf.Random(k=2, distribution="orthogonal")),
+        ("random:4:gaussian:auto", mf.Random(k=4)),
+        ("exact:08", mf.Exact(chunk_size=8)),
+    ],
+)
+def test_parse_strategy_fills_defaults(text: str, strategy: mf.Strategy) -> None:
+    assert parse_strategy(text) == strategy
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=str)
+def test_plan_string_form_round_trips(plan: mf.Plan) -> None:
+    text = str(plan)
+    assert text == plan.to_string()
+    assert mf.Plan.from_string(text) == plan
+    assert list(mf.Plan.from_string(text)) == list(plan)  # order kept
+    assert str(mf.Plan.from_string(text)) == text
+
+
+def test_plan_string_form_text() -> None:
+    assert str(PLANS[1]) == "features=random:16:rademacher,head=rev"
+    assert str(PLANS[2]) == "block*=exact:64,layer[0-3]=rev,head?=random:2:gaussian:lazy"
+    assert str(mf.Plan()) == ""
+    assert mf.Plan.from_string("") == mf.Plan.from_string("   ") == mf.Plan()
+    assert mf.Plan.from_string(" features = exact:8 , head=reverse") == mf.Plan(
+        {"features": mf.Exact(chunk_size=8), "head": mf.Reverse()}
+    )
+
+
+@pytest.mark.parametrize("value", [*(s for _, s in STRING_FORMS), *PLANS], ids=str)
+def test_pickles_and_copies(value: mf.Strategy | mf.Plan) -> None:
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        restored = pickle.loads(pickle.dumps(value, protocol=protocol))
+        assert restored == value and type(restored) is type(value)
+        assert hash(restored) == hash(value)
+    assert copy.deepcopy(value) == value and copy.copy(value) == value
+    if isinstance(value, mf.Plan):
+        assert dict(copy.deepcopy(value)) == dict(value)
+        with pytest.raises(AttributeError, match="Plan is immutable"):
+            copy.deepcopy(value)._entries = {}  # type: ignore[misc]
+
+
+SYNTAX = r"rev \| reverse \| exact\[:CHUNK\] \| random\[:K\[:DISTRIBUTION\[:SEEDING\]\]\]\."
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "features",
+            r"^plan entry 'features': expected SEGMENT=STRATEGY, e\.g\. "
+            r"'features=random:16:rademacher,head=rev', with STRATEGY one of " + SYNTAX + "$",
+        ),
+        ("a=rev,", r"^plan entry '': expected SEGMENT=STRATEGY"),
+        ("=rev", r"^plan entry '=rev': missing the segment name before '='\.$"),
+        ("a=rev,a=exact", r"^plan entry 'a=exact': segment 'a' is given twice\.$"),
+        ("a=rev, a =rev", r"^plan entry 'a =rev': segment 'a' is given twice\.$"),
+        ("head=backprop", r"^segment 'head': unknown strategy 'backprop'; valid strategies: " + SYNTAX + "$"),
+        ("head=", r"^segment 'head': unknown strategy ''; valid strategies: " + SYNTAX + "$"),
+        ("a=b=rev", r"^segment 'a': unknown strategy 'b=rev'; valid strategies: "),
+        ("features=random:0", r"^segment 'features': random:K: K must be an integer >= 1, got '0'\.$"),
+        ("features=random:x", r"^segment 'features': random:K: K must be an integer >= 1, got 'x'\.$"),
+        ("features=random:²", r"^segment 'features': random:K: K must be an integer >= 1, got '²'\.$"),
+        ("features=exact:0", r"^segment 'features': exact:CHUNK: CHUNK must be an integer >= 1, got '0'\.$"),
+        ("features=exact:-2", r"^segment 'features': exact:CHUNK: CHUNK must be an integer >= 1, got '-2'\.$"),
+        (
+            "features=random:4:uniform",
+            r"^segment 'features': unknown distribution 'uniform'; valid distributions: "
+            r"gaussian, rademacher, orthogonal\.$",
+        ),
+        (
+            "features=random:4:gaussian:2",
+            r"^segment 'features': unknown seeding '2'; valid seedings: auto, lazy, eager\.$",
+        ),
+        (
+            "features=random:4:gaussian:lazy:2",
+            r"^segment 'features': too many ':' fields in 'random:4:gaussian:lazy:2'; valid strategies: " + SYNTAX,
+        ),
+        ("head=rev:2", r"^segment 'head': too many ':' fields in 'rev:2'; valid strategies: " + SYNTAX + "$"),
+        ("head=exact:1:2", r"^segment 'head': too many ':' fields in 'exact:1:2'; valid strategies: "),
+    ],
+)
+def test_plan_from_string_rejects_bad_input(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        mf.Plan.from_string(text)
+
+
+def test_parse_strategy_errors_name_the_caller() -> None:
+    with pytest.raises(ValueError, match=r"^parse_strategy: unknown strategy 'fwd'; valid strategies: " + SYNTAX):
+        parse_strategy("fwd")
+    with pytest.raises(ValueError, match=r"^fwd\(strategy=\.\.\.\): random:K: K must be"):
+        parse_strategy("random:0", where="fwd(strategy=...)")
+    with pytest.raises(TypeError, match=r"^parse_strategy: expected a str, got int 3\.$"):
+        parse_strategy(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^Plan\.from_string: expected a str, got dict \{\}\.$"):
+        mf.Plan.from_string({})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("key", ["a,b", "a=b", " a", "a "])
+def test_plan_rejects_keys_its_string_form_cannot_hold(key: str) -> None:
+    with pytest.raises(ValueError, match=rf"^Plan\(\.\.\.\): key {key!r} cannot be written in a plan string"):
+        mf.Plan({key: "rev"})
