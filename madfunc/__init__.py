@@ -7,6 +7,7 @@ between reverse mode, exact forward mode and randomized forward gradients.
 from ._checks import ForwardModeError as ForwardModeError
 from ._diagnostics import compare as compare
 from ._diagnostics import inspect as inspect
+from ._guards import PerformanceWarning as PerformanceWarning
 from ._plan import Exact as Exact
 from ._plan import Plan as Plan
 from ._plan import Random as Random
@@ -33,6 +34,7 @@ __all__ = [
     "GradientFigures",
     "InspectReport",
     "ModuleSegment",
+    "PerformanceWarning",
     "Plan",
     "Random",
     "Reverse",

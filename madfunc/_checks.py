@@ -7,9 +7,8 @@ and says what to do, instead of a torch error from deep inside a transform or a 
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optree
@@ -24,29 +23,6 @@ class ForwardModeError(NotImplementedError):
     """An op inside a forward segment has no forward-mode (jvp) rule in PyTorch."""
 
 
-@contextlib.contextmanager
-def _math_attention() -> Iterator[None]:
-    """Inside forward segments, attention uses kernels that have forward-mode rules.
-
-    Scaled-dot-product attention falls back to PyTorch's math kernel (the CPU flash kernel has no jvp
-    rule), and nn.MultiheadAttention / TransformerEncoderLayer leave their fused "fast path"
-    (``_transformer_encoder_layer_fwd`` and friends have no jvp rule either).
-    """
-    with contextlib.ExitStack() as stack:
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        except ImportError:  # pragma: no cover - PyTorch < 2.3
-            pass
-        mha = getattr(torch.backends, "mha", None)
-        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
-            previous = mha.get_fastpath_enabled()
-            mha.set_fastpath_enabled(False)
-            stack.callback(mha.set_fastpath_enabled, previous)
-        yield
-
-
 def _is_batched(t: torch.Tensor) -> bool:
     return bool(torch._C._functorch.is_batchedtensor(t))
 
@@ -56,6 +32,11 @@ def _needs_grad(t: Any) -> bool:
 
 
 def _flatten_output(name: str, out: Any) -> tuple[list[torch.Tensor], Any]:
+    if out is None:
+        raise TypeError(
+            f"segment {name!r} returned None; a segment must return a tensor or a pytree (tuple, list, dict) "
+            "of tensors. Did its function miss a `return`?"
+        )
     leaves, spec = optree.tree_flatten(out)
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
@@ -84,6 +65,20 @@ def _check_not_mutated(name: str, leaves: Sequence[Any], before: Sequence[int | 
 def _translate_error(name: str, error: BaseException) -> BaseException | None:
     """A madfunc error for failures whose torch message would not say what to do, else None."""
     message = str(error)
+    if "jvp function for custom autograd.Function" in message or "does not have vmap support" in message:
+        return ForwardModeError(
+            f"segment {name!r} runs in forward mode, but a custom torch.autograd.Function inside it has no "
+            "forward-mode rule (a `jvp` staticmethod) or no vmap rule (`vmap`, or `generate_vmap_rule = True`). "
+            "Give the Function both (`setup_context` + `jvp` + `generate_vmap_rule = True`), or mark the part "
+            f"that uses it rev() (or give segment {name!r} Reverse()).\n"
+            f"PyTorch said: {message.strip().splitlines()[0]}"
+        )
+    if "Batching rule not implemented" in message or "vmap: we do not yet support" in message:
+        return RuntimeError(
+            f"segment {name!r}: an op inside it cannot be batched over tangents by torch.func.vmap. Use "
+            "Exact(chunk_size=1) or Random(k=1), which push one tangent at a time without vmap, or mark the "
+            f"part that uses the op rev().\nPyTorch said: {message.strip().splitlines()[0]}"
+        )
     missing_rule = re.search(
         r"forward AD with (\S+?) that does not support|derivative for (\S+?) is not implemented"
         r"|(\S+?): forward AD is not implemented|jvp for (\S+?) is not implemented",

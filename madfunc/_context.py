@@ -8,7 +8,10 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 from ._plan import Plan, Strategy
+from ._rng import TangentStream
 
 __all__ = ["CallState", "SegmentCall", "active", "activate", "nested_in"]
 
@@ -30,8 +33,14 @@ class CallState:
     plan: Plan
     where: str
     measure: bool = False  # diagnostics: also measure what reverse segments save for backward
+    generator: torch.Generator | None = None  # the tangents' source (see _rng.TangentStream)
+    allow_unused: bool = False  # plan keys may match no segment (segments that run only on some steps)
     owners: dict[str, Any] = dataclasses.field(default_factory=dict)
     calls: list[SegmentCall] = dataclasses.field(default_factory=list)
+    tangents: TangentStream = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tangents = TangentStream(self.where, self.generator)
 
     def claim(self, name: str, owner: Any, identity: Any) -> None:
         """Record that segment ``name`` runs ``owner``; two different functions under one name are an error."""
@@ -51,6 +60,8 @@ class CallState:
         A segment that ran only inside a forward segment is differentiated as part of that segment's
         computation, so a key that matches nothing else has no effect either: also an error.
         """
+        if self.allow_unused:
+            return
         top = list(dict.fromkeys(c.name for c in self.calls if c.nested_in is None))
         nested = {c.name: c.nested_in for c in self.calls if c.nested_in is not None}
         for key in self.plan:
@@ -68,7 +79,8 @@ class CallState:
             listed = ", ".join(repr(n) for n in top) if top else "none"
             raise ValueError(
                 f"{self.where}: plan key {key!r} matched no segment that ran. Segments that ran: {listed}. "
-                "Fix the name or pattern, or drop the key."
+                "Fix the name or pattern, or drop the key (or pass allow_unused=True if that segment runs only on "
+                "some steps)."
             )
 
 
@@ -105,6 +117,8 @@ def activate(state: CallState | None) -> Iterator[None]:
     finally:
         _NESTED.reset(token_nested)
         _ACTIVE.reset(token)
+    if state is not None:
+        state.tangents.finish()
 
 
 @contextlib.contextmanager

@@ -2,13 +2,16 @@
 
 ``forward`` computes the primal output ``y`` and output tangents ``ydot_j = J v_j`` (vmap over jvp)
 for tangents seeded on every input leaf that needs a gradient; ``backward(ybar)`` contracts
-``s_j = <ydot_j, ybar>`` and returns ``scale * sum_j s_j v_j`` to those leaves. Outer autograd (or
-torch.func.grad) carries cotangents between segments in any order, so no glue layers are needed.
+``s_j = <ydot_j, ybar>`` and combines (``_contract``). Outer autograd (or torch.func.grad) carries
+cotangents between segments in any order, so no glue layers are needed.
+
+The body may run several times (``Exact``: one pass per leaf group; ``Random``: a lazy try, then an
+eager pass). Each pass must see what one plain call sees: torch's RNG states are restored before it
+(``_rng.Snapshot``), module buffers are fresh copies (``_captured``), grad mode is the caller's.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,107 +20,140 @@ import torch
 from torch.func import jvp, vmap
 
 from . import _context
+from ._captured import Captured, discover
 from ._checks import (
     _check_not_mutated,
     _common_device,
     _differentiated_per_argument,
     _flatten_output,
-    _is_batched,
-    _math_attention,
     _needs_grad,
     _refuse_higher_order,
     _translate_error,
     _versions,
     run_reverse,
 )
+from ._contract import combine, contract
+from ._guards import check_basis_size, check_finite, check_no_hidden_inputs, hidden_input_error, warn_exact_cost
+from ._ops import OpRules, reference_kernels
 from ._plan import Exact, Random, Strategy
-from ._tangents import LazySeeds, basis_block, draw_leaf, draw_seed, draw_tangents, group_leaves
+from ._rng import Snapshot
+from ._tangents import LazySeeds, basis_block, draw_leaf, draw_tangents, group_leaves
 
 __all__ = ["run_forward"]
 
-
-def _seed_for(name: str) -> int:
-    try:
-        return draw_seed()
-    except RuntimeError as error:
-        if "vmap" not in str(error):
-            raise
-        raise RuntimeError(
-            f"segment {name!r}: a Random strategy under torch.func.vmap needs vmap(..., randomness='same') "
-            "(one set of tangents shared by the whole vmapped batch); with randomness='error' or 'different' "
-            "madfunc cannot draw them. Or use Exact() / Reverse() for per-example gradients."
-        ) from error
+# Random tangents this large (k x the differentiated inputs) are seeded lazily, where each leaf is first
+# used, so that they need not all exist at once: memory then stops growing with the number of leaves
+# (benchmarks/RESULTS.md, target 5). Below it, eager seeding is faster: lazy seeding costs an extra
+# pass over every leaf (the seeding op) and a Python hook on every op of the segment.
+LAZY_SEEDING_BYTES = 32 * 2**20
 
 
 class _Engine:
-    """Everything one forward-segment call needs, passed to the autograd.Function as a constant."""
+    """Everything one forward-segment call needs, passed to the autograd.Function as a constant.
 
-    def __init__(
-        self,
-        name: str,
-        strategy: Strategy,
-        fn: Callable[..., Any],
-        leaves: list[Any],
-        spec: Any,
-        tensor_positions: list[int],
-        diff: list[int],
-        record: _context.SegmentCall,
-    ) -> None:
+    The tensors given to ``apply`` are the segment's argument tensors followed by the differentiable
+    tensors it reads from outside its arguments (``captured``); ``diff`` indexes those that get tangents.
+    """
+
+    def __init__(self, name, strategy, fn, leaves, spec, positions, captured, diff, record, seed) -> None:
         self.name = name
         self.strategy = strategy
         self.fn = fn
         self.leaves = leaves
         self.spec = spec
-        self.tensor_positions = tensor_positions
-        self.diff = diff  # indices into the tensors passed to apply
+        self.positions = positions  # where the argument tensors sit among ``leaves``
+        self.captured: Captured = captured
+        self.diff = diff
         self.record = record
-        self.seed = _seed_for(name) if isinstance(strategy, Random) else None
+        self.seed = seed
+        self.grad_mode = torch.is_grad_enabled()
         self.out_spec: Any = None
         self.n_out = 0
-        self.float_out: list[int] = []
+        self.diff_out: list[int] = []
+        self.used: list[bool] = [True] * len(diff)
+        # Module buffers may be updated in place (BatchNorm's running statistics and batch counter).
+        # torch.func forbids mutating a tensor captured from outside a transform, so they enter each pass
+        # as jvp primals (zero tangent); jvp takes only floating primals, so integer counters travel as
+        # float64 (exact below 2**53). Every pass gets fresh copies of the values on entry.
+        self.buffers = captured.buffer_tensors()
+        self.float_buffers = [i for i, b in enumerate(self.buffers) if b.dtype != torch.bool]
 
     # -- the computation -------------------------------------------------------------------------
-    def _call(self, tensors: Sequence[torch.Tensor], diff_values: Sequence[torch.Tensor]) -> tuple:
+    def _call(self, tensors: Sequence[torch.Tensor], diff_values: Sequence[torch.Tensor], buffers) -> tuple:
+        values = list(tensors)
+        for i, value in zip(self.diff, diff_values, strict=True):
+            values[i] = value
         leaves = list(self.leaves)
-        for pos, t in zip(self.tensor_positions, tensors, strict=False):
+        for pos, t in zip(self.positions, values, strict=False):
             leaves[pos] = t
-        for i, value in zip(self.diff, diff_values, strict=False):
-            leaves[self.tensor_positions[i]] = value
         args, kwargs = optree.tree_unflatten(self.spec, leaves)
-        with _context.inside_forward_segment(self.name), _math_attention():
+        with (
+            _context.inside_forward_segment(self.name),
+            reference_kernels(),
+            torch.set_grad_enabled(self.grad_mode),
+            self.captured.installed(values[len(self.positions) :], buffers),
+        ):
             out = self.fn(*args, **kwargs)
         out_leaves, out_spec = _flatten_output(self.name, out)
         self.out_spec = out_spec
         return tuple(out_leaves)
 
-    def _push(self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], chunk: int | None):
-        """Primal outputs and output tangents for tangent batches ``tangents`` seeded on leaves ``which``."""
+    def _pass_buffers(self) -> list[torch.Tensor]:
+        return [
+            b if b.dtype == torch.bool else b.clone() if b.is_floating_point() or b.is_complex() else b.double()
+            for b in self.buffers
+        ]
+
+    def _push(self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], watch: bool = False):
+        """Primal outputs and output tangents for tangent batches ``tangents`` seeded on leaves ``which``.
+
+        Returns ``(ys, ydots, buffers)``: ``buffers`` are the module buffers as the pass left them.
+        """
+        buffers = self._pass_buffers()
+        primal_buffers = [buffers[i] for i in self.float_buffers]
+        rules: list[OpRules] = []
 
         def single(*tangent):
             def f(*xs):
+                seeded = xs[: len(which)]
+                passed = list(buffers)
+                for i, b in zip(self.float_buffers, xs[len(which) :], strict=True):
+                    passed[i] = b
                 values = [tensors[i] for i in self.diff]
-                for j, x in zip(which, xs, strict=False):
+                for j, x in zip(which, seeded, strict=True):
                     values[self.diff.index(j)] = x
-                return self._call(tensors, values)
+                mode = OpRules(self.name, seeded if watch else ())
+                rules.append(mode)
+                with mode:
+                    return self._call(tensors, values, passed)
 
-            return jvp(f, tuple(tensors[i] for i in which), tangent)
+            primals = (*(tensors[i] for i in which), *primal_buffers)
+            zeros = tuple(torch.zeros_like(b) for b in primal_buffers)
+            return jvp(f, primals, (*tangent, *zeros))
 
         if tangents[0].shape[0] == 1:  # one tangent: a vmap of size 1 would only add overhead
             ys, ydots = single(*(t[0] for t in tangents))
-            return ys, tuple(d.unsqueeze(0) for d in ydots)
-        # out_dims=0 for the primal too: under an outer vmap (per-example gradients) it may carry our
-        # batch level; when it does not, vmap returns an expanded view, and [0] undoes that for free.
-        ys, ydots = vmap(single, in_dims=0, out_dims=0, chunk_size=chunk)(*tangents)
-        return tuple(y[0] for y in ys), ydots
+            ydots = tuple(d.unsqueeze(0) for d in ydots)
+        else:
+            # out_dims=0 for the primal too: under an outer vmap (per-example gradients) it may carry our
+            # batch level; when it does not, vmap returns an expanded view, and [0] undoes that for free.
+            # randomness="same": one draw for the whole tangent batch, the one a plain call makes.
+            ys, ydots = vmap(single, in_dims=0, out_dims=0, randomness="same")(*tangents)
+            ys = tuple(y[0] for y in ys)
+        if watch:
+            used = set().union(*(mode.used for mode in rules))
+            for slot, j in enumerate(which):
+                if slot not in used:
+                    self.used[self.diff.index(j)] = False
+        return ys, list(ydots), buffers
 
-    def _push_lazy(self, tensors, device: torch.device) -> tuple[tuple, list[torch.Tensor]] | None:
-        """Random tangents seeded where each leaf is first used (see LazySeeds); None if a leaf was
-        never reached through a torch function or is returned as it is, or if the segment ran an
-        in-place op (then the caller seeds eagerly, which is always right)."""
+    def _push_lazy(self, tensors, device: torch.device):
+        """Random tangents seeded where each leaf is first used (see LazySeeds); None if a leaf is
+        returned as it is, or if the segment ran an in-place op (then the caller seeds eagerly)."""
         strategy = self.strategy
-        assert isinstance(strategy, Random)
         k = strategy.k
         values = [tensors[i] for i in self.diff]
+        buffers = self._pass_buffers()
 
         def make(index: int) -> torch.Tensor:
             leaf = values[index]
@@ -125,195 +161,127 @@ class _Engine:
 
         token = torch.zeros(k, device=device)
         modes: list[LazySeeds] = []
-
         returned_leaf = [False]
 
         def single(direction: torch.Tensor) -> tuple:
-            def f(tok: torch.Tensor) -> tuple:
+            def f(tok: torch.Tensor, *primal_buffers: torch.Tensor) -> tuple:
+                passed = list(buffers)
+                for i, b in zip(self.float_buffers, primal_buffers, strict=True):
+                    passed[i] = b
                 mode = LazySeeds(values, tok, make)
                 modes.append(mode)
-                with mode:
-                    outs = self._call(tensors, values)
+                with mode, OpRules(self.name):
+                    outs = self._call(tensors, values, passed)
                 # A leaf returned as it is never passed through an op, so it carries no tangent here.
                 returned_leaf[0] |= any(o is v for o in outs for v in values)
                 return outs
 
-            return jvp(f, (token,), (direction,))
+            primal_buffers = [buffers[i] for i in self.float_buffers]
+            zeros = tuple(torch.zeros_like(b) for b in primal_buffers)
+            return jvp(f, (token, *primal_buffers), (direction, *zeros))
 
         if k == 1:
             ys, ydots = single(torch.ones(1, device=device))
             ydots = tuple(d.unsqueeze(0) for d in ydots)
-        else:  # randomness="same": tangents are drawn once, outside the batch of k directions
+        else:  # randomness="same": tangents (and the body's own draws) once, outside the batch of k directions
             ys, ydots = vmap(single, out_dims=0, randomness="same")(torch.eye(k, device=device))
             ys = tuple(y[0] for y in ys)
-        if returned_leaf[0] or any(len(mode.seeded) < len(values) or mode.saw_inplace for mode in modes):
+        if returned_leaf[0] or any(mode.saw_inplace for mode in modes):
             return None
-        return ys, list(ydots)
+        seeded = set().union(*(mode.seeded for mode in modes))
+        self.used = [i in seeded for i in range(len(values))]
+        return ys, list(ydots), buffers
 
     def forward(self, tensors: Sequence[torch.Tensor]) -> tuple:
+        # Detached: with the caller's grad mode on inside the body, autograd must not record the body's
+        # work on the inputs (forward mode carries the derivative; recording would keep activations).
+        tensors = [t.detach() for t in tensors]
         before = _versions(tensors)
+        self.snapshot = Snapshot({t.device for t in tensors})
+        self.passes = 0
         try:
-            ys, ydots = self._forward(tensors)
+            ys, ydots, buffers = self._forward(tensors)
         except (NotImplementedError, RuntimeError) as error:
+            if "wrapper == nullptr" in str(error):  # a grad-level tensor read from outside the arguments
+                raise hidden_input_error(self.name) from error
             translated = _translate_error(self.name, error)
             if translated is None:
                 raise
             raise translated from error
         _check_not_mutated(self.name, tensors, before)
+        check_no_hidden_inputs(self.name, ys, self.grad_mode)
+        for real, updated in zip(self.buffers, buffers, strict=True):
+            if updated is not real and not updated.to(real.dtype).equal(real):
+                real.copy_(updated)  # the state one plain call leaves (e.g. running statistics)
         self.n_out = len(ys)
-        self.float_out = [i for i, y in enumerate(ys) if y.is_floating_point()]
-        ydots = [ydots[i] for i in self.float_out]
-        self._check_finite(ys, ydots)
+        self.diff_out = [i for i, y in enumerate(ys) if y.is_floating_point() or y.is_complex()]
+        ydots = [ydots[i] for i in self.diff_out]
+        check_finite(self.name, [ys[i] for i in self.diff_out], ydots, self.diff_out)
         stats = self.record.stats
-        stats["output_numel"] = sum(ys[i].numel() for i in self.float_out)
+        stats["output_numel"] = sum(ys[i].numel() for i in self.diff_out)
         stats["saved_bytes"] = sum(t.numel() * t.element_size() for t in ydots)
+        if isinstance(self.strategy, Random):
+            used = zip(self.diff_tensors, self.used, strict=True)
+            stats["differentiated_numel"] = sum(t.numel() for t, u in used if u)  # n counts used inputs only
         return (*ys, *ydots)
 
-    def _forward(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, list[torch.Tensor]]:
-        diff_tensors = [tensors[i] for i in self.diff]
+    def _begin_pass(self) -> None:
+        """Every pass after the first starts from the RNG states the first one started from."""
+        if self.passes:
+            self.snapshot.restore()
+        self.passes += 1
+
+    def _forward(self, tensors: Sequence[torch.Tensor]):
+        diff_tensors = self.diff_tensors = [tensors[i] for i in self.diff]
         n = sum(t.numel() for t in diff_tensors)
         stats = self.record.stats
         stats["differentiated_numel"] = n
+        if n == 0:  # e.g. an empty batch: nothing to push; every gradient is an (empty) zero
+            self._begin_pass()
+            ys = self._call(tensors, diff_tensors, self._pass_buffers())
+            stats["tangents"] = 0
+            return ys, [y.new_zeros((0, *y.shape)) for y in ys], self.buffers
         if isinstance(self.strategy, Random):
-            strategy = self.strategy
-            if strategy.distribution == "orthogonal" and strategy.k > n:
-                raise ValueError(
-                    f"segment {self.name!r}: Random(k={strategy.k}, distribution='orthogonal') needs k <= n, "
-                    f"the number of differentiated scalars, which is {n}; use k <= {n} (k == {n} is exact)."
-                )
-            stats["tangents"] = strategy.k
-            device = _common_device(self.name, diff_tensors)
-            tangent_bytes = strategy.k * sum(t.numel() * t.element_size() for t in diff_tensors)
-            lazy_wanted = strategy.seeding == "lazy" or (
-                strategy.seeding == "auto" and tangent_bytes >= LAZY_SEEDING_BYTES
-            )
-            if strategy.distribution != "orthogonal" and lazy_wanted:
-                lazy = self._push_lazy(tensors, device)
-                if lazy is not None:
-                    return lazy
-            tangents = draw_tangents(
-                strategy.distribution,
-                strategy.k,
-                [t.shape for t in diff_tensors],
-                [t.dtype for t in diff_tensors],
-                device,
-                self.seed,
-            )
-            ys, ydots = self._push(tensors, self.diff, tangents, None)
-            return ys, list(ydots)
+            return self._forward_random(tensors, diff_tensors, n)
         assert isinstance(self.strategy, Exact)
         stats["tangents"] = n
         chunk = self.strategy.chunk_size
-        ys = None
-        per_leaf: list[tuple] = []
+        per_leaf: list[list[torch.Tensor]] = []
         # Lazy seeding: one group of leaves at a time, so forward AD does no tangent work before the
         # group's first use; small leaves (biases) ride along with their neighbour (see group_leaves).
-        for group in group_leaves([tensors[i].numel() for i in self.diff], chunk):
+        for group in group_leaves([t.numel() for t in diff_tensors], chunk):
             which = [self.diff[g] for g, _, _ in group]
             count = sum(stop - start for _, start, stop in group)
-            self._check_basis_size(tensors, which, count)
-            ys, ydots = self._push(tensors, which, basis_block(tensors, which, group, count), None)
+            check_basis_size(self.name, tensors, which, count)
+            self._begin_pass()
+            ys, ydots, buffers = self._push(tensors, which, basis_block(tensors, which, group, count))
             per_leaf.append(ydots)
-        ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf, strict=False)]
-        return ys, ydots
+        ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf, strict=True)]
+        warn_exact_cost(self.name, n)  # after the passes: a refusal (check_basis_size) says more
+        return ys, ydots, buffers
 
-    def _check_basis_size(self, tensors: Sequence[torch.Tensor], which: Sequence[int], count: int) -> None:
-        """Refuse, before allocating, an Exact basis block that could not fit (rather than dying of OOM)."""
-        nbytes = count * sum(tensors[i].numel() * tensors[i].element_size() for i in which)
-        if nbytes > EXACT_BASIS_BYTES:
-            raise MemoryError(
-                f"segment {self.name!r}: Exact() would push {count} basis tangents at once, "
-                f"{nbytes / 2**30:.1f} GiB for the tangents alone (and {count} times the segment's activations). "
-                f"Bound it with Exact(chunk_size=...) (each leaf's n tangents are then pushed chunk_size at a "
-                "time), or use Random(k) / Reverse() for a segment this large."
-            )
-
-    def _check_finite(self, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Tensor]) -> None:
-        """Non-finite output tangents poison every differentiated input's gradient: refuse them.
-
-        In forward mode one NaN/inf entry of ``J v_j`` makes ``s_j = <J v_j, ybar>`` NaN (0 * inf = NaN
-        even where ``ybar`` is 0), so unlike backprop no gradient entry would survive.
-        """
-        for i, ydot in zip(self.float_out, ydots, strict=False):
-            y = ys[i]
-            if _is_batched(y) or _is_batched(ydot):
-                continue  # data-dependent checks cannot run under vmap
-            finite = torch.isfinite(ydot)
-            if bool(finite.all()):
-                continue
-            bad = ~finite
-            at_finite = bad & torch.isfinite(y)
-            if bool(at_finite.any()):
-                raise FloatingPointError(
-                    f"segment {self.name!r}: forward mode produced non-finite output tangents where the "
-                    f"output itself is finite (output leaf {i}, {int(at_finite.sum())} entries). Some ops' "
-                    "forward-mode rules give NaN where backprop is finite (e.g. LPPool or sqrt at 0). "
-                    f"Mark the op rev(), or give segment {self.name!r} the strategy Reverse()."
-                )
-            raise FloatingPointError(
-                f"segment {self.name!r}: its output has non-finite entries (output leaf {i}, e.g. log(0) or "
-                "a division by zero) and so do its output tangents there. In forward mode these make the "
-                "gradient of every differentiated input NaN (0 * inf = NaN), even where backprop's stays "
-                f"finite. Keep the output finite (clamp or mask before the op), or give segment {self.name!r} "
-                "the strategy Reverse()."
-            )
-
-    # -- the backward contraction ----------------------------------------------------------------
-    def backward(self, ydots: Sequence[torch.Tensor], tensors_meta, grads: Sequence[torch.Tensor]) -> list:
-        s = None
-        for i, ydot in zip(self.float_out, ydots, strict=False):
-            ybar = grads[i]
-            if ybar is None:
-                continue
-            acc = _accumulation_dtype(ydot.dtype)
-            term = ydot.reshape(ydot.shape[0], -1).to(acc) @ ybar.reshape(-1).to(acc)
-            s = term if s is None else s + term.to(s.dtype)
-        shapes = [meta[0] for meta in tensors_meta]
-        dtypes = [meta[1] for meta in tensors_meta]
-        if s is None:
-            return [
-                torch.zeros(shape, dtype=dtype, device=meta[2])
-                for shape, dtype, meta in zip(shapes, dtypes, tensors_meta, strict=False)
-            ]
-        if isinstance(self.strategy, Exact):
-            pieces = torch.split(s, [math.prod(shape) for shape in shapes])
-            return [p.reshape(shape).to(dtype) for p, shape, dtype in zip(pieces, shapes, dtypes, strict=False)]
+    def _forward_random(self, tensors, diff_tensors, n: int):
         strategy = self.strategy
-        assert isinstance(strategy, Random)
-        coef = s * (1.0 / strategy.k)  # scale the k coefficients, not the n-element gradients
-        if strategy.distribution == "orthogonal":  # orthogonal jointly over all leaves: drawn together
-            tangents = draw_tangents(strategy.distribution, strategy.k, shapes, dtypes, s.device, self.seed)
-            return [_combine(coef, v, dtype, reuse=False) for v, dtype in zip(tangents, dtypes, strict=False)]
-        # Regenerate one leaf at a time (each has its own stream), so at most one leaf's tangents
-        # exist next to the gradients.
-        return [
-            _combine(
-                coef, draw_leaf(strategy.distribution, strategy.k, shape, dtype, s.device, self.seed, index), dtype
+        if strategy.distribution == "orthogonal" and strategy.k > n:
+            raise ValueError(
+                f"segment {self.name!r}: Random(k={strategy.k}, distribution='orthogonal') needs k <= n, "
+                f"the number of differentiated scalars, which is {n}; use k <= {n} (k == {n} is exact)."
             )
-            for index, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=False))
-        ]
-
-
-# Random tangents this large (k x the differentiated inputs) are seeded lazily, where each leaf is first
-# used, so that they need not all exist at once: memory then stops growing with the number of leaves
-# (benchmarks/RESULTS.md, target 5). Below it, eager seeding is faster: lazy seeding costs an extra
-# pass over every leaf (the seeding op) and a Python hook on every op of the segment.
-LAZY_SEEDING_BYTES = 32 * 2**20
-# The largest block of Exact basis tangents pushed at once before we refuse (see _check_basis_size).
-EXACT_BASIS_BYTES = 2 * 2**30
-
-
-def _combine(coef: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, reuse: bool = True) -> torch.Tensor:
-    """``sum_j coef_j v_j`` for tangents ``v`` of shape ``(k, *shape)``, as ``dtype``; with ``reuse``
-    (``v`` is a fresh tensor of our own), it may be overwritten."""
-    acc = _accumulation_dtype(v.dtype)
-    if reuse and v.shape[0] == 1 and acc == v.dtype and not _is_batched(coef):
-        return v[0].mul_(coef[0].to(acc))  # in place: the regenerated tangent becomes the gradient
-    return torch.tensordot(coef.to(acc), v.to(acc), dims=1).to(dtype)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        self.record.stats["tangents"] = strategy.k
+        device = _common_device(self.name, diff_tensors)
+        tangent_bytes = strategy.k * sum(t.numel() * t.element_size() for t in diff_tensors)
+        lazy_wanted = strategy.seeding == "lazy" or (strategy.seeding == "auto" and tangent_bytes >= LAZY_SEEDING_BYTES)
+        if strategy.distribution != "orthogonal" and lazy_wanted:
+            self._begin_pass()
+            lazy = self._push_lazy(tensors, device)
+            if lazy is not None:
+                return lazy
+        tangents = draw_tangents(
+            strategy.distribution, strategy.k, [t.shape for t in diff_tensors], [t.dtype for t in diff_tensors],
+            device, self.seed,
+        )
+        self._begin_pass()
+        return self._push(tensors, self.diff, tangents, watch=True)
 
 
 class _ForwardSegment(torch.autograd.Function):
@@ -332,8 +300,8 @@ class _ForwardSegment(torch.autograd.Function):
         ctx.meta = [(tensors[i].shape, tensors[i].dtype, tensors[i].device) for i in engine.diff]
         ctx.n_tensors = len(tensors)
         ctx.save_for_backward(*ydots)
-        non_float = [output[i] for i in range(engine.n_out) if i not in engine.float_out]
-        ctx.mark_non_differentiable(*ydots, *non_float)
+        non_diff = [output[i] for i in range(engine.n_out) if i not in engine.diff_out]
+        ctx.mark_non_differentiable(*ydots, *non_diff)
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:
@@ -346,10 +314,10 @@ class _ForwardSegment(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:  # type: ignore[override]
         engine: _Engine = ctx.engine
         _refuse_higher_order(engine.name)
-        ydots = ctx.saved_tensors
-        diff_grads = engine.backward(ydots, ctx.meta, grads[: engine.n_out])
+        s = contract(ctx.saved_tensors, [grads[i] for i in engine.diff_out])
+        diff_grads = combine(engine.strategy, engine.seed, s, ctx.meta, engine.used)
         result: list[torch.Tensor | None] = [None] * ctx.n_tensors
-        for i, g in zip(engine.diff, diff_grads, strict=False):
+        for i, g in zip(engine.diff, diff_grads, strict=True):
             result[i] = g
         return (None, *result)
 
@@ -362,14 +330,19 @@ def run_forward(
     kwargs: dict,
     record: _context.SegmentCall,
     measure: bool = False,
+    own_module: torch.nn.Module | None = None,
+    owner: Any = None,
 ) -> Any:
     """Run segment ``fn`` in forward mode under ``strategy`` and return its output pytree.
 
-    With ``measure`` (diagnostics), also record the differentiated sizes per argument.
+    ``owner`` is what the user marked (the function or module, searched for captured tensors);
+    ``own_module`` a module segment's module. With ``measure`` (diagnostics), also record the
+    differentiated sizes per argument.
     """
     leaves, spec = optree.tree_flatten((args, kwargs))
-    tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-    tensors = [leaves[i] for i in tensor_positions]
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    captured = discover(fn if owner is None else owner, leaves, own_module)
+    tensors = [leaves[i] for i in positions] + captured.tensors()
     # Under torch.no_grad() (evaluation) nothing needs a gradient, even parameters that require one.
     diff = [j for j, t in enumerate(tensors) if _needs_grad(t)] if torch.is_grad_enabled() else []
     if any(t.is_complex() and t.requires_grad for t in tensors):
@@ -383,6 +356,8 @@ def run_forward(
             return run_reverse(name, fn, args, kwargs)
     if measure:  # a second flatten per call: only for inspect, not in every training step
         record.stats["differentiated_per_argument"] = _differentiated_per_argument(args, kwargs)
-    engine = _Engine(name, strategy, fn, leaves, spec, tensor_positions, diff, record)
+    state = _context.active()
+    seed = state.tangents.segment_seed(name) if isinstance(strategy, Random) and state is not None else None
+    engine = _Engine(name, strategy, fn, leaves, spec, positions, captured, diff, record, seed)
     outputs = _ForwardSegment.apply(engine, *tensors)
     return optree.tree_unflatten(engine.out_spec, list(outputs[: engine.n_out]))

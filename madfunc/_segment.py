@@ -27,6 +27,7 @@ def _dispatch(
     fn: Callable[..., Any],
     args: tuple,
     kwargs: dict,
+    own_module: nn.Module | None = None,
 ) -> Any:
     state = _context.active()
     if state is None:  # outside any madfunc transform: exactly the plain function
@@ -41,7 +42,9 @@ def _dispatch(
     state.calls.append(record)
     if not strategy.is_forward:
         return run_reverse(seg_name, fn, args, kwargs, record if state.measure else None)
-    return run_forward(seg_name, strategy, fn, args, kwargs, record, state.measure)
+    return run_forward(
+        seg_name, strategy, fn, args, kwargs, record, state.measure, own_module=own_module, owner=owner
+    )
 
 
 def _identity(fn: Any) -> Any:
@@ -132,6 +135,7 @@ class ModuleSegment(nn.Module):
             self._functional,
             (params, *inputs),
             kwargs,
+            own_module=self.module,
         )
 
     def extra_repr(self) -> str:

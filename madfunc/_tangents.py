@@ -1,9 +1,10 @@
 """Random tangent directions, drawn leaf by leaf so that backward regenerates them bit for bit, one leaf
 at a time, from one saved integer instead of keeping them in memory.
 
-Each segment call draws one 62-bit seed from torch's default RNG (so ``torch.manual_seed`` reproduces
-it); leaf ``i`` gets its own generator, seeded by a SplitMix64 hash of ``(seed, i)``. Leaves are thus
-independent streams: backward can regenerate any one leaf's tangents without drawing the others.
+Each Random segment call gets one 62-bit seed from the transform call's tangent stream (``_rng``, so
+``torch.manual_seed`` reproduces it); leaf ``i`` gets its own generator, seeded by a SplitMix64 hash of
+``(seed, i)``. Leaves are thus independent streams: backward can regenerate any one leaf's tangents
+without drawing the others.
 """
 
 from __future__ import annotations
@@ -16,15 +17,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
-    "LazySeeds", "SMALL_LEAF", "basis_block", "draw_seed", "draw_leaf", "draw_tangents", "group_leaves", "leaf_seed",
+    "LazySeeds", "SMALL_LEAF", "basis_block", "draw_leaf", "draw_tangents", "group_leaves", "leaf_seed",
 ]
 
 _MASK64 = (1 << 64) - 1
-
-
-def draw_seed() -> int:
-    """A 62-bit seed from torch's default generator: ``torch.manual_seed(s)`` makes it reproducible."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
 def leaf_seed(seed: int, index: int) -> int:

@@ -17,15 +17,18 @@ __all__ = ["mixed_grad", "mixed_grad_and_value", "use_plan"]
 ArgNums = int | tuple[int, ...]
 
 
-def _planned(fn: Callable[..., Any], plan: PlanLike, where: str) -> Callable[..., Any]:
+def _planned(
+    fn: Callable[..., Any], plan: PlanLike, where: str, generator: torch.Generator | None, allow_unused: bool
+) -> Callable[..., Any]:
     """``fn`` run with ``plan`` active; checks that every plan key was used, before any backward work."""
     checked = as_plan(plan)
     if not callable(fn):
         raise TypeError(f"{where}(fn, ...): expected a callable, got {type(fn).__name__} {fn!r}.")
+    _check_generator(where, generator)
 
     @functools.wraps(fn)
     def inner(*args: Any, **kwargs: Any) -> Any:
-        state = _context.CallState(checked, where)
+        state = _context.CallState(checked, where, generator=generator, allow_unused=allow_unused)
         with _context.activate(state):
             out = fn(*args, **kwargs)
         state.check_plan_used()
@@ -34,8 +37,22 @@ def _planned(fn: Callable[..., Any], plan: PlanLike, where: str) -> Callable[...
     return inner
 
 
+def _check_generator(where: str, generator: Any) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{where}(generator=...): expected a torch.Generator or None, got {type(generator).__name__} "
+            f"{generator!r:.60}."
+        )
+
+
 def mixed_grad_and_value(
-    fn: Callable[..., Any], plan: PlanLike = None, argnums: ArgNums = 0, has_aux: bool = False
+    fn: Callable[..., Any],
+    plan: PlanLike = None,
+    argnums: ArgNums = 0,
+    has_aux: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+    allow_unused: bool = False,
 ) -> Callable[..., Any]:
     """Like ``torch.func.grad_and_value``, with each segment differentiated as ``plan`` says.
 
@@ -47,6 +64,10 @@ def mixed_grad_and_value(
             does not name keep their default. Default: ``None`` (every segment its default).
         argnums: which positional argument(s) to differentiate. Default: ``0``.
         has_aux: whether ``fn`` returns ``(loss, aux)``. Default: ``False``.
+        generator: where ``Random`` segments' tangents come from: one number is drawn from it per call.
+            ``None`` derives them from torch's default generator (see README, "Randomness"). Default: ``None``.
+        allow_unused: if True, a plan key that matches no segment of a call is not an error (for segments
+            that run only on some steps). Default: ``False``.
 
     Returns:
         A function returning ``(grad, value)``; with ``has_aux``, ``(grad, (value, aux))``. ``grad``
@@ -59,11 +80,19 @@ def mixed_grad_and_value(
         >>> g, value
         (tensor([2., 4.]), tensor(5.))
     """
-    return torch.func.grad_and_value(_planned(fn, plan, "mixed_grad_and_value"), argnums, has_aux)
+    return torch.func.grad_and_value(
+        _planned(fn, plan, "mixed_grad_and_value", generator, allow_unused), argnums, has_aux
+    )
 
 
 def mixed_grad(
-    fn: Callable[..., Any], plan: PlanLike = None, argnums: ArgNums = 0, has_aux: bool = False
+    fn: Callable[..., Any],
+    plan: PlanLike = None,
+    argnums: ArgNums = 0,
+    has_aux: bool = False,
+    *,
+    generator: torch.Generator | None = None,
+    allow_unused: bool = False,
 ) -> Callable[..., Any]:
     """Like ``torch.func.grad``, with each segment differentiated as ``plan`` says.
 
@@ -74,6 +103,10 @@ def mixed_grad(
             Default: ``None`` (every segment its default).
         argnums: which positional argument(s) to differentiate. Default: ``0``.
         has_aux: whether ``fn`` returns ``(loss, aux)``. Default: ``False``.
+        generator: where ``Random`` segments' tangents come from: one number is drawn from it per call.
+            ``None`` derives them from torch's default generator (see README, "Randomness"). Default: ``None``.
+        allow_unused: if True, a plan key that matches no segment of a call is not an error (for segments
+            that run only on some steps). Default: ``False``.
 
     Returns:
         A function returning the gradient (structured like argument ``argnums``, a tuple for a tuple
@@ -93,11 +126,13 @@ def mixed_grad(
         >>> estimate.shape
         torch.Size([3, 2])
     """
-    return torch.func.grad(_planned(fn, plan, "mixed_grad"), argnums, has_aux)
+    return torch.func.grad(_planned(fn, plan, "mixed_grad", generator, allow_unused), argnums, has_aux)
 
 
 @contextlib.contextmanager
-def use_plan(plan: PlanLike = None) -> Iterator[None]:
+def use_plan(
+    plan: PlanLike = None, *, generator: torch.Generator | None = None, allow_unused: bool = False
+) -> Iterator[None]:
     """Make segments honour ``plan`` under plain autograd (``loss.backward()``) inside the block.
 
     The strategy of each segment call is fixed when it runs in the block; ``backward`` may run later.
@@ -105,6 +140,8 @@ def use_plan(plan: PlanLike = None) -> Iterator[None]:
 
     Args:
         plan: as for :func:`mixed_grad`. Default: ``None``.
+        generator: as for :func:`mixed_grad`: the source of ``Random`` tangents. Default: ``None``.
+        allow_unused: as for :func:`mixed_grad`. Default: ``False``.
 
     Examples:
         >>> import torch, madfunc as mf
@@ -115,7 +152,8 @@ def use_plan(plan: PlanLike = None) -> Iterator[None]:
         >>> layer.module.weight.grad.shape
         torch.Size([1, 3])
     """
-    state = _context.CallState(as_plan(plan), "use_plan")
+    _check_generator("use_plan", generator)
+    state = _context.CallState(as_plan(plan), "use_plan", generator=generator, allow_unused=allow_unused)
     with _context.activate(state):
         yield
     state.check_plan_used()

@@ -1,0 +1,347 @@
+"""A forward segment behaves exactly like the plain code it wraps (issue 7).
+
+Each test pins one way the engine used to be silently wrong or to fail on layers people train with:
+complex outputs, random ops, grad-mode branches, ops whose forward rule yields no tangent, noise on
+unused inputs, parameters read from closures or ``self``, tangents frozen by a model that re-seeds,
+BatchNorm / Dropout / Transformer / LSTM in training mode. Exact cases compare with ``torch.func.grad``
+or plain autograd in float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import madfunc as mf
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DT = torch.float64
+EXACT_PLANS = [mf.Exact(), mf.Exact(chunk_size=1), mf.Exact(chunk_size=5)]
+
+
+def _randn(seed: int, *shape: int, dtype: torch.dtype = DT) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(got, want, rtol: float = 1e-10, atol: float = 1e-12) -> None:
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+# -- 1. complex outputs -------------------------------------------------------------------------------
+COMPLEX_BODIES = {
+    "rfft": lambda w, x: torch.fft.rfft(x * w),
+    "fft_of_real": lambda w, x: torch.fft.fft(torch.tanh(x @ w.reshape(4, 1)).squeeze(-1) * x[:, 0]),
+    "polar": lambda w, x: torch.polar(x.abs() + 1.0, x * w),
+    "view_as_complex": lambda w, x: torch.view_as_complex(torch.stack([x * w, x.sin()], dim=-1)),
+    "eigvals": lambda w, x: torch.linalg.eigvals(x[:4, :4] * w + torch.eye(4, dtype=DT) * 3),
+    "complex_intermediate": lambda w, x: torch.fft.irfft(torch.fft.rfft(x * w) * 2j, n=4),
+}
+
+
+@pytest.mark.parametrize("body", COMPLEX_BODIES, ids=str)
+@pytest.mark.parametrize("strategy", EXACT_PLANS[:2], ids=str)
+def test_complex_outputs_keep_their_tangents(body: str, strategy: mf.Exact) -> None:
+    seg = mf.fwd(COMPLEX_BODIES[body], name="c")
+    cot = _randn(9, 64)
+
+    def loss(w, x):
+        y = seg(w, x)
+        flat = torch.view_as_real(y).flatten() if y.is_complex() else y.flatten()
+        return (flat * cot[: flat.numel()]).sum() + flat.pow(2).sum()
+
+    w, x = _randn(0, 4), _randn(1, 5, 4)
+    _close(mf.mixed_grad(loss, {"c": strategy}, argnums=(0, 1))(w, x), torch.func.grad(loss, argnums=(0, 1))(w, x))
+
+
+# -- 2. random ops: one draw per call, the plain call's --------------------------------------------------
+def _dropout_body(w, x):
+    h = F.dropout(torch.tanh(x @ w), 0.5, training=True)
+    return h + 0.1 * torch.randn_like(h) * h  # a second random op, drawn after the first
+
+
+@pytest.mark.parametrize("strategy", EXACT_PLANS, ids=str)
+def test_exact_with_random_ops_equals_plain_grad_under_the_same_seed(strategy: mf.Exact) -> None:
+    seg = mf.fwd(_dropout_body, name="d")
+
+    def loss(w, x):
+        return (seg(w, x) * F.dropout(x[:, :3], 0.3)).pow(2).sum()  # glue draws after the segment too
+
+    w, x = _randn(0, 4, 3), _randn(1, 6, 4)
+    torch.manual_seed(11)
+    got = mf.mixed_grad(loss, {"d": strategy}, argnums=(0, 1))(w, x)
+    after_madfunc = torch.get_rng_state()
+    torch.manual_seed(11)
+    want = torch.func.grad(loss, argnums=(0, 1))(w, x)
+    _close(got, want)
+    assert torch.equal(after_madfunc, torch.get_rng_state()), "torch's RNG must end where a plain call leaves it"
+
+
+@pytest.mark.parametrize("seeding", ["eager", "lazy"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_random_keeps_the_models_own_draws(k: int, seeding: str) -> None:
+    seg = mf.fwd(_dropout_body, name="d")
+    w, x = _randn(0, 4, 3), _randn(1, 6, 4)
+    outputs = {}
+
+    def loss(w, x):
+        outputs["y"] = seg(w, x)
+        return outputs["y"].pow(2).sum()
+
+    torch.manual_seed(3)
+    mf.mixed_grad(loss, {"d": mf.Random(k, "rademacher", seeding)})(w, x)
+    torch.manual_seed(3)
+    assert torch.equal(outputs["y"], _dropout_body(w, x))
+
+
+# -- 3. grad mode ---------------------------------------------------------------------------------------
+def test_segment_sees_the_callers_grad_mode() -> None:
+    seen = []
+
+    def body(w, x):
+        seen.append(torch.is_grad_enabled())
+        y = torch.tanh(x @ w)
+        return y if torch.is_grad_enabled() else y.detach()  # code that skips work when no grad is wanted
+
+    seg = mf.fwd(body, name="g")
+    w, x = _randn(0, 4, 3), _randn(1, 6, 4)
+    got = mf.mixed_grad(lambda w, x: seg(w, x).pow(2).sum())(w, x)
+    want = torch.func.grad(lambda w, x: torch.tanh(x @ w).pow(2).sum())(w, x)
+    _close(got, want)
+    assert seen and all(seen)
+    with torch.no_grad():  # and a plain no-grad caller still sees no-grad
+        seg(w, x)
+    with mf.use_plan({}), torch.no_grad():
+        seg(w, x)
+    assert seen[-1] is False
+
+
+# -- 4. ops whose forward rule is wrong ------------------------------------------------------------------
+def test_scatter_reduce_prod_is_refused_not_zero() -> None:
+    index = torch.tensor([0, 1, 0, 1])
+    seg = mf.fwd(lambda x: x.scatter_reduce(0, index, x * 2, reduce="prod"), name="sr")
+    with pytest.raises(mf.ForwardModeError, match=r"segment 'sr'.*scatter_reduce.*prod.*no tangent"):
+        mf.mixed_grad(lambda x: seg(x).sum())(_randn(0, 4))
+    # other reductions have trustworthy rules and run
+    seg_sum = mf.fwd(lambda x: x.scatter_reduce(0, index, x * 2, reduce="sum"), name="ss")
+    x = _randn(0, 4)
+    _close(mf.mixed_grad(lambda x: seg_sum(x).pow(2).sum())(x), torch.func.grad(lambda x: seg_sum(x).pow(2).sum())(x))
+
+
+def test_max_unpool_is_refused() -> None:
+    def body(x):
+        pooled, idx = F.max_pool2d(x, 2, return_indices=True)
+        return F.max_unpool2d(pooled, idx, 2)
+
+    seg = mf.fwd(body, name="unpool")
+    with pytest.raises(mf.ForwardModeError, match=r"segment 'unpool'.*max_unpool2d.*disagrees"):
+        mf.mixed_grad(lambda x: seg(x).sum())(_randn(0, 1, 1, 4, 4))
+
+
+# -- 5. unused inputs get an exact zero ------------------------------------------------------------------
+@pytest.mark.parametrize("seeding", ["eager", "lazy"])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_random_gives_unused_leaves_an_exact_zero(distribution: str, seeding: str) -> None:
+    seg = mf.fwd(lambda p, x: torch.tanh(x @ p["w1"]), name="stem")
+    params = {"w1": _randn(0, 4, 3), "w2": _randn(1, 3, 3), "b": _randn(2, 3)}
+    x = _randn(3, 5, 4)
+    torch.manual_seed(0)
+    grad = mf.mixed_grad(lambda p, x: seg(p, x).sum(), {"stem": mf.Random(4, distribution, seeding)})(params, x)
+    assert torch.equal(grad["w2"], torch.zeros(3, 3, dtype=DT)) and torch.equal(grad["b"], torch.zeros(3, dtype=DT))
+    assert grad["w1"].abs().sum() > 0
+    report = mf.inspect(lambda p, x: seg(p, x).sum(), {"stem": mf.Random(4, distribution, seeding)}, params, x)
+    assert report.rows[0].differentiated_numel == 12  # only w1 counts in n
+
+
+# -- 6. tensors read from closures and self ---------------------------------------------------------------
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 5).double(), nn.Linear(5, 2).double()
+
+    @mf.fwd
+    def stem(self, x):  # a method segment: its parameters come from self
+        return torch.tanh(self.a(x))
+
+    def forward(self, x):
+        return self.b(self.stem(x))
+
+
+@pytest.mark.parametrize("strategy", EXACT_PLANS[:2], ids=str)
+def test_method_and_closure_parameters_are_differentiated_under_the_plan(strategy: mf.Exact) -> None:
+    net, ref = _Net(), _Net()
+    inner = nn.Linear(2, 3).double()
+    scale = torch.tensor(1.5, dtype=DT, requires_grad=True)
+    head = mf.fwd(lambda h: inner(h) * scale, name="head")  # a closure over a module and a tensor
+    x = _randn(0, 6, 4)
+    with mf.use_plan({"stem": strategy, "head": strategy}):
+        head(net(x)).pow(2).sum().backward()
+    inner_ref = nn.Linear(2, 3).double()
+    inner_ref.load_state_dict(inner.state_dict())
+    scale_ref = scale.detach().clone().requires_grad_()
+    (inner_ref(ref(x)) * scale_ref).pow(2).sum().backward()
+    got = [*net.parameters(), *inner.parameters(), scale]
+    want = [*ref.parameters(), *inner_ref.parameters(), scale_ref]
+    for p, q in zip(got, want, strict=True):
+        _close(p.grad, q.grad)
+
+
+GLOBAL_WEIGHT = torch.ones(4, 2, dtype=DT, requires_grad=True)
+
+
+def _reads_a_global(x):
+    return x @ GLOBAL_WEIGHT
+
+
+def test_a_hidden_parameter_is_an_error_not_a_lost_gradient() -> None:
+    seg = mf.fwd(_reads_a_global, name="hidden")
+    x = _randn(0, 3, 4).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"segment 'hidden' reads a tensor that needs a gradient from outside"):
+        with mf.use_plan({}):
+            seg(x).sum().backward()
+
+
+# -- 7. tangents stay fresh and reproducible ---------------------------------------------------------------
+def _reseeding_loss(w, x, seg):
+    torch.manual_seed(123)  # a model that re-seeds inside its forward
+    return seg(w, F.dropout(x, 0.2)).pow(2).sum()
+
+
+def test_tangents_are_fresh_even_if_the_model_reseeds() -> None:
+    seg = mf.fwd(lambda w, x: torch.tanh(x @ w), name="r")
+    grad = mf.mixed_grad(lambda w, x: _reseeding_loss(w, x, seg), {"r": mf.Random(2)})
+    w, x = _randn(0, 4, 3), _randn(1, 6, 4)
+    torch.manual_seed(0)
+    draws = [grad(w, x) for _ in range(4)]
+    assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1 :])
+    torch.manual_seed(0)
+    again = [grad(w, x) for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(draws, again, strict=True))
+
+
+def test_generator_argument_owns_the_tangents() -> None:
+    seg = mf.fwd(lambda w, x: torch.tanh(x @ w), name="r")
+    w, x = _randn(0, 4, 3), _randn(1, 6, 4)
+
+    def run(seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return mf.mixed_grad(lambda w, x: seg(w, x).sum(), {"r": mf.Random(3)}, generator=gen)(w, x)
+
+    state = torch.get_rng_state()
+    a, b, c = run(5), run(5), run(6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(state, torch.get_rng_state()), "with a generator, torch's own RNG is untouched"
+    with pytest.raises(TypeError, match=r"mixed_grad\(generator=...\): expected a torch.Generator"):
+        mf.mixed_grad(lambda w: w.sum(), generator=5)
+
+
+# -- layers people train with ------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", EXACT_PLANS, ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_in_training_mode(strategy: mf.Exact, momentum: float | None) -> None:
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, momentum=momentum), nn.ReLU()).double()
+
+    model, ref = make(), make()
+    seg = mf.fwd(model, name="block")
+    x = _randn(0, 4, 2, 5, 5)
+    for _ in range(2):  # the running statistics are updated exactly once per call
+        with mf.use_plan({"block": strategy}):
+            seg(x).pow(2).sum().backward()
+        ref(x).pow(2).sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        _close(p.grad, q.grad)
+    for name, buffer in ref.named_buffers():
+        assert torch.equal(model.get_buffer(name), buffer), name
+
+
+def test_transformer_encoder_layer_in_training_mode_is_exact() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.1, batch_first=True).double()
+    params = dict(layer.named_parameters())
+    seg = mf.fwd(layer, name="enc")
+    x = _randn(0, 2, 5, 8)
+
+    def loss(p, x):
+        return seg(p, x).pow(2).sum()
+
+    def plain(p, x):
+        return torch.func.functional_call(layer, p, (x,)).pow(2).sum()
+
+    torch.manual_seed(7)
+    got = mf.mixed_grad(loss, {"enc": mf.Exact()})(params, x)
+    torch.manual_seed(7)
+    want = torch.func.grad(plain)(params, x)
+    _close(got, want)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_float32_rnn_runs_in_forward_mode(cls: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    rnn = cls(3, 4, batch_first=True)
+    params = dict(rnn.named_parameters())
+    seg = mf.fwd(rnn, name="rnn")
+    x = _randn(0, 2, 5, 3, dtype=torch.float32)
+    got = mf.mixed_grad(lambda p, x: seg(p, x)[0].pow(2).sum())(params, x)
+    want = torch.func.grad(lambda p, x: torch.func.functional_call(rnn, p, (x,))[0].pow(2).sum())(params, x)
+    # float32: forward and reverse mode round differently; ~100 ops deep, eps 1.2e-7 per op.
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# -- inputs and bodies that used to raise raw torch errors ------------------------------------------------
+@pytest.mark.parametrize("strategy", [mf.Exact(), mf.Random(3)], ids=str)
+def test_empty_batch_gives_zero_gradients(strategy: mf.Strategy) -> None:
+    seg = mf.fwd(lambda x: torch.tanh(x * 2), name="e")
+    x = torch.zeros(0, 3, dtype=DT)
+    assert mf.mixed_grad(lambda x: seg(x).sum(), {"e": strategy})(x).shape == (0, 3)
+
+
+def test_segment_returning_none_is_named() -> None:
+    seg = mf.fwd(lambda x: None, name="nothing")
+    with pytest.raises(TypeError, match=r"segment 'nothing' returned None.*return"):
+        mf.mixed_grad(lambda x: (seg(x), x.sum())[1])(_randn(0, 3))
+
+
+class _BackwardOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return x * 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 3
+
+
+def test_custom_function_without_jvp_is_named() -> None:
+    seg = mf.fwd(lambda x: _BackwardOnly.apply(x), name="custom")
+    with pytest.raises(mf.ForwardModeError, match=r"segment 'custom'.*autograd.Function.*jvp"):
+        mf.mixed_grad(lambda x: seg(x).sum())(_randn(0, 3))
+
+
+def test_large_exact_segment_warns_once() -> None:
+    seg = mf.fwd(lambda w, x: x @ w, name="wide_exact_segment")
+    w, x = _randn(0, 80, 64), _randn(1, 2, 80)
+    with pytest.warns(mf.PerformanceWarning, match=r"segment 'wide_exact_segment'.*5120"):
+        mf.mixed_grad(lambda w, x: seg(w, x).sum())(w, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mf.mixed_grad(lambda w, x: seg(w, x).sum())(w, x)  # once per segment, not every step
+
+
+def test_allow_unused_plan_keys() -> None:
+    seg = mf.fwd(lambda x: x * 2, name="sometimes")
+    plan = {"sometimes": mf.Random(2), "elsewhere": "rev"}
+    with pytest.raises(ValueError, match="allow_unused=True"):
+        mf.mixed_grad(lambda x: seg(x).sum(), plan)(_randn(0, 3))
+    mf.mixed_grad(lambda x: seg(x).sum(), plan, allow_unused=True)(_randn(0, 3))
+    with mf.use_plan(plan, allow_unused=True):
+        pass
