@@ -8,6 +8,7 @@ from ._checks import ForwardModeError as ForwardModeError
 from ._diagnostics import compare as compare
 from ._diagnostics import inspect as inspect
 from ._guards import PerformanceWarning as PerformanceWarning
+from ._ops import register_forward_rule as register_forward_rule
 from ._plan import Exact as Exact
 from ._plan import Plan as Plan
 from ._plan import Random as Random
@@ -46,6 +47,7 @@ __all__ = [
     "inspect",
     "mixed_grad",
     "mixed_grad_and_value",
+    "register_forward_rule",
     "rev",
     "use_plan",
 ]

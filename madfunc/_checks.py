@@ -64,6 +64,8 @@ def _check_not_mutated(name: str, leaves: Sequence[Any], before: Sequence[int | 
 
 def _translate_error(name: str, error: BaseException) -> BaseException | None:
     """A madfunc error for failures whose torch message would not say what to do, else None."""
+    if isinstance(error, ForwardModeError):
+        return None  # ours already: it names the segment
     message = str(error)
     if "jvp function for custom autograd.Function" in message or "does not have vmap support" in message:
         return ForwardModeError(
@@ -79,15 +81,8 @@ def _translate_error(name: str, error: BaseException) -> BaseException | None:
             "Exact(chunk_size=1) or Random(k=1), which push one tangent at a time without vmap, or mark the "
             f"part that uses the op rev().\nPyTorch said: {message.strip().splitlines()[0]}"
         )
-    missing_rule = re.search(
-        r"forward AD with (\S+?) that does not support|derivative for (\S+?) is not implemented"
-        r"|(\S+?): forward AD is not implemented|jvp for (\S+?) is not implemented",
-        message,
-    )
-    if isinstance(error, (NotImplementedError, RuntimeError)) and (
-        missing_rule or "forward AD" in message or "forward-mode" in message
-    ):
-        op = next((g for g in missing_rule.groups() if g), None) if missing_rule else None
+    op = missing_forward_rule(message)
+    if isinstance(error, (NotImplementedError, RuntimeError)) and op is not None:
         what = f"op {op!r}" if op else "an op"
         return ForwardModeError(
             f"segment {name!r} runs in forward mode, but {what} inside it has no forward-mode (jvp) rule "
@@ -102,6 +97,21 @@ def _translate_error(name: str, error: BaseException) -> BaseException | None:
             f"PyTorch said: {message.strip().splitlines()[0]}"
         )
     return None
+
+
+_MISSING_RULE = re.compile(
+    r"forward AD with (\S+?) that does not support|derivative for (\S+?) is not implemented"
+    r"|(\S+?): forward AD is not implemented|jvp for (\S+?) is not implemented"
+)
+
+
+def missing_forward_rule(message: str) -> str | None:
+    """The op named by PyTorch's "no forward-mode rule" error message ("" if unnamed), or None if the
+    message is not that error."""
+    match = _MISSING_RULE.search(message)
+    if match:
+        return next((g for g in match.groups() if g), "")
+    return "" if "forward AD" in message or "forward-mode" in message else None
 
 
 def _differentiated_per_argument(args: tuple, kwargs: dict) -> dict[str, int]:

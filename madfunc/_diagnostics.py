@@ -13,7 +13,8 @@ import optree
 import torch
 
 from . import _context
-from ._plan import Plan, PlanLike, Random, Reverse, Strategy, as_plan
+from ._guards import EXACT_WARN_TANGENTS
+from ._plan import Exact, Plan, PlanLike, Random, Reverse, Strategy, as_plan
 from ._reports import CompareReport, GradientFigures, InspectReport, SegmentRow, _bytes
 
 __all__ = ["CompareReport", "GradientFigures", "InspectReport", "SegmentRow", "compare", "inspect"]
@@ -350,5 +351,17 @@ def _flags(call: _context.SegmentCall, reverse_bytes: int | None) -> list[str]:
         flags.append(
             f"keeps {_bytes(saved)} for backward ({tangents} tangents x {outputs} outputs){where}; backprop "
             f"would keep {_bytes(reverse_bytes)}: Reverse() or Random(k) with a small k is cheaper here."
+        )
+    if isinstance(strategy, Exact) and (stats.get("tangents") or 0) > EXACT_WARN_TANGENTS:
+        flags.append(
+            f"Exact() pushes {stats['tangents']} tangents, about {stats['tangents']} forward passes of the segment "
+            "(backprop: about 3)" + (" (not run by inspect: sizes predicted)" if stats.get("predicted") else "")
+            + "; Random(k) or Reverse() is far cheaper."
+        )
+    fallbacks = stats.get("fallbacks")
+    if fallbacks:
+        flags.append(
+            f"runs {', '.join(fallbacks)} by the double-vjp fallback (no forward rule in PyTorch): its tangents "
+            "cost about 2-3x the op's backward; madfunc.register_forward_rule can give a cheaper rule."
         )
     return flags

@@ -33,7 +33,14 @@ from ._checks import (
     run_reverse,
 )
 from ._contract import combine, contract
-from ._guards import check_basis_size, check_finite, check_no_hidden_inputs, hidden_input_error, warn_exact_cost
+from ._guards import (
+    EXACT_WARN_TANGENTS,
+    check_basis_size,
+    check_finite,
+    check_no_hidden_inputs,
+    hidden_input_error,
+    warn_exact_cost,
+)
 from ._ops import OpRules, reference_kernels
 from ._plan import Exact, Random, Strategy
 from ._rng import Snapshot
@@ -55,7 +62,7 @@ class _Engine:
     tensors it reads from outside its arguments (``captured``); ``diff`` indexes those that get tangents.
     """
 
-    def __init__(self, name, strategy, fn, leaves, spec, positions, captured, diff, record, seed) -> None:
+    def __init__(self, name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure) -> None:
         self.name = name
         self.strategy = strategy
         self.fn = fn
@@ -66,11 +73,13 @@ class _Engine:
         self.diff = diff
         self.record = record
         self.seed = seed
+        self.measure = measure  # inspect: report a costly Exact segment's size instead of computing it
         self.grad_mode = torch.is_grad_enabled()
         self.out_spec: Any = None
         self.n_out = 0
         self.diff_out: list[int] = []
         self.used: list[bool] = [True] * len(diff)
+        self.fallbacks: set[str] = set()
         # Module buffers may be updated in place (BatchNorm's running statistics and batch counter).
         # torch.func forbids mutating a tensor captured from outside a transform, so they enter each pass
         # as jvp primals (zero tangent); jvp takes only floating primals, so integer counters travel as
@@ -140,6 +149,7 @@ class _Engine:
             # randomness="same": one draw for the whole tangent batch, the one a plain call makes.
             ys, ydots = vmap(single, in_dims=0, out_dims=0, randomness="same")(*tangents)
             ys = tuple(y[0] for y in ys)
+        self.fallbacks.update(*(mode.fallbacks for mode in rules))
         if watch:
             used = set().union(*(mode.used for mode in rules))
             for slot, j in enumerate(which):
@@ -161,6 +171,7 @@ class _Engine:
 
         token = torch.zeros(k, device=device)
         modes: list[LazySeeds] = []
+        rules: list[OpRules] = []
         returned_leaf = [False]
 
         def single(direction: torch.Tensor) -> tuple:
@@ -168,9 +179,10 @@ class _Engine:
                 passed = list(buffers)
                 for i, b in zip(self.float_buffers, primal_buffers, strict=True):
                     passed[i] = b
-                mode = LazySeeds(values, tok, make)
+                mode, rule = LazySeeds(values, tok, make), OpRules(self.name)
                 modes.append(mode)
-                with mode, OpRules(self.name):
+                rules.append(rule)
+                with mode, rule:
                     outs = self._call(tensors, values, passed)
                 # A leaf returned as it is never passed through an op, so it carries no tangent here.
                 returned_leaf[0] |= any(o is v for o in outs for v in values)
@@ -188,6 +200,7 @@ class _Engine:
             ys = tuple(y[0] for y in ys)
         if returned_leaf[0] or any(mode.saw_inplace for mode in modes):
             return None
+        self.fallbacks.update(*(rule.fallbacks for rule in rules))
         seeded = set().union(*(mode.seeded for mode in modes))
         self.used = [i in seeded for i in range(len(values))]
         return ys, list(ydots), buffers
@@ -206,7 +219,7 @@ class _Engine:
                 raise hidden_input_error(self.name) from error
             translated = _translate_error(self.name, error)
             if translated is None:
-                raise
+                raise  # ForwardModeError from the op seam, or an error that says what to do already
             raise translated from error
         _check_not_mutated(self.name, tensors, before)
         check_no_hidden_inputs(self.name, ys, self.grad_mode)
@@ -220,6 +233,10 @@ class _Engine:
         stats = self.record.stats
         stats["output_numel"] = sum(ys[i].numel() for i in self.diff_out)
         stats["saved_bytes"] = sum(t.numel() * t.element_size() for t in ydots)
+        if stats.get("predicted"):
+            stats["saved_bytes"] = stats["tangents"] * sum(ys[i].numel() * ys[i].element_size() for i in self.diff_out)
+        if self.fallbacks:
+            stats["fallbacks"] = sorted(self.fallbacks)
         if isinstance(self.strategy, Random):
             used = zip(self.diff_tensors, self.used, strict=True)
             stats["differentiated_numel"] = sum(t.numel() for t, u in used if u)  # n counts used inputs only
@@ -245,6 +262,12 @@ class _Engine:
             return self._forward_random(tensors, diff_tensors, n)
         assert isinstance(self.strategy, Exact)
         stats["tangents"] = n
+        if self.measure and n > EXACT_WARN_TANGENTS:
+            # inspect() only needs the sizes: one plain pass, and what n tangents would keep, predicted.
+            self._begin_pass()
+            ys = self._call(tensors, diff_tensors, self._pass_buffers())
+            stats["predicted"] = True
+            return ys, [y.new_zeros((0, *y.shape)) for y in ys], self.buffers
         chunk = self.strategy.chunk_size
         per_leaf: list[list[torch.Tensor]] = []
         # Lazy seeding: one group of leaves at a time, so forward AD does no tangent work before the
@@ -358,6 +381,6 @@ def run_forward(
         record.stats["differentiated_per_argument"] = _differentiated_per_argument(args, kwargs)
     state = _context.active()
     seed = state.tangents.segment_seed(name) if isinstance(strategy, Random) and state is not None else None
-    engine = _Engine(name, strategy, fn, leaves, spec, positions, captured, diff, record, seed)
+    engine = _Engine(name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure)
     outputs = _ForwardSegment.apply(engine, *tensors)
     return optree.tree_unflatten(engine.out_spec, list(outputs[: engine.n_out]))

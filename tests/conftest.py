@@ -25,6 +25,30 @@ import madfunc as mf
 Stage = Callable[..., Any]
 
 
+class _Opaque(torch.autograd.Function):
+    """Doubles its input; no forward-mode rule and a backward that is not differentiable, so forward
+    mode cannot run it at all once the output has more than 64 scalars (the fallback's Jacobian-row
+    limit). Tests use it to observe whether a segment runs in forward mode."""
+
+    @staticmethod
+    def forward(x):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return g * 2
+
+
+def opaque(x: torch.Tensor) -> torch.Tensor:
+    """``2 * x.repeat(1, 17)``: a function only reverse mode can differentiate (see _Opaque)."""
+    return _Opaque.apply(x.repeat(1, 17))
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A model family: ``make(dtype)`` gives ``(params, x, y)``; ``glue(stages, params, x, y)`` gives

@@ -122,7 +122,7 @@ def test_random_gradient_is_the_forward_gradient_of_the_regenerated_tangents(k: 
     torch.manual_seed(2024)
     got = mf.mixed_grad(lambda w, b, x: seg(w, b, x), plan, argnums=(0, 1))(w, b, x)
     torch.manual_seed(2024)  # the seed the call's tangent stream gave its one Random segment call
-    seed = TangentStream("test").segment_seed()
+    seed = TangentStream("test").segment_seed("layer")
     v = [draw_leaf(distribution, k, t.shape, t.dtype, CPU, seed, i) for i, t in enumerate((w, b))]
     true = torch.func.grad(loss, argnums=(0, 1))(w, b, x)
     s = sum((vi.reshape(k, -1) @ gi.reshape(-1)) for vi, gi in zip(v, true, strict=False))

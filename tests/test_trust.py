@@ -119,26 +119,33 @@ def test_segment_sees_the_callers_grad_mode() -> None:
     assert seen[-1] is False
 
 
-# -- 4. ops whose forward rule is wrong ------------------------------------------------------------------
-def test_scatter_reduce_prod_is_refused_not_zero() -> None:
-    index = torch.tensor([0, 1, 0, 1])
-    seg = mf.fwd(lambda x: x.scatter_reduce(0, index, x * 2, reduce="prod"), name="sr")
-    with pytest.raises(mf.ForwardModeError, match=r"segment 'sr'.*scatter_reduce.*prod.*no tangent"):
-        mf.mixed_grad(lambda x: seg(x).sum())(_randn(0, 4))
-    # other reductions have trustworthy rules and run
-    seg_sum = mf.fwd(lambda x: x.scatter_reduce(0, index, x * 2, reduce="sum"), name="ss")
-    x = _randn(0, 4)
-    _close(mf.mixed_grad(lambda x: seg_sum(x).pow(2).sum())(x), torch.func.grad(lambda x: seg_sum(x).pow(2).sum())(x))
+# -- 4. ops whose forward rule is wrong or missing: the double-vjp fallback --------------------------------
+def _unpool(x):
+    pooled, idx = F.max_pool2d(x, 2, stride=1, return_indices=True)  # overlapping windows: repeated indices
+    return F.max_unpool2d(pooled, idx, 2, stride=1, output_size=x.shape[-2:])
 
 
-def test_max_unpool_is_refused() -> None:
-    def body(x):
-        pooled, idx = F.max_pool2d(x, 2, return_indices=True)
-        return F.max_unpool2d(pooled, idx, 2)
+FALLBACK_BODIES = {
+    # PyTorch's forward rule yields no tangent: a silent zero before
+    "scatter_reduce_prod": lambda x: x.scatter_reduce(0, torch.tensor([0, 1, 0, 1]), x * 2, reduce="prod"),
+    "max_unpool2d": lambda x: _unpool(x.reshape(1, 1, 2, 2).repeat(1, 1, 2, 2)),  # its rule disagrees with backward
+    "cdist": lambda x: torch.cdist(x.reshape(2, 2), x.reshape(2, 2).flip(0) + 1.0),  # no forward rule at all
+    "backward_only_function": lambda x: _BackwardOnly.apply(x.sin()),
+}
 
-    seg = mf.fwd(body, name="unpool")
-    with pytest.raises(mf.ForwardModeError, match=r"segment 'unpool'.*max_unpool2d.*disagrees"):
-        mf.mixed_grad(lambda x: seg(x).sum())(_randn(0, 1, 1, 4, 4))
+
+@pytest.mark.parametrize("strategy", [mf.Exact(), mf.Exact(chunk_size=1)], ids=str)
+@pytest.mark.parametrize("body", FALLBACK_BODIES, ids=str)
+def test_ops_without_a_trustworthy_forward_rule_match_backprop(body: str, strategy: mf.Exact) -> None:
+    seg = mf.fwd(FALLBACK_BODIES[body], name="op")
+    x = _randn(0, 4) + torch.arange(4, dtype=DT)  # distinct values: max_unpool's ties are not at stake
+
+    def loss(x):
+        return (seg(x) * torch.linspace(-1, 2, seg(x).numel(), dtype=DT).reshape(seg(x).shape)).sum()
+
+    _close(mf.mixed_grad(loss, {"op": strategy})(x), torch.func.grad(loss)(x))
+    rows = mf.inspect(loss, {"op": strategy}, x).rows
+    assert any("double-vjp fallback" in flag for flag in rows[0].flags)
 
 
 # -- 5. unused inputs get an exact zero ------------------------------------------------------------------
@@ -321,10 +328,16 @@ class _BackwardOnly(torch.autograd.Function):
         return g * 3
 
 
-def test_custom_function_without_jvp_is_named() -> None:
-    seg = mf.fwd(lambda x: _BackwardOnly.apply(x), name="custom")
-    with pytest.raises(mf.ForwardModeError, match=r"segment 'custom'.*autograd.Function.*jvp"):
-        mf.mixed_grad(lambda x: seg(x).sum())(_randn(0, 3))
+class _DetachedBackward(_BackwardOnly):
+    @staticmethod
+    def backward(ctx, g):
+        return g.detach() * 3  # not differentiable: the fallback cannot differentiate it again
+
+
+def test_custom_function_with_a_non_differentiable_backward_is_named() -> None:
+    seg = mf.fwd(lambda x: _DetachedBackward.apply(x), name="custom")
+    with pytest.raises(mf.ForwardModeError, match=r"segment 'custom'.*_DetachedBackward.*jvp"):
+        mf.mixed_grad(lambda x: seg(x).sum())(_randn(0, 100))
 
 
 def test_large_exact_segment_warns_once() -> None:
@@ -345,3 +358,11 @@ def test_allow_unused_plan_keys() -> None:
     mf.mixed_grad(lambda x: seg(x).sum(), plan, allow_unused=True)(_randn(0, 3))
     with mf.use_plan(plan, allow_unused=True):
         pass
+
+
+def test_inspect_reports_a_huge_exact_segment_instead_of_running_it() -> None:
+    seg = mf.fwd(lambda w, x: torch.tanh(x @ w), name="huge")
+    w, x = torch.zeros(3000, 3000), torch.zeros(2, 3000)  # 9M tangents: Exact would refuse (36 GB basis)
+    row = mf.inspect(lambda w, x: seg(w, x).sum(), {}, w, x).rows[0]
+    assert row.tangents == 9_000_000 and row.saved_bytes == 9_000_000 * 2 * 3000 * 4
+    assert any("pushes 9000000 tangents" in flag and "predicted" in flag for flag in row.flags)
