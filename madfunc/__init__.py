@@ -7,6 +7,7 @@ between reverse mode, exact forward mode and randomized forward gradients.
 from ._checks import ForwardModeError as ForwardModeError
 from ._diagnostics import compare as compare
 from ._diagnostics import inspect as inspect
+from ._distributed import ddp_comm_hook as ddp_comm_hook
 from ._guards import PerformanceWarning as PerformanceWarning
 from ._ops import register_forward_rule as register_forward_rule
 from ._plan import Exact as Exact
@@ -43,6 +44,7 @@ __all__ = [
     "SegmentRow",
     "Strategy",
     "compare",
+    "ddp_comm_hook",
     "fwd",
     "inspect",
     "mixed_grad",

@@ -83,7 +83,7 @@ def _translate_error(name: str, error: BaseException) -> BaseException | None:
         )
     op = missing_forward_rule(message)
     if isinstance(error, (NotImplementedError, RuntimeError)) and op is not None:
-        what = f"op {op!r}" if op else "an op"
+        what = f"op '{op.strip(chr(39) + chr(34))}'" if op else "an op"
         return ForwardModeError(
             f"segment {name!r} runs in forward mode, but {what} inside it has no forward-mode (jvp) rule "
             f"in PyTorch {torch.__version__}. Mark the part that uses it rev() (or give segment {name!r} "

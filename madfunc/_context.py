@@ -35,6 +35,10 @@ class CallState:
     measure: bool = False  # diagnostics: also measure what reverse segments save for backward
     generator: torch.Generator | None = None  # the tangents' source (see _rng.TangentStream)
     allow_unused: bool = False  # plan keys may match no segment (segments that run only on some steps)
+    # Data parallelism (_distributed): the process group Random segments all-reduce their coefficients over
+    # (a Replicas, or None), and for mixed_grad the call that maps its differentiated argument leaves.
+    replicas: Any = None
+    functional: Any = None
     owners: dict[str, Any] = dataclasses.field(default_factory=dict)
     calls: list[SegmentCall] = dataclasses.field(default_factory=list)
     tangents: TangentStream = dataclasses.field(init=False)

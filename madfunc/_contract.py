@@ -21,7 +21,7 @@ __all__ = ["contract", "combine"]
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t  # a conj view must be resolved first
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,13 +47,19 @@ def combine(
     s: torch.Tensor | None,
     meta: Sequence[tuple[torch.Size, torch.dtype, torch.device]],
     used: Sequence[bool],
+    s_shared: torch.Tensor | None = None,
+    shared: Sequence[bool] = (),
 ) -> list[torch.Tensor]:
     """The gradients of the differentiated inputs (shapes, dtypes, devices in ``meta``) from ``s``.
 
     Inputs the segment never used (``used[i]`` False) get an exact zero; for ``Random`` their tangents
-    are not even regenerated.
+    are not even regenerated. Under a process group (``_distributed``), the inputs flagged in ``shared``
+    (parameters) are combined with ``s_shared``, the coefficients reduced over ranks, the others with
+    this rank's ``s``.
     """
-    if s is None or s.numel() == 0:  # no cotangent reached the outputs, or nothing to differentiate
+    if s_shared is not None:
+        s = torch.zeros_like(s_shared) if s is None else s
+    elif s is None or s.numel() == 0:  # no cotangent reached the outputs, or nothing to differentiate
         return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in meta]
     shapes = [m[0] for m in meta]
     dtypes = [m[1] for m in meta]
@@ -61,12 +67,15 @@ def combine(
         pieces = torch.split(s, [math.prod(shape) for shape in shapes])
         return [p.reshape(shape).to(dtype) for p, shape, dtype in zip(pieces, shapes, dtypes, strict=True)]
     assert isinstance(strategy, Random) and seed is not None
-    coef = s * (1.0 / strategy.k)  # scale the k coefficients, not the n-element gradients
+    local = s * (1.0 / strategy.k)  # scale the k coefficients, not the n-element gradients
+    coefs = [local] * len(meta)
+    if s_shared is not None:
+        coefs = [s_shared * (1.0 / strategy.k) if p else local for p in shared]
     if strategy.distribution == "orthogonal":  # orthogonal jointly over all leaves: drawn together
         tangents = draw_tangents(strategy.distribution, strategy.k, shapes, dtypes, s.device, seed)
         return [
             _combine(coef, v, dtype, reuse=False) if u else torch.zeros_like(v[0])
-            for v, dtype, u in zip(tangents, dtypes, used, strict=True)
+            for coef, v, dtype, u in zip(coefs, tangents, dtypes, used, strict=True)
         ]
     # Regenerate one leaf at a time (each has its own stream), so at most one leaf's tangents exist
     # next to the gradients.
@@ -74,7 +83,7 @@ def combine(
         _combine(coef, draw_leaf(strategy.distribution, strategy.k, shape, dtype, s.device, seed, index), dtype)
         if u
         else torch.zeros(shape, dtype=dtype, device=s.device)
-        for index, (shape, dtype, u) in enumerate(zip(shapes, dtypes, used, strict=True))
+        for index, (coef, shape, dtype, u) in enumerate(zip(coefs, shapes, dtypes, used, strict=True))
     ]
 
 

@@ -96,7 +96,10 @@ def _output_tangents(call: _Call, primals: tuple, tangents: tuple) -> tuple:
     """``J u`` for the float outputs, ``u`` the given tangents (None: no tangent for that input)."""
     which = [i for i, t in enumerate(tangents) if t is not None and primals[i].is_floating_point()]
     f = call.restricted(primals, which)
-    ys, vjp_fn = vjp(f, *(primals[i] for i in which))
+    try:
+        ys, vjp_fn = vjp(f, *(primals[i] for i in which))
+    except (RuntimeError, NotImplementedError) as error:  # e.g. a custom op whose autograd torch.func refuses
+        raise _fail(call, "its backward cannot run under torch.func", error) from error
     us = tuple(tangents[i] for i in which)
     if not which:
         return tuple(torch.zeros_like(y) for y in ys)
@@ -107,12 +110,14 @@ def _output_tangents(call: _Call, primals: tuple, tangents: tuple) -> tuple:
             # vjp_fn is linear in w: an output that does not depend on w must be zero (an input the op
             # ignores, a zero derivative). A nonzero one means the backward detached its result or was
             # once_differentiable (whose error node has no edge to w, so autograd would return zeros).
-            cut = not g.requires_grad or g.grad_fn.name() == "torch::autograd::Error"
+            cut = not g.requires_grad or g.grad_fn is None or g.grad_fn.name() == "torch::autograd::Error"
             if cut and _surely_nonzero(g):
                 raise _fail(call, "its result does not depend on the output gradient through autograd")
         return gs
 
     m = sum(y.numel() for y in ys)
+    if m == 0:  # empty outputs (e.g. pdist of one row): nothing to differentiate
+        return tuple(torch.zeros_like(y) for y in ys)
     try:
         # Any point w works since the map is linear; ones, not zeros, so the check above can see a
         # detached backward, and not random, so vmap(randomness="error") is fine.

@@ -78,7 +78,7 @@ def check_finite(name: str, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Te
     even where ``ybar`` is 0), so unlike backprop no gradient entry would survive.
     """
     for i, y, ydot in zip(index, ys, ydots, strict=True):
-        if _is_batched(y) or _is_batched(ydot):
+        if _is_batched(y) or _is_batched(ydot) or y.layout != torch.strided:
             continue  # data-dependent checks cannot run under vmap
         finite = torch.isfinite(ydot)
         if bool(finite.all()):

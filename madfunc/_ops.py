@@ -19,19 +19,26 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import optree
 import torch
 import torch.nn.functional as F
+from torch.autograd.forward_ad import unpack_dual
 from torch.overrides import TorchFunctionMode
 
 from ._checks import ForwardModeError, missing_forward_rule
 from ._fallback import NoForwardRuleError, function_with_fallback, has_jvp, jvp_by_double_vjp
+
+
+def has_tangent(t: torch.Tensor) -> bool:
+    return unpack_dual(t).tangent is not None
+
 
 try:  # what SomeFunction.apply(...) becomes under a functorch transform (a HigherOrderOperator)
     from torch._functorch.autograd_function import custom_function_call as _CUSTOM_FUNCTION_CALL
 except ImportError:  # pragma: no cover - other PyTorch versions: custom Functions go their own way
     _CUSTOM_FUNCTION_CALL = object()
 
-__all__ = ["OpRules", "RULES", "reference_kernels", "register_forward_rule"]
+__all__ = ["OpFailed", "OpRules", "RULES", "reference_kernels", "register_forward_rule"]
 
 # Tensor queries that read metadata only: a tensor passed to them is not "used" by the segment.
 _METADATA = frozenset(
@@ -48,7 +55,9 @@ def _double_vjp(mode: OpRules, name: str, func: Callable[..., Any], args: tuple,
     mode.fallbacks.add(name)
     try:
         return jvp_by_double_vjp(func, *args, **kwargs)
-    except NoForwardRuleError as error:
+    except (NoForwardRuleError, RuntimeError, NotImplementedError) as error:
+        if isinstance(error, ForwardModeError):
+            raise
         raise ForwardModeError(
             f"segment {mode.segment!r} runs in forward mode, but op {name!r} inside it cannot run in forward mode "
             f"(PyTorch {torch.__version__}): {error} Mark the part that uses it rev() (or give segment "
@@ -58,10 +67,22 @@ def _double_vjp(mode: OpRules, name: str, func: Callable[..., Any], args: tuple,
 
 def _scatter_reduce(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     # PyTorch's forward rule for reduce="prod" yields no tangent at all (a silent zero); the others are right.
-    reduce = kwargs.get("reduce", args[3] if len(args) > 3 else None)
+    reduce = kwargs.get("reduce", args[4] if len(args) > 4 else None)  # (input, dim, index, src, reduce)
     if reduce == "prod":
         return _double_vjp(mode, f"{name}(reduce='prod')", func, args, kwargs)
     return func(*args, **kwargs)
+
+
+def _cdist(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    # cdist has no forward rule, and its usual backward (_cdist_backward) is not differentiable. For p = 2
+    # the matrix-product kernel (_euclidean_dist) has a differentiable backward: the fallback works there.
+    # p = 0 counts nonzero differences: piecewise constant, its derivative is zero (as cdist's backward).
+    x1, x2, p = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("p", 2.0)
+    if p == 0:  # the value without tangents, then a zero tangent (and zero gradient) from both inputs
+        return func(x1.detach(), x2.detach(), *args[2:], **kwargs) + 0 * (x1.sum() + x2.sum())
+    if p == 2:
+        return _double_vjp(mode, name, func, (x1, x2, 2.0), {"compute_mode": "use_mm_for_euclid_dist"})
+    return _double_vjp(mode, name, func, args, kwargs)
 
 
 def _native_rnn(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -78,13 +99,19 @@ def _native_rnn(mode: OpRules, name: str, func: Callable[..., Any], args: tuple,
 
 # op (torch function, or custom autograd.Function class) -> rule(mode, op name, func, args, kwargs).
 # Found by the op_db sweep (tests/test_opdb_sweep.py): max_unpool's forward rule disagrees with its
-# backward where pooled indices repeat; scatter_reduce(prod)'s yields no tangent.
+# backward where pooled indices repeat; scatter_reduce(prod)'s yields no tangent or a wrong one.
 RULES: dict[Any, Callable[..., Any]] = {
     torch.scatter_reduce: _scatter_reduce,
     torch.Tensor.scatter_reduce: _scatter_reduce,
     F.max_unpool1d: _double_vjp,
     F.max_unpool2d: _double_vjp,
     F.max_unpool3d: _double_vjp,
+    # logcumsumexp's forward rule is exact in exact arithmetic but loses ~1e-7 relative to its backward
+    # rule on inputs of magnitude 1e4 (found by the sweep): route it so that forward segments agree with
+    # backprop to rounding.
+    torch.logcumsumexp: _double_vjp,
+    torch.Tensor.logcumsumexp: _double_vjp,
+    torch.cdist: _cdist,
     torch.lstm: _native_rnn,
     torch.gru: _native_rnn,
     torch.rnn_tanh: _native_rnn,
@@ -132,18 +159,33 @@ def register_forward_rule(op: Any, rule: Callable[..., Any] | None = None) -> No
         RULES[op] = lambda mode, name, func, args, kwargs: rule(*args, **kwargs)
 
 
+class OpFailed(RuntimeError):
+    """An op failed inside a forward segment, by its own rule and by the fallback."""
+
+
 class OpRules(TorchFunctionMode):
     """Active around a forward segment's body in every tangent pass; see the module docstring."""
 
-    def __init__(self, segment: str, watched: Sequence[torch.Tensor] = ()) -> None:
+    def __init__(self, segment: str, watched: Sequence[torch.Tensor] = (), strict: bool = False) -> None:
         super().__init__()
         self.segment = segment
         self.watched = {id(t): i for i, t in enumerate(watched)}
         self.used: set[int] = set()
         self.fallbacks: set[str] = set()  # ops that ran by the double-vjp fallback (inspect lists them)
+        # strict (a diagnosis, see _passes.check_tangents): also see nested calls, and route every top-level
+        # op in whose subtree a tangent was dropped to the fallback; ``learned`` names them.
+        self.strict = strict
+        self.learned: set[str] = set()
+        self._stack: list[tuple] = []  # the calls being run, outermost first
+        self._dropped = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        if self.strict:
+            return self._strict(func, args, kwargs)
+        return self._run(func, args, kwargs)
+
+    def _run(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
         if self.watched and func not in _METADATA:
             self._record(args)
             self._record(kwargs.values())
@@ -156,11 +198,45 @@ class OpRules(TorchFunctionMode):
         try:
             return func(*args, **kwargs)
         except (NotImplementedError, RuntimeError) as error:
-            # No forward rule (found when the op ran, before it had an effect): take the fallback.
-            # An in-place op may already have written to its operand, so it is not re-run.
-            if isinstance(error, ForwardModeError) or missing_forward_rule(str(error)) is None or name.endswith("_"):
+            # The op cannot run in forward mode (no forward rule, or its forward-mode kernel fails where its
+            # plain one works): take the fallback. An in-place op may already have written to its operand,
+            # so it is not re-run; an error the fallback hits too is the op's own (a user error): re-raised.
+            if isinstance(error, ForwardModeError) or _in_place(func, kwargs):
                 raise
-        return _double_vjp(self, name, func, args, kwargs)
+            if missing_forward_rule(str(error)) is not None:
+                return _double_vjp(self, name, func, args, kwargs)
+            try:
+                out = _double_vjp(self, name, func, args, kwargs)
+            except Exception:  # noqa: BLE001 - the original error says more
+                raise OpFailed(
+                    f"segment {self.segment!r}: op {name!r} failed inside the forward segment, and again when run by "
+                    "the double-vjp fallback. If it runs in plain PyTorch, it cannot run under torch.func's "
+                    "transforms (jvp, vmap): mark the part that uses it rev() (or give segment "
+                    f"{self.segment!r} Reverse()).\nPyTorch said: {_first_line(error)}"
+                ) from error
+            return out
+
+    def _strict(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
+        key = (func, tuple(map(id, args)))
+        if self._stack and self._stack[-1] == key:
+            # A Python-level function that hands itself back to torch-function dispatch (as Tensor methods
+            # written in Python do): run it once more without re-entering, or it would recurse forever.
+            return self._run(func, args, kwargs)
+        top = not self._stack
+        if top:
+            self._dropped = False
+        self._stack.append(key)
+        try:
+            with self:  # re-enter: the calls inside func come back here too
+                out = self._run(func, args, kwargs)
+        finally:
+            self._stack.pop()
+        if getattr(func, "__name__", "") not in _DROPS_BY_DESIGN and _drops_tangent(args, kwargs, out):
+            self._dropped = True
+        if top and self._dropped and func not in RULES and func not in _METADATA and not _in_place(func, kwargs):
+            RULES[func] = _double_vjp
+            self.learned.add(getattr(func, "__name__", str(func)))
+        return out
 
     def _custom_function(self, cls: type, args: tuple, kwargs: dict) -> Any:
         rule = RULES.get(cls)
@@ -186,6 +262,39 @@ class OpRules(TorchFunctionMode):
                     self.used.add(index)
             elif isinstance(value, (list, tuple)):  # torch.cat([...]), torch.stack((...))
                 self._record(value)
+
+
+# Functions whose outputs carry no tangent by definition: not evidence of a dropped tangent.
+_DROPS_BY_DESIGN = frozenset(
+    ("detach", "detach_", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+     "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "__get__")
+)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
+
+
+def _in_place(func: Any, kwargs: dict) -> bool:
+    """Whether ``func`` writes to an operand (it must never be re-run by the fallback)."""
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__" or (
+        "out" in kwargs
+    )
+
+
+def _drops_tangent(args: tuple, kwargs: dict, out: Any) -> bool:
+    """Whether a floating output lacks a tangent although an input has one (at the current jvp level)."""
+    outs = [
+        o for o in optree.tree_leaves(out) if isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex())
+    ]
+    # All outputs: a multi-output op may leave some without tangents by design (native_batch_norm's saved
+    # statistics); an op that drops the tangent of one output among several is not caught here.
+    if not outs or any(has_tangent(o) for o in outs):
+        return False
+    inputs = optree.tree_leaves((args, kwargs), is_leaf=lambda x: isinstance(x, torch.Tensor))
+    return any(isinstance(t, torch.Tensor) and has_tangent(t) for t in inputs)
 
 
 @contextlib.contextmanager

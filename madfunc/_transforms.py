@@ -9,16 +9,23 @@ from typing import Any
 
 import torch
 
-from . import _context
+from . import _context, _distributed
+from ._distributed import Reduction
 from ._plan import PlanLike, as_plan
 
 __all__ = ["mixed_grad", "mixed_grad_and_value", "use_plan"]
 
 ArgNums = int | tuple[int, ...]
+ProcessGroupLike = Any  # a torch.distributed.ProcessGroup, "world" or None (typed loosely: dist may be absent)
 
 
 def _planned(
-    fn: Callable[..., Any], plan: PlanLike, where: str, generator: torch.Generator | None, allow_unused: bool
+    fn: Callable[..., Any],
+    plan: PlanLike,
+    where: str,
+    generator: torch.Generator | None,
+    allow_unused: bool,
+    argnums: ArgNums = 0,
 ) -> Callable[..., Any]:
     """``fn`` run with ``plan`` active; checks that every plan key was used, before any backward work."""
     checked = as_plan(plan)
@@ -29,6 +36,10 @@ def _planned(
     @functools.wraps(fn)
     def inner(*args: Any, **kwargs: Any) -> Any:
         state = _context.CallState(checked, where, generator=generator, allow_unused=allow_unused)
+        call = _distributed.current_call()  # set by _distributed.reducing under a process group
+        if call is not None:
+            call.bind(args, argnums)  # the differentiated arguments as torch.func.grad wrapped them
+            state.replicas, state.functional = call.replicas, call
         with _context.activate(state):
             out = fn(*args, **kwargs)
         state.check_plan_used()
@@ -53,6 +64,8 @@ def mixed_grad_and_value(
     *,
     generator: torch.Generator | None = None,
     allow_unused: bool = False,
+    process_group: ProcessGroupLike = None,
+    reduction: Reduction = "mean",
 ) -> Callable[..., Any]:
     """Like ``torch.func.grad_and_value``, with each segment differentiated as ``plan`` says.
 
@@ -68,6 +81,14 @@ def mixed_grad_and_value(
             ``None`` derives them from torch's default generator (see README, "Randomness"). Default: ``None``.
         allow_unused: if True, a plan key that matches no segment of a call is not an error (for segments
             that run only on some steps). Default: ``False``.
+        process_group: data parallelism (README, "Distributed"): a ``torch.distributed`` process group (or
+            ``"world"`` for the default one) over which the returned gradient is reduced: each ``Random``
+            segment all-reduces its k coefficients and rebuilds its parameters' gradients from the shared
+            seed, and the other gradients are all-reduced in one call per dtype. Every differentiated
+            argument is taken to be replicated (parameters). The value (and aux) stay this rank's.
+            Default: ``None`` (one process, no communication).
+        reduction: ``"mean"`` (the gradient of the mean of the ranks' losses, as DDP) or ``"sum"``.
+            Default: ``"mean"``.
 
     Returns:
         A function returning ``(grad, value)``; with ``has_aux``, ``(grad, (value, aux))``. ``grad``
@@ -80,9 +101,14 @@ def mixed_grad_and_value(
         >>> g, value
         (tensor([2., 4.]), tensor(5.))
     """
-    return torch.func.grad_and_value(
-        _planned(fn, plan, "mixed_grad_and_value", generator, allow_unused), argnums, has_aux
+    _distributed.check_options("mixed_grad_and_value", process_group, reduction)
+    transformed = torch.func.grad_and_value(
+        _planned(fn, plan, "mixed_grad_and_value", generator, allow_unused, argnums), argnums, has_aux
     )
+    if process_group is None:
+        return transformed
+    grads = _distributed.split_grads(has_aux, with_value=True)
+    return _distributed.reducing(transformed, "mixed_grad_and_value", process_group, reduction, grads)
 
 
 def mixed_grad(
@@ -93,6 +119,8 @@ def mixed_grad(
     *,
     generator: torch.Generator | None = None,
     allow_unused: bool = False,
+    process_group: ProcessGroupLike = None,
+    reduction: Reduction = "mean",
 ) -> Callable[..., Any]:
     """Like ``torch.func.grad``, with each segment differentiated as ``plan`` says.
 
@@ -107,6 +135,14 @@ def mixed_grad(
             ``None`` derives them from torch's default generator (see README, "Randomness"). Default: ``None``.
         allow_unused: if True, a plan key that matches no segment of a call is not an error (for segments
             that run only on some steps). Default: ``False``.
+        process_group: data parallelism (README, "Distributed"): a ``torch.distributed`` process group (or
+            ``"world"`` for the default one) over which the returned gradient is reduced: each ``Random``
+            segment all-reduces its k coefficients and rebuilds its parameters' gradients from the shared
+            seed, and the other gradients are all-reduced in one call per dtype. Every differentiated
+            argument is taken to be replicated (parameters). The value (and aux) stay this rank's.
+            Default: ``None`` (one process, no communication).
+        reduction: ``"mean"`` (the gradient of the mean of the ranks' losses, as DDP) or ``"sum"``.
+            Default: ``"mean"``.
 
     Returns:
         A function returning the gradient (structured like argument ``argnums``, a tuple for a tuple
@@ -126,12 +162,22 @@ def mixed_grad(
         >>> estimate.shape
         torch.Size([3, 2])
     """
-    return torch.func.grad(_planned(fn, plan, "mixed_grad", generator, allow_unused), argnums, has_aux)
+    _distributed.check_options("mixed_grad", process_group, reduction)
+    transformed = torch.func.grad(_planned(fn, plan, "mixed_grad", generator, allow_unused, argnums), argnums, has_aux)
+    if process_group is None:
+        return transformed
+    grads = _distributed.split_grads(has_aux, with_value=False)
+    return _distributed.reducing(transformed, "mixed_grad", process_group, reduction, grads)
 
 
 @contextlib.contextmanager
 def use_plan(
-    plan: PlanLike = None, *, generator: torch.Generator | None = None, allow_unused: bool = False
+    plan: PlanLike = None,
+    *,
+    generator: torch.Generator | None = None,
+    allow_unused: bool = False,
+    process_group: ProcessGroupLike = None,
+    reduction: Reduction = "mean",
 ) -> Iterator[None]:
     """Make segments honour ``plan`` under plain autograd (``loss.backward()``) inside the block.
 
@@ -142,6 +188,12 @@ def use_plan(
         plan: as for :func:`mixed_grad`. Default: ``None``.
         generator: as for :func:`mixed_grad`: the source of ``Random`` tangents. Default: ``None``.
         allow_unused: as for :func:`mixed_grad`. Default: ``False``.
+        process_group: data parallelism (README, "Distributed"): each ``Random`` segment call's backward
+            all-reduces its k coefficients over this ``torch.distributed`` process group (or ``"world"``)
+            and gives its parameters (leaf tensors) the gradient rebuilt from them, identical on every
+            rank; its activation inputs keep this rank's share. Register :func:`ddp_comm_hook` on the DDP
+            model so that DDP leaves those gradients alone. Default: ``None``.
+        reduction: ``"mean"`` (as DDP) or ``"sum"``. Default: ``"mean"``.
 
     Examples:
         >>> import torch, madfunc as mf
@@ -154,6 +206,7 @@ def use_plan(
     """
     _check_generator("use_plan", generator)
     state = _context.CallState(as_plan(plan), "use_plan", generator=generator, allow_unused=allow_unused)
+    state.replicas = _distributed.resolve("use_plan", process_group, reduction)
     with _context.activate(state):
         yield
     state.check_plan_used()

@@ -366,3 +366,76 @@ def test_inspect_reports_a_huge_exact_segment_instead_of_running_it() -> None:
     row = mf.inspect(lambda w, x: seg(w, x).sum(), {}, w, x).rows[0]
     assert row.tangents == 9_000_000 and row.saved_bytes == 9_000_000 * 2 * 3000 * 4
     assert any("pushes 9000000 tangents" in flag and "predicted" in flag for flag in row.flags)
+
+
+@torch.library.custom_op("madfunc_test::triple", mutates_args=())
+def _triple(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
+_triple.register_autograd(lambda ctx, g: g * 3, setup_context=lambda ctx, inputs, output: None)
+
+
+@pytest.mark.parametrize("strategy", [mf.Exact(), mf.Random(2)], ids=str)
+def test_op_that_silently_drops_tangents_is_found_not_contracted(strategy: mf.Strategy) -> None:
+    """A custom op with only a backward yields *no* tangent in forward mode (PyTorch returns zeros), and
+    its autograd cannot run under torch.func, so the fallback cannot help: a clear error, not zeros."""
+    seg = mf.fwd(lambda w, x: torch.tanh(_triple(x @ w)), name="custom_op")
+    w, x = _randn(0, 4, 3).requires_grad_(), _randn(1, 6, 4)
+    with pytest.raises(mf.ForwardModeError, match=r"(?s)segment 'custom_op'.*triple"):
+        with mf.use_plan({"custom_op": strategy}):
+            seg(w, x).pow(2).sum().backward()
+
+
+def _unbatchable(h: torch.Tensor) -> torch.Tensor:
+    """Stands for an op that fails under vmap (and by the fallback, which runs under vmap too)."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    if any(str(i.key()) == "TransformType.Vmap" for i in retrieve_all_functorch_interpreters()):
+        raise RuntimeError("this op has no batching rule")
+    return h.sin()
+
+
+@pytest.mark.parametrize("strategy", [mf.Exact(), mf.Random(3, seeding="lazy")], ids=str)
+def test_body_vmap_cannot_batch_runs_one_tangent_at_a_time(strategy: mf.Strategy) -> None:
+    name = f"loop_{type(strategy).__name__}"  # the warning comes once per segment name
+    seg = mf.fwd(lambda w, x: _unbatchable(x @ w), name=name)
+    w, x = _randn(0, 4, 3), _randn(1, 2, 4)
+    loss = lambda w, x: seg(w, x).pow(2).sum()  # noqa: E731
+    with pytest.warns(mf.PerformanceWarning, match=rf"segment '{name}': torch.func.vmap cannot batch"):
+        torch.manual_seed(0)
+        got = mf.mixed_grad(loss, {name: strategy}, argnums=(0, 1))(w, x)
+    if isinstance(strategy, mf.Exact):
+        _close(got, torch.func.grad(loss, argnums=(0, 1))(w, x))
+    else:  # the same estimate as eager seeding with vmap would give: the tangents do not depend on the path
+        seg_ok = mf.fwd(lambda w, x: (x @ w).sin(), name=name)
+        torch.manual_seed(0)
+        want = mf.mixed_grad(lambda w, x: seg_ok(w, x).pow(2).sum(), {name: strategy}, argnums=(0, 1))(w, x)
+        _close(got, want)
+
+
+def test_torch_op_vmap_cannot_batch_is_exact() -> None:
+    # .to(channels_last) needs a 4-d tensor; under vmap the tangent batch makes it 5-d (also in the fallback).
+    seg = mf.fwd(lambda w, x: (x @ w).reshape(1, 2, 3, 3).to(memory_format=torch.channels_last).sin(), name="cl")
+    w, x = _randn(0, 4, 9), _randn(1, 2, 4)
+    loss = lambda w, x: seg(w, x).pow(2).sum()  # noqa: E731
+    with warnings.catch_warnings():  # by the fallback or one tangent at a time: right either way
+        warnings.simplefilter("ignore", mf.PerformanceWarning)
+        got = mf.mixed_grad(loss, argnums=(0, 1))(w, x)
+    _close(got, torch.func.grad(loss, argnums=(0, 1))(w, x))
+
+
+def test_op_torch_func_cannot_run_is_named() -> None:
+    idx = torch.tensor([1, 3])  # tensor_split with tensor indices: torch.func's grad, jvp and vmap all fail
+    seg = mf.fwd(lambda w, x: torch.tensor_split(x @ w, idx, dim=1)[1].sin(), name="split")
+    w = _randn(0, 4, 5).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"(?s)segment 'split': op 'tensor_split' failed.*rev\(\)"):
+        with mf.use_plan({}):
+            seg(w, _randn(1, 6, 4))
+
+
+def test_conjugate_complex_output() -> None:
+    seg = mf.fwd(lambda x: torch.fft.ifft(x * 2).conj(), name="ifft")
+    x = _randn(0, 6)
+    loss = lambda x: torch.view_as_real(seg(x)).pow(2).sum() + torch.view_as_real(seg(x))[:, 1].sum()  # noqa: E731
+    _close(mf.mixed_grad(loss)(x), torch.func.grad(loss)(x))

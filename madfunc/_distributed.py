@@ -1,0 +1,291 @@
+"""Data parallelism on torch.distributed: a ``Random`` segment all-reduces its k coefficients, not n gradients.
+
+With tangents shared by every rank (the same seed), a ``Random`` segment's parameter gradient
+``(1/k) sum_j s_j v_j`` is fixed by its k numbers ``s_j = <J v_j, ybar>``, and averaging gradients over
+ranks is averaging the ``s_j``: the data-parallel gradient is ``(1/k) sum_j mean_r(s_j^r) v_j``. So with a
+process group, each ``Random`` segment call's backward all-reduces ``s`` (k numbers plus a seed
+fingerprint) and every rank rebuilds the same parameter gradient from the seed. Only *parameters* take
+the all-reduced ``s``: an *activation input*'s cotangent belongs to this rank's shard (it flows on into
+this rank's upstream graph, which the usual reduction averages later), so it takes the local ``s``;
+the global one would mix other ranks' data into it and bias the upstream gradient.
+
+What counts as a parameter: under plain autograd (``use_plan``), a leaf tensor (an ``nn.Parameter``, or
+any tensor created with ``requires_grad=True``); under ``mixed_grad``, a leaf of the differentiated
+arguments passed to the segment as it is (a tensor computed from it, ``w * 1``, is an activation).
+Gradients reduced this way must not be reduced again: :func:`ddp_comm_hook` leaves them out of DDP's
+buckets, and ``mixed_grad(..., process_group=...)`` all-reduces only the other gradients.
+"""
+
+# No ``from __future__ import annotations`` here: DDP's register_comm_hook inspects ddp_comm_hook's
+# annotations and accepts only the objects dist.GradBucket and torch.futures.Future[torch.Tensor].
+import contextvars
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import optree
+import torch
+import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ._checks import _is_batched
+from ._plan import Random
+from ._tangents import leaf_seed
+
+__all__ = ["Replicas", "ddp_comm_hook", "prepare", "reducing", "resolve"]
+
+Reduction = Literal["mean", "sum"]
+
+# The seed fingerprint rides in the same float64 all-reduce as s: 4 chunks h of 12 bits, and their
+# squares. Ranks agree iff N * sum(h^2) == (sum h)^2 for every chunk (the gap is the sum of (h_a - h_b)^2
+# over pairs of ranks), and with h < 2^12 every such number is an integer below 2^53, so the test is exact
+# in float64 for N < 2^14.5 ranks. 48 bits: two different seeds share a fingerprint with chance 2^-48.
+_CHUNKS, _BITS = 4, 12
+FINGERPRINT_NUMBERS = 2 * _CHUNKS
+
+# Parameters whose gradient a Random segment's backward already reduced in this step, for ddp_comm_hook
+# (weakly held, popped by the hook: a parameter counts once per backward).
+_REDUCED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicas:
+    """A resolved process group: the ranks whose gradients are reduced, and how (mean or sum)."""
+
+    group: Any
+    world_size: int
+    reduction: str
+
+
+def check_options(where: str, process_group: Any, reduction: Any) -> None:
+    """Validate ``process_group``/``reduction`` types and values when the transform is built."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"{where}(reduction=...): expected 'mean' or 'sum', got {reduction!r}.")
+    if process_group is None or process_group == "world":
+        return
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(
+            f"{where}(process_group=...): expected a torch.distributed.ProcessGroup (e.g. dist.group.WORLD), "
+            f"'world' or None, got {type(process_group).__name__} {process_group!r:.60}."
+        )
+
+
+def resolve(where: str, process_group: Any, reduction: str) -> Replicas | None:
+    """The process group to reduce over, or None; refuses one that torch.distributed cannot use now."""
+    check_options(where, process_group, reduction)
+    if process_group is None:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{where}(process_group={process_group!r:.40}): torch.distributed is not initialised. Call "
+            "torch.distributed.init_process_group(...) first on every rank (under torchrun: "
+            "init_process_group('gloo') on CPU, 'nccl' on GPU), or drop process_group for one process."
+        )
+    group = dist.group.WORLD if process_group == "world" else process_group
+    try:
+        world_size = dist.get_world_size(group)
+    except (RuntimeError, ValueError) as error:
+        raise RuntimeError(
+            f"{where}(process_group=...): this process group cannot be used ({error}); it was destroyed or "
+            "this rank is not a member. Pass a live group that contains every rank, e.g. dist.group.WORLD."
+        ) from error
+    return Replicas(group, world_size, reduction)
+
+
+def fingerprint(seed: int) -> list[float]:
+    """The seed's 4 x 12-bit chunks (a SplitMix64 hash of it) and their squares."""
+    z = leaf_seed(seed, 0x5EED)  # decorrelated from the leaf seeds (indices 0, 1, ...)
+    chunks = [float((z >> (_BITS * i)) & ((1 << _BITS) - 1)) for i in range(_CHUNKS)]
+    return chunks + [h * h for h in chunks]
+
+
+def _disagreement_error(name: str, world_size: int) -> RuntimeError:
+    return RuntimeError(
+        f"segment {name!r}: the {world_size} ranks of the process group drew different Random tangents (the "
+        "fingerprints of their tangent seeds differ), so all-reducing the coefficients would mix unrelated "
+        "directions. Seed torch identically on every rank before the step (torch.manual_seed(seed), not "
+        "seed + rank), or give use_plan/mixed_grad generator=torch.Generator().manual_seed(seed) with the "
+        "same seed on every rank (then torch's own RNG may differ per rank, e.g. for dropout)."
+    )
+
+
+class SegmentReduction:
+    """What one ``Random`` segment call's backward does under a process group (see the module docstring)."""
+
+    def __init__(self, replicas: Replicas, params: list[bool], record: Callable[[], None]) -> None:
+        self.replicas = replicas
+        self.params = params  # per differentiated input: a parameter (global s) or an activation (local s)
+        self.record = record  # tells the later reduction (DDP hook, mixed_grad) to leave these gradients alone
+
+    def reduce(self, name: str, s: torch.Tensor | None, seed: int, k: int) -> torch.Tensor:
+        """``s`` averaged (or summed) over ranks: one all-reduce of k + 8 float64 numbers."""
+        if s is not None and _is_batched(s):
+            raise RuntimeError(
+                f"segment {name!r}: process_group is not supported under torch.func.vmap (per-example "
+                "gradients have no data-parallel reduction); drop process_group inside vmap."
+            )
+        local = torch.zeros(k, dtype=torch.float64) if s is None else s.detach().to(torch.float64).reshape(-1)
+        # float64 whatever the model's dtype: the fingerprint test must be exact (see _CHUNKS).
+        buffer = torch.cat([local.cpu(), torch.tensor(fingerprint(seed), dtype=torch.float64)])
+        if s is not None and s.device.type != "cpu":
+            buffer = buffer.to(s.device)
+        dist.all_reduce(buffer, group=self.replicas.group)
+        n_ranks = self.replicas.world_size
+        sums, squares = buffer[-FINGERPRINT_NUMBERS:].double().cpu().split(_CHUNKS)
+        if not torch.equal(n_ranks * squares, sums * sums):
+            raise _disagreement_error(name, n_ranks)
+        total = buffer[: local.numel()]
+        if self.replicas.reduction == "mean":
+            total = total / n_ranks
+        self.record()
+        return total.to(local.dtype if s is None else s.dtype)
+
+
+class FunctionalCall:
+    """One ``mixed_grad`` call under a process group: argument leaves, and those already reduced."""
+
+    def __init__(self, replicas: Replicas) -> None:
+        self.replicas = replicas
+        self.slots: dict[int, int] = {}  # id of a differentiated argument leaf -> its index among the leaves
+        self.reduced: set[int] = set()
+
+    def bind(self, args: tuple, argnums: int | tuple[int, ...]) -> None:
+        chosen = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+        self.slots = {id(t): i for i, t in enumerate(optree.tree_leaves(chosen)) if isinstance(t, torch.Tensor)}
+
+
+_CALL: contextvars.ContextVar[FunctionalCall | None] = contextvars.ContextVar("madfunc_dp_call", default=None)
+
+
+def current_call() -> FunctionalCall | None:
+    """The ``mixed_grad`` call under a process group now running, or None."""
+    return _CALL.get()
+
+
+def prepare(engine: Any, state: Any) -> SegmentReduction | None:
+    """The backward's reduction for one forward segment call (None: no process group, or nothing to share).
+
+    Called from ``_ForwardSegment.setup_context``; ``engine.leaves``/``captured`` are the tensors as the
+    caller passed them (under torch.func.grad, the differentiated arguments' own wrappers).
+    """
+    if state is None or state.replicas is None or not isinstance(engine.strategy, Random):
+        return None
+    objects = [engine.leaves[p] for p in engine.positions] + engine.captured.tensors()
+    inputs = [objects[i] for i in engine.diff]
+    call: FunctionalCall | None = state.functional
+    if call is not None:
+        slots = [call.slots.get(id(t)) for t in inputs]
+        params = [slot is not None for slot in slots]
+
+        def record() -> None:
+            call.reduced.update(slot for slot in slots if slot is not None)
+    else:
+        params = [t.is_leaf for t in inputs]
+        leaves = [t for t, p in zip(inputs, params, strict=True) if p]
+
+        def record() -> None:
+            for t in leaves:
+                _REDUCED[t] = True
+
+    if not any(params):  # activations only: the local s is all this segment needs
+        return None
+    return SegmentReduction(state.replicas, params, record)
+
+
+def _all_reduce_except(grads: Any, skip: set[int], replicas: Replicas) -> None:
+    """All-reduce, in place and in one call per dtype, the gradient leaves whose index is not in ``skip``."""
+    leaves = [t for i, t in enumerate(optree.tree_leaves(grads)) if i not in skip]
+    for dtype in dict.fromkeys(t.dtype for t in leaves):
+        group = [t for t in leaves if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, group=replicas.group)
+        if replicas.reduction == "mean":
+            flat /= replicas.world_size
+        for t, piece in zip(group, flat.split([t.numel() for t in group]), strict=True):
+            t.copy_(piece.view_as(t))
+
+
+def reducing(
+    grad_fn: Callable[..., Any], where: str, process_group: Any, reduction: str, grads_of: Callable[[Any], Any]
+) -> Callable[..., Any]:
+    """``grad_fn`` (a torch.func gradient transform of a planned function) whose gradients are reduced
+    over ``process_group``: those Random segments reduced already are left as they are."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        replicas = resolve(where, process_group, reduction)
+        current = FunctionalCall(replicas) if replicas is not None else None
+        token = _CALL.set(current)
+        try:
+            out = grad_fn(*args, **kwargs)
+        finally:
+            _CALL.reset(token)
+        if current is not None:
+            _all_reduce_except(grads_of(out), current.reduced, current.replicas)
+        return out
+
+    return call
+
+
+def ddp_comm_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """A DDP communication hook: all-reduce (mean) a bucket's gradients except those a ``Random`` segment
+    has already reduced over ranks (``use_plan(..., process_group=...)``), which it leaves as they are.
+
+    Register it with ``ddp_model.register_comm_hook(process_group, mf.ddp_comm_hook)``. Without ``Random``
+    segments under a process group it is DDP's default all-reduce hook; buckets whose parameters were all
+    reduced already send nothing. It averages, as DDP does: keep ``use_plan``'s default ``reduction="mean"``.
+    Forgetting it is safe: DDP then averages the already-reduced gradients too (identical on every rank,
+    so unchanged), at the full cost in bytes.
+
+    Args:
+        state: the process group to all-reduce over; ``None`` for the default group. Default: none (DDP
+            passes what ``register_comm_hook`` was given).
+        bucket: the gradient bucket, from DDP.
+
+    Returns:
+        A future holding the bucket's buffer with the reduced gradients, as DDP expects.
+
+    Examples:
+        >>> import torch, torch.distributed as dist, madfunc as mf
+        >>> from torch.nn.parallel import DistributedDataParallel as DDP
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # torchrun: no store
+        >>> model = DDP(torch.nn.Sequential(mf.fwd(torch.nn.Linear(3, 4), name="stem"), torch.nn.Linear(4, 1)))
+        >>> model.register_comm_hook(dist.group.WORLD, mf.ddp_comm_hook)
+        >>> with mf.use_plan({"stem": mf.Random(k=2)}, process_group=dist.group.WORLD):
+        ...     model(torch.ones(5, 3)).sum().backward()
+        >>> model.module[0].module.weight.grad.shape
+        torch.Size([4, 3])
+        >>> dist.destroy_process_group()
+    """
+    group = dist.group.WORLD if state is None else state
+    world_size = dist.get_world_size(group)
+    buffer = bucket.buffer()
+    grads = bucket.gradients()  # views into ``buffer``
+    keep = [_REDUCED.pop(p, None) is None for p in bucket.parameters()]
+    whole = all(keep)
+    if whole:
+        flat = buffer.div_(world_size)
+    elif not any(keep):
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        done.set_result(buffer)
+        return done
+    else:
+        flat = torch.cat([g.reshape(-1) for g, kept in zip(grads, keep, strict=True) if kept]).div_(world_size)
+    work = dist.all_reduce(flat, group=group, async_op=True)
+    assert work is not None
+
+    def write_back(fut: torch.futures.Future) -> torch.Tensor:
+        reduced = fut.value()[0]
+        if not whole:
+            offset = 0
+            for g, kept in zip(grads, keep, strict=True):
+                if kept:
+                    g.copy_(reduced[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
+        return buffer
+
+    return work.get_future().then(write_back)
+
+
+def split_grads(has_aux: bool, with_value: bool) -> Callable[[Any], Any]:
+    """Where the gradients sit in a transform's result: ``grad``, ``(grad, aux)`` or ``(grad, value)``."""
+    return (lambda out: out[0]) if (has_aux or with_value) else (lambda out: out)

@@ -1,0 +1,369 @@
+"""One forward segment call's passes: the body run under jvp (vmapped over tangent batches), seeded
+eagerly (basis blocks for ``Exact``, drawn tangents for ``Random``) or lazily (``LazySeeds``).
+
+The body may run several times (``Exact``: one pass per leaf group; ``Random``: a lazy try, then an
+eager pass; a retry after an op that dropped tangents was routed to the fallback; one pass per tangent
+where vmap fails). Each pass must see what one plain call sees: torch's RNG states are restored before it
+(``_rng.Snapshot``), module buffers are fresh copies (``_captured``), grad mode is the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import optree
+import torch
+from torch.func import jvp, vmap
+
+from . import _context
+from ._captured import Captured
+from ._checks import (
+    ForwardModeError,
+    _check_not_mutated,
+    _common_device,
+    _flatten_output,
+    _translate_error,
+    _versions,
+)
+from ._guards import (
+    EXACT_WARN_TANGENTS,
+    check_basis_size,
+    check_finite,
+    check_no_hidden_inputs,
+    hidden_input_error,
+    warn_exact_cost,
+)
+from ._ops import OpFailed, OpRules, reference_kernels
+from ._passes import Retry, batching_warnings, check_tangents, warn_loop
+from ._plan import Exact, Random
+from ._rng import Snapshot
+from ._tangents import LazySeeds, basis_block, draw_leaf, draw_tangents, group_leaves
+
+__all__ = ["LAZY_SEEDING_BYTES", "Engine"]
+
+# Random tangents this large (k x the differentiated inputs) are seeded lazily, where each leaf is first
+# used, so that they need not all exist at once: memory then stops growing with the number of leaves
+# (benchmarks/RESULTS.md, target 5). Below it, eager seeding is faster: lazy seeding costs an extra
+# pass over every leaf (the seeding op) and a Python hook on every op of the segment.
+LAZY_SEEDING_BYTES = 32 * 2**20
+
+
+class Engine:
+    """Everything one forward-segment call needs, passed to the autograd.Function as a constant.
+
+    The tensors given to ``apply`` are the segment's argument tensors followed by the differentiable
+    tensors it reads from outside its arguments (``captured``); ``diff`` indexes those that get tangents.
+    """
+
+    def __init__(self, name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure) -> None:
+        self.name = name
+        self.strategy = strategy
+        self.fn = fn
+        self.leaves = leaves
+        self.spec = spec
+        self.positions = positions  # where the argument tensors sit among ``leaves``
+        self.captured: Captured = captured
+        self.diff = diff
+        self.record = record
+        self.seed = seed
+        self.measure = measure  # inspect: report a costly Exact segment's size instead of computing it
+        self.grad_mode = torch.is_grad_enabled()
+        self.out_spec: Any = None
+        self.n_out = 0
+        self.diff_out: list[int] = []
+        self.used: list[bool] = [True] * len(diff)
+        self.fallbacks: set[str] = set()
+        # Module buffers may be updated in place (BatchNorm's running statistics and batch counter).
+        # torch.func forbids mutating a tensor captured from outside a transform, so they enter each pass
+        # as jvp primals (zero tangent); jvp takes only floating primals, so integer counters travel as
+        # float64 (exact below 2**53). Every pass gets fresh copies of the values on entry.
+        self.buffers = captured.buffer_tensors()
+        self.float_buffers = [i for i, b in enumerate(self.buffers) if b.dtype != torch.bool]
+
+    # -- the computation -------------------------------------------------------------------------
+    def _call(self, tensors: Sequence[torch.Tensor], diff_values: Sequence[torch.Tensor], buffers) -> tuple:
+        values = list(tensors)
+        for i, value in zip(self.diff, diff_values, strict=True):
+            values[i] = value
+        leaves = list(self.leaves)
+        for pos, t in zip(self.positions, values, strict=False):
+            leaves[pos] = t
+        args, kwargs = optree.tree_unflatten(self.spec, leaves)
+        with (
+            _context.inside_forward_segment(self.name),
+            reference_kernels(),
+            torch.set_grad_enabled(self.grad_mode),
+            self.captured.installed(values[len(self.positions) :], buffers),
+        ):
+            out = self.fn(*args, **kwargs)
+        out_leaves, out_spec = _flatten_output(self.name, out)
+        self.out_spec = out_spec
+        return tuple(out_leaves)
+
+    def _pass_buffers(self) -> list[torch.Tensor]:
+        return [
+            b if b.dtype == torch.bool else b.clone() if b.is_floating_point() or b.is_complex() else b.double()
+            for b in self.buffers
+        ]
+
+    def _push(self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], watch: bool = False):
+        """Primal outputs and output tangents for tangent batches ``tangents`` seeded on leaves ``which``.
+
+        Returns ``(ys, ydots, buffers)``: ``buffers`` are the module buffers as the pass left them.
+        """
+        buffers = self._pass_buffers()
+        primal_buffers = [buffers[i] for i in self.float_buffers]
+        rules: list[OpRules] = []
+
+        def single(*tangent):
+            def f(*xs):
+                seeded = xs[: len(which)]
+                passed = list(buffers)
+                for i, b in zip(self.float_buffers, xs[len(which) :], strict=True):
+                    passed[i] = b
+                values = [tensors[i] for i in self.diff]
+                for j, x in zip(which, seeded, strict=True):
+                    values[self.diff.index(j)] = x
+                mode = OpRules(self.name, seeded if watch else ())
+                rules.append(mode)
+                with mode:
+                    outs = self._call(tensors, values, passed)
+                check_tangents(self.name, outs, lambda: self._diagnose(tensors, values, passed))
+                return outs
+
+            primals = (*(tensors[i] for i in which), *primal_buffers)
+            zeros = tuple(torch.zeros_like(b) for b in primal_buffers)
+            return jvp(f, primals, (*tangent, *zeros))
+
+        count = tangents[0].shape[0]
+        if count == 1:  # one tangent: a vmap of size 1 would only add overhead
+            ys, ydots = single(*(t[0] for t in tangents))
+            ydots = tuple(d.unsqueeze(0) for d in ydots)
+        else:
+            # out_dims=0 for the primal too: under an outer vmap (per-example gradients) it may carry our
+            # batch level; when it does not, vmap returns an expanded view, and [0] undoes that for free.
+            # randomness="same": one draw for the whole tangent batch, the one a plain call makes.
+            try:
+                with batching_warnings(self.name):
+                    ys, ydots = vmap(single, in_dims=0, out_dims=0, randomness="same")(*tangents)
+            except (RuntimeError, NotImplementedError) as error:
+                if not _vmap_may_be_at_fault(error):
+                    raise
+                result = self._push_loop(tensors, which, tangents, watch)
+                warn_loop(self.name, count, error)  # only once it worked: a failure says enough
+                return result
+            ys = tuple(y[0] for y in ys)
+        self.fallbacks.update(*(mode.fallbacks for mode in rules))
+        if watch:
+            used = set().union(*(mode.used for mode in rules))
+            for slot, j in enumerate(which):
+                if slot not in used:
+                    self.used[self.diff.index(j)] = False
+        return ys, list(ydots), buffers
+
+    def _push_loop(self, tensors, which, tangents, watch: bool):
+        """The pass vmap could not batch, one tangent at a time (each from the same RNG state)."""
+        parts = []
+        for j in range(tangents[0].shape[0]):
+            self.snapshot.restore()
+            ys, ydots, buffers = self._push(tensors, which, [t[j : j + 1] for t in tangents], watch)
+            parts.append(ydots)
+        return ys, [torch.cat(p) for p in zip(*parts, strict=True)], buffers
+
+    def _diagnose(self, tensors, values, buffers) -> set[str]:
+        """The body once more, under OpRules(strict=True): the ops found dropping tangents (now routed)."""
+        mode = OpRules(self.name, strict=True)
+        with mode:
+            self._call(tensors, values, buffers)
+        return mode.learned
+
+    def _push_lazy(self, tensors, device: torch.device):
+        """Random tangents seeded where each leaf is first used (see LazySeeds); None if a leaf is
+        returned as it is, or if the segment ran an in-place op (then the caller seeds eagerly)."""
+        strategy = self.strategy
+        k = strategy.k
+        values = [tensors[i] for i in self.diff]
+        buffers = self._pass_buffers()
+
+        def make(index: int) -> torch.Tensor:
+            leaf = values[index]
+            return draw_leaf(strategy.distribution, k, leaf.shape, leaf.dtype, device, self.seed, index)
+
+        token = torch.zeros(k, device=device)
+        modes: list[LazySeeds] = []
+        rules: list[OpRules] = []
+        returned_leaf = [False]
+
+        def single(direction: torch.Tensor) -> tuple:
+            def f(tok: torch.Tensor, *primal_buffers: torch.Tensor) -> tuple:
+                passed = list(buffers)
+                for i, b in zip(self.float_buffers, primal_buffers, strict=True):
+                    passed[i] = b
+                mode, rule = LazySeeds(values, tok, make), OpRules(self.name)
+                modes.append(mode)
+                rules.append(rule)
+                with mode, rule:
+                    outs = self._call(tensors, values, passed)
+                check_tangents(self.name, outs, lambda: self._diagnose(tensors, values, passed))
+                # A leaf returned as it is never passed through an op, so it carries no tangent here.
+                returned_leaf[0] |= any(o is v for o in outs for v in values)
+                return outs
+
+            primal_buffers = [buffers[i] for i in self.float_buffers]
+            zeros = tuple(torch.zeros_like(b) for b in primal_buffers)
+            return jvp(f, (token, *primal_buffers), (direction, *zeros))
+
+        if k == 1:
+            ys, ydots = single(torch.ones(1, device=device))
+            ydots = tuple(d.unsqueeze(0) for d in ydots)
+        else:  # randomness="same": tangents (and the body's own draws) once, outside the batch of k directions
+            try:
+                with batching_warnings(self.name):
+                    ys, ydots = vmap(single, out_dims=0, randomness="same")(torch.eye(k, device=device))
+            except (RuntimeError, NotImplementedError) as error:
+                if not _vmap_may_be_at_fault(error):
+                    raise
+                return None  # the eager path pushes one tangent at a time if vmap fails there too
+            ys = tuple(y[0] for y in ys)
+        if returned_leaf[0] or any(mode.saw_inplace for mode in modes):
+            return None
+        self.fallbacks.update(*(rule.fallbacks for rule in rules))
+        seeded = set().union(*(mode.seeded for mode in modes))
+        self.used = [i in seeded for i in range(len(values))]
+        return ys, list(ydots), buffers
+
+    def forward(self, tensors: Sequence[torch.Tensor]) -> tuple:
+        # Detached: with the caller's grad mode on inside the body, autograd must not record the body's
+        # work on the inputs (forward mode carries the derivative; recording would keep activations).
+        tensors = [t.detach() for t in tensors]
+        before = _versions(tensors)
+        self.snapshot = Snapshot({t.device for t in tensors})
+        try:
+            for attempt in range(_ATTEMPTS):
+                self.passes = 0
+                self.used = [True] * len(self.diff)
+                try:
+                    ys, ydots, buffers = self._forward(tensors)
+                    break
+                except Retry:  # an op that drops tangents was found and routed to the fallback: again
+                    self.snapshot.restore()
+                    if attempt == _ATTEMPTS - 1:
+                        raise RuntimeError(
+                            f"segment {self.name!r}: forward mode kept losing output tangents after routing the "
+                            "ops found to the fallback; please report this. Give the segment Reverse() meanwhile."
+                        ) from None
+        except (NotImplementedError, RuntimeError) as error:
+            if "wrapper == nullptr" in str(error):  # a grad-level tensor read from outside the arguments
+                raise hidden_input_error(self.name) from error
+            translated = _translate_error(self.name, error)
+            if translated is None:
+                raise  # ForwardModeError from the op seam, or an error that says what to do already
+            raise translated from error
+        _check_not_mutated(self.name, tensors, before)
+        check_no_hidden_inputs(self.name, ys, self.grad_mode)
+        for real, updated in zip(self.buffers, buffers, strict=True):
+            if updated is not real and not updated.to(real.dtype).equal(real):
+                real.copy_(updated)  # the state one plain call leaves (e.g. running statistics)
+        _check_strided(self.name, ys)
+        self.n_out = len(ys)
+        self.diff_out = [i for i, y in enumerate(ys) if y.is_floating_point() or y.is_complex()]
+        ydots = [ydots[i] for i in self.diff_out]
+        check_finite(self.name, [ys[i] for i in self.diff_out], ydots, self.diff_out)
+        stats = self.record.stats
+        stats["output_numel"] = sum(ys[i].numel() for i in self.diff_out)
+        stats["saved_bytes"] = sum(t.numel() * t.element_size() for t in ydots)
+        if stats.get("predicted"):
+            stats["saved_bytes"] = stats["tangents"] * sum(ys[i].numel() * ys[i].element_size() for i in self.diff_out)
+        if self.fallbacks:
+            stats["fallbacks"] = sorted(self.fallbacks)
+        if isinstance(self.strategy, Random):
+            used = zip(self.diff_tensors, self.used, strict=True)
+            stats["differentiated_numel"] = sum(t.numel() for t, u in used if u)  # n counts used inputs only
+        return (*ys, *ydots)
+
+    def _begin_pass(self) -> None:
+        """Every pass after the first starts from the RNG states the first one started from."""
+        if self.passes:
+            self.snapshot.restore()
+        self.passes += 1
+
+    def _forward(self, tensors: Sequence[torch.Tensor]):
+        diff_tensors = self.diff_tensors = [tensors[i] for i in self.diff]
+        n = sum(t.numel() for t in diff_tensors)
+        stats = self.record.stats
+        stats["differentiated_numel"] = n
+        if n == 0:  # e.g. an empty batch: nothing to push; every gradient is an (empty) zero
+            self._begin_pass()
+            ys = self._call(tensors, diff_tensors, self._pass_buffers())
+            stats["tangents"] = 0
+            return ys, [y.new_zeros((0, *y.shape)) for y in ys], self.buffers
+        if isinstance(self.strategy, Random):
+            return self._forward_random(tensors, diff_tensors, n)
+        assert isinstance(self.strategy, Exact)
+        stats["tangents"] = n
+        if self.measure and n > EXACT_WARN_TANGENTS:
+            # inspect() only needs the sizes: one plain pass, and what n tangents would keep, predicted.
+            self._begin_pass()
+            ys = self._call(tensors, diff_tensors, self._pass_buffers())
+            stats["predicted"] = True
+            return ys, [y.new_zeros((0, *y.shape)) for y in ys], self.buffers
+        chunk = self.strategy.chunk_size
+        per_leaf: list[list[torch.Tensor]] = []
+        # Lazy seeding: one group of leaves at a time, so forward AD does no tangent work before the
+        # group's first use; small leaves (biases) ride along with their neighbour (see group_leaves).
+        for group in group_leaves([t.numel() for t in diff_tensors], chunk):
+            which = [self.diff[g] for g, _, _ in group]
+            count = sum(stop - start for _, start, stop in group)
+            check_basis_size(self.name, tensors, which, count)
+            self._begin_pass()
+            ys, ydots, buffers = self._push(tensors, which, basis_block(tensors, which, group, count))
+            per_leaf.append(ydots)
+        ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf, strict=True)]
+        warn_exact_cost(self.name, n)  # after the passes: a refusal (check_basis_size) says more
+        return ys, ydots, buffers
+
+    def _forward_random(self, tensors, diff_tensors, n: int):
+        strategy = self.strategy
+        if strategy.distribution == "orthogonal" and strategy.k > n:
+            raise ValueError(
+                f"segment {self.name!r}: Random(k={strategy.k}, distribution='orthogonal') needs k <= n, "
+                f"the number of differentiated scalars, which is {n}; use k <= {n} (k == {n} is exact)."
+            )
+        self.record.stats["tangents"] = strategy.k
+        device = _common_device(self.name, diff_tensors)
+        tangent_bytes = strategy.k * sum(t.numel() * t.element_size() for t in diff_tensors)
+        lazy_wanted = strategy.seeding == "lazy" or (strategy.seeding == "auto" and tangent_bytes >= LAZY_SEEDING_BYTES)
+        if strategy.distribution != "orthogonal" and lazy_wanted:
+            self._begin_pass()
+            lazy = self._push_lazy(tensors, device)
+            if lazy is not None:
+                return lazy
+        tangents = draw_tangents(
+            strategy.distribution, strategy.k, [t.shape for t in diff_tensors], [t.dtype for t in diff_tensors],
+            device, self.seed,
+        )
+        self._begin_pass()
+        return self._push(tensors, self.diff, tangents, watch=True)
+
+
+# Runs of a segment's passes before giving up on ops that drop tangents (each run routes those it finds).
+_ATTEMPTS = 4
+
+
+def _vmap_may_be_at_fault(error: BaseException) -> bool:
+    """Whether a failed vmapped pass is worth one more try without vmap (not our own refusals)."""
+    if isinstance(error, OpFailed):  # it may be vmap that made the op fail: one tangent at a time may work
+        return True
+    return not isinstance(error, (ForwardModeError, FloatingPointError)) and "segment '" not in str(error)
+
+
+def _check_strided(name: str, ys: Sequence[torch.Tensor]) -> None:
+    for i, y in enumerate(ys):
+        if y.layout != torch.strided:
+            raise TypeError(
+                f"segment {name!r} returned a {y.layout} tensor (output leaf {i}); forward segments support dense "
+                "(strided) tensors only. Return y.to_dense() from the segment, or mark it rev()."
+            )
+
+

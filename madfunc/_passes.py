@@ -1,0 +1,97 @@
+"""What can go wrong inside one tangent pass, and how the engine recovers instead of failing or lying.
+
+- An op whose forward rule silently yields *no* tangent (a ``torch.library.custom_op`` with only a
+  backward, a kernel without forward-mode support) would contract as zeros. Every pass checks that each
+  floating output carries a tangent (``check_tangents``); one that does not sends the body through once
+  more under ``OpRules(strict=True)``, which finds the top-level op whose subtree dropped a tangent and
+  routes it to the double-vjp fallback from then on, and the segment runs again from the start (``Retry``).
+  An output that really does not depend on the seeded inputs is remembered as such.
+- An op that ``vmap`` cannot batch: the pass is run again one tangent at a time (``loop``), slower but
+  right, with a ``PerformanceWarning`` naming the segment.
+- vmap's own "performance drop ... batching rule" warnings name no segment: they are collected and
+  re-issued once per segment and op as a ``PerformanceWarning`` (``batching_warnings``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from ._guards import PerformanceWarning
+from ._ops import has_tangent
+
+__all__ = ["Retry", "batching_warnings", "check_tangents", "warn_loop"]
+
+# (segment, output index) pairs whose missing tangent was diagnosed: the output does not depend on the
+# seeded inputs (no op dropped it), so later calls need not diagnose again.
+_INDEPENDENT: set[tuple[str, int]] = set()
+_warned: set[tuple[str, str]] = set()
+
+
+class Retry(Exception):  # noqa: N818 - control flow inside the engine, never seen by users
+    """A pass learned that an op drops tangents (now routed to the fallback): run the segment again."""
+
+
+def _differentiable(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def check_tangents(name: str, outs: Sequence[torch.Tensor], diagnose: Callable[[], set[str]]) -> None:
+    """Inside a pass, at its jvp level: raise ``Retry`` after diagnosing an output without a tangent.
+
+    ``diagnose`` runs the body again under ``OpRules(strict=True)`` and returns the ops it routed to the
+    fallback. Costs one ``unpack_dual`` (~12 us) per output and pass when all is well.
+    """
+    missing = [
+        i for i, o in enumerate(outs) if _differentiable(o) and (name, i) not in _INDEPENDENT and not has_tangent(o)
+    ]
+    if not missing:
+        return
+    if not diagnose():
+        _INDEPENDENT.update((name, i) for i in missing)
+    # Either way the diagnosis ran the body once more (its random draws, its buffer updates): start over.
+    raise Retry(name)
+
+
+@contextlib.contextmanager
+def batching_warnings(name: str) -> Iterator[None]:
+    """Re-issue vmap's warnings about ops without a batching rule as one PerformanceWarning per segment
+    and op; pass every other warning on unchanged (to the filters in force outside)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        match = re.search(r"batching rule for (\S+?)\.? ", str(w.message))
+        if match is None or "performance drop" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+            continue
+        op = match.group(1)
+        if (name, op) in _warned:
+            continue
+        _warned.add((name, op))
+        warnings.warn(
+            f"segment {name!r}: vmap has no batching rule for {op}, so PyTorch runs that op once per tangent "
+            "(correct, slower). Fine for a few tangents; for many, Random(k) with a small k is cheaper.",
+            PerformanceWarning,
+            stacklevel=4,
+        )
+
+
+def warn_loop(name: str, count: int, error: BaseException) -> None:
+    """The segment's tangents are pushed one at a time because vmap failed on its body."""
+    key = (name, "<loop>")
+    if key in _warned:
+        return
+    _warned.add(key)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    warnings.warn(
+        f"segment {name!r}: torch.func.vmap cannot batch its body ({first[:200]}), so its {count} tangents "
+        "are pushed one pass at a time (correct, about that many times slower). Random(k=1) or "
+        "Exact(chunk_size=1) avoids vmap altogether.",
+        PerformanceWarning,
+        stacklevel=4,
+    )
