@@ -35,7 +35,7 @@ from ._guards import (
     warn_exact_cost,
 )
 from ._ops import OpFailed, OpRules, reference_kernels
-from ._passes import Retry, batching_warnings, check_tangents, warn_loop
+from ._passes import Retry, all_zero_tangents, batching_warnings, diagnosed, warn_loop
 from ._plan import Exact, Random
 from ._rng import Snapshot
 from ._tangents import LazySeeds, basis_block, draw_leaf, draw_tangents, group_leaves
@@ -107,7 +107,9 @@ class Engine:
             for b in self.buffers
         ]
 
-    def _push(self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], watch: bool = False):
+    def _push(
+        self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], watch: bool = False, diagnose=()
+    ):
         """Primal outputs and output tangents for tangent batches ``tangents`` seeded on leaves ``which``.
 
         Returns ``(ys, ydots, buffers)``: ``buffers`` are the module buffers as the pass left them.
@@ -125,11 +127,12 @@ class Engine:
                 values = [tensors[i] for i in self.diff]
                 for j, x in zip(which, seeded, strict=True):
                     values[self.diff.index(j)] = x
-                mode = OpRules(self.name, seeded if watch else ())
+                mode = OpRules(self.name, seeded if watch else (), strict=bool(diagnose))
                 rules.append(mode)
                 with mode:
                     outs = self._call(tensors, values, passed)
-                check_tangents(self.name, outs, lambda: self._diagnose(tensors, values, passed))
+                if diagnose:
+                    diagnosed(self.name, outs, diagnose, mode.learned)  # raises Retry
                 return outs
 
             primals = (*(tensors[i] for i in which), *primal_buffers)
@@ -154,6 +157,9 @@ class Engine:
                 warn_loop(self.name, count, error)  # only once it worked: a failure says enough
                 return result
             ys = tuple(y[0] for y in ys)
+        suspicious = all_zero_tangents(self.name, ys, ydots)
+        if suspicious:  # a dropped tangent comes back as zeros: look closer, once
+            self._push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
         self.fallbacks.update(*(mode.fallbacks for mode in rules))
         if watch:
             used = set().union(*(mode.used for mode in rules))
@@ -170,13 +176,6 @@ class Engine:
             ys, ydots, buffers = self._push(tensors, which, [t[j : j + 1] for t in tangents], watch)
             parts.append(ydots)
         return ys, [torch.cat(p) for p in zip(*parts, strict=True)], buffers
-
-    def _diagnose(self, tensors, values, buffers) -> set[str]:
-        """The body once more, under OpRules(strict=True): the ops found dropping tangents (now routed)."""
-        mode = OpRules(self.name, strict=True)
-        with mode:
-            self._call(tensors, values, buffers)
-        return mode.learned
 
     def _push_lazy(self, tensors, device: torch.device):
         """Random tangents seeded where each leaf is first used (see LazySeeds); None if a leaf is
@@ -205,7 +204,6 @@ class Engine:
                 rules.append(rule)
                 with mode, rule:
                     outs = self._call(tensors, values, passed)
-                check_tangents(self.name, outs, lambda: self._diagnose(tensors, values, passed))
                 # A leaf returned as it is never passed through an op, so it carries no tangent here.
                 returned_leaf[0] |= any(o is v for o in outs for v in values)
                 return outs
@@ -226,8 +224,8 @@ class Engine:
                     raise
                 return None  # the eager path pushes one tangent at a time if vmap fails there too
             ys = tuple(y[0] for y in ys)
-        if returned_leaf[0] or any(mode.saw_inplace for mode in modes):
-            return None
+        if returned_leaf[0] or any(mode.saw_inplace for mode in modes) or all_zero_tangents(self.name, ys, ydots):
+            return None  # (all-zero tangents: the eager pass looks closer)
         self.fallbacks.update(*(rule.fallbacks for rule in rules))
         seeded = set().union(*(mode.seeded for mode in modes))
         self.used = [i in seeded for i in range(len(values))]

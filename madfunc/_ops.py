@@ -180,7 +180,9 @@ class OpRules(TorchFunctionMode):
         self._dropped = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
+        # The hot path: every torch call of every pass comes through here, so it does as little as it can.
+        if kwargs is None:
+            kwargs = {}
         if self.strict:
             return self._strict(func, args, kwargs)
         return self._run(func, args, kwargs)
@@ -189,15 +191,15 @@ class OpRules(TorchFunctionMode):
         if self.watched and func not in _METADATA:
             self._record(args)
             self._record(kwargs.values())
+        rule = RULES.get(func)
+        if rule is not None:
+            return rule(self, _name(func), func, args, kwargs)
         if func is _CUSTOM_FUNCTION_CALL:  # SomeFunction.apply(...) under a functorch transform
             return self._custom_function(args[0], args[1:], kwargs)
-        rule = RULES.get(func)
-        name = getattr(func, "__name__", str(func))
-        if rule is not None:
-            return rule(self, name, func, args, kwargs)
         try:
             return func(*args, **kwargs)
         except (NotImplementedError, RuntimeError) as error:
+            name = _name(func)
             # The op cannot run in forward mode (no forward rule, or its forward-mode kernel fails where its
             # plain one works): take the fallback. An in-place op may already have written to its operand,
             # so it is not re-run; an error the fallback hits too is the op's own (a user error): re-raised.
@@ -269,6 +271,10 @@ _DROPS_BY_DESIGN = frozenset(
     ("detach", "detach_", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
      "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "__get__")
 )
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", None) or str(func)
 
 
 def _first_line(error: BaseException) -> str:

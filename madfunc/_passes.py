@@ -1,11 +1,11 @@
 """What can go wrong inside one tangent pass, and how the engine recovers instead of failing or lying.
 
 - An op whose forward rule silently yields *no* tangent (a ``torch.library.custom_op`` with only a
-  backward, a kernel without forward-mode support) would contract as zeros. Every pass checks that each
-  floating output carries a tangent (``check_tangents``); one that does not sends the body through once
-  more under ``OpRules(strict=True)``, which finds the top-level op whose subtree dropped a tangent and
-  routes it to the double-vjp fallback from then on, and the segment runs again from the start (``Retry``).
-  An output that really does not depend on the seeded inputs is remembered as such.
+  backward, a kernel without forward-mode support) would contract as zeros: PyTorch's jvp fills the
+  missing tangent with zeros. After every pass, an output whose tangents are all exactly zero
+  (``all_zero_tangents``) sends the body through once more under ``OpRules(strict=True)``, which finds the
+  top-level op whose subtree dropped a tangent and routes it to the double-vjp fallback from then on,
+  and the segment runs again from the start (``Retry``). An output whose zeros are real is remembered.
 - An op that ``vmap`` cannot batch: the pass is run again one tangent at a time (``loop``), slower but
   right, with a ``PerformanceWarning`` naming the segment.
 - vmap's own "performance drop ... batching rule" warnings name no segment: they are collected and
@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
+from ._checks import _is_batched
 from ._guards import PerformanceWarning
-from ._ops import has_tangent
 
-__all__ = ["Retry", "batching_warnings", "check_tangents", "warn_loop"]
+__all__ = ["Retry", "all_zero_tangents", "batching_warnings", "diagnosed", "warn_loop"]
 
 # (segment, output index) pairs whose missing tangent was diagnosed: the output does not depend on the
 # seeded inputs (no op dropped it), so later calls need not diagnose again.
@@ -40,20 +40,30 @@ def _differentiable(t: object) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
 
 
-def check_tangents(name: str, outs: Sequence[torch.Tensor], diagnose: Callable[[], set[str]]) -> None:
-    """Inside a pass, at its jvp level: raise ``Retry`` after diagnosing an output without a tangent.
+def all_zero_tangents(name: str, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Tensor]) -> list[int]:
+    """Outputs whose tangents are all exactly zero, not yet known to be independent of the seeded inputs.
 
-    ``diagnose`` runs the body again under ``OpRules(strict=True)`` and returns the ops it routed to the
-    fallback. Costs one ``unpack_dual`` (~12 us) per output and pass when all is well.
+    PyTorch's jvp fills a missing tangent with zeros, so a dropped tangent always looks like this; a real
+    one almost never does. One reduction per output, outside the vmap: cheap next to the pass itself.
     """
-    missing = [
-        i for i, o in enumerate(outs) if _differentiable(o) and (name, i) not in _INDEPENDENT and not has_tangent(o)
+    return [
+        i
+        for i, (y, d) in enumerate(zip(ys, ydots, strict=True))
+        if _differentiable(y) and d.numel() and (name, i) not in _INDEPENDENT
+        and not _is_batched(d) and not bool(d.any())
     ]
-    if not missing:
-        return
-    if not diagnose():
-        _INDEPENDENT.update((name, i) for i in missing)
-    # Either way the diagnosis ran the body once more (its random draws, its buffer updates): start over.
+
+
+def diagnosed(name: str, outs: Sequence[torch.Tensor], suspicious: Sequence[int], learned: set[str]) -> None:
+    """Inside the diagnostic pass (the body under ``OpRules(strict=True)``, at its jvp level): conclude.
+
+    If the strict mode routed ops that dropped tangents (``learned``), the segment must run again. If not,
+    the suspicious outputs' zeros are real (no tangent flows there, or a zero derivative): remembered, so
+    that later calls do not look again. Either way the diagnosis ran the body once more (its random
+    draws, its buffer updates), so the segment starts over: ``Retry``.
+    """
+    if not learned:
+        _INDEPENDENT.update((name, i) for i in suspicious)
     raise Retry(name)
 
 
