@@ -62,7 +62,7 @@ def main() -> None:
     for label, loss_name, segment, strategy, data in cases:
         fns = {name: package.mixed_grad(_loss(loss_name, package), plan={segment: strategy(package)})
                for name, package in (("this", mf), ("other", other))}
-        t = timeit({name: (lambda f=f: f(*data)) for name, f in fns.items()}, args.rounds, 2)
+        t = timeit({name: (lambda f=f, data=data: f(*data)) for name, f in fns.items()}, args.rounds, 2)
         ratio = statistics.median(a / b for a, b in zip(t["this"], t["other"], strict=True))
         print(f"{label:<44} {statistics.median(t['this']) * 1e3:9.2f} ms vs "
               f"{statistics.median(t['other']) * 1e3:9.2f} ms   this/other {ratio:6.3f}", flush=True)

@@ -13,7 +13,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -22,19 +21,8 @@ from torch.func import jvp, vjp, vmap
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from madfunc._fallback import jvp_by_double_vjp  # noqa: E402
 
-
-def timeit(candidates: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    items = list(candidates.items())
-    for r in range(rounds):
-        for name, fn in items if r % 2 == 0 else items[::-1]:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import timeit  # noqa: E402  (the house method: interleaved rounds)
 
 
 def forward_tangents(f, x, k: int, fallback: bool):

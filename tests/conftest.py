@@ -25,27 +25,36 @@ import madfunc as mf
 Stage = Callable[..., Any]
 
 
-class _Opaque(torch.autograd.Function):
-    """Doubles its input; no forward-mode rule and a backward that is not differentiable, so forward
-    mode cannot run it at all once the output has more than 64 scalars (the fallback's Jacobian-row
-    limit). Tests use it to observe whether a segment runs in forward mode."""
+class BackwardOnly(torch.autograd.Function):
+    """Triples its input; defines no forward-mode rule (no ``jvp``), only a ``backward``: forward mode
+    reaches it through madfunc's double-vjp fallback alone."""
 
     @staticmethod
     def forward(x):
-        return x * 2
+        return x * 3
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         pass
 
     @staticmethod
+    def backward(ctx, g):
+        return g * 3
+
+
+class _Opaque(BackwardOnly):
+    """Its backward is not differentiable either, so forward mode cannot run it at all once the output has
+    more than 64 scalars (the fallback's Jacobian-row limit). Tests use it to observe whether a segment
+    runs in forward mode."""
+
+    @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        return g * 2
+        return g * 3
 
 
 def opaque(x: torch.Tensor) -> torch.Tensor:
-    """``2 * x.repeat(1, 17)``: a function only reverse mode can differentiate (see _Opaque)."""
+    """``3 * x.repeat(1, 17)``: a function only reverse mode can differentiate (see _Opaque)."""
     return _Opaque.apply(x.repeat(1, 17))
 
 

@@ -35,7 +35,7 @@ import math
 import optree
 import pytest
 import torch
-from conftest import record_relative_variance
+from conftest import BackwardOnly, record_relative_variance
 from scipy import stats
 
 import madfunc as mf
@@ -274,27 +274,11 @@ def test_only_output_tangents_are_saved_for_backward(strategy: mf.Strategy) -> N
 
 
 # -- Random through the double-vjp fallback (issue 8) --------------------------------------------------------
-class _TripleBackwardOnly(torch.autograd.Function):
-    """A custom Function with no jvp: forward mode reaches it only through the fallback."""
-
-    @staticmethod
-    def forward(h):
-        return h * 3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 3
-
-
 # Two routes into the fallback: an op without a forward rule (double vjp of cdist's backward, which is
 # differentiable for more than 25 rows) and a custom Function with only a backward.
 FALLBACK_BODIES = {
     "cdist": lambda w, x: torch.cdist(torch.cat([x @ w] * 5), x[:, :3] + 1.0),
-    "backward_only_function": lambda w, x: torch.tanh(_TripleBackwardOnly.apply(x @ w)),
+    "backward_only_function": lambda w, x: torch.tanh(BackwardOnly.apply(x @ w)),
 }
 
 

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BackwardOnly
 from torch import nn
 
 import madfunc as mf
@@ -130,7 +131,7 @@ FALLBACK_BODIES = {
     "scatter_reduce_prod": lambda x: x.scatter_reduce(0, torch.tensor([0, 1, 0, 1]), x * 2, reduce="prod"),
     "max_unpool2d": lambda x: _unpool(x.reshape(1, 1, 2, 2).repeat(1, 1, 2, 2)),  # its rule disagrees with backward
     "cdist": lambda x: torch.cdist(x.reshape(2, 2), x.reshape(2, 2).flip(0) + 1.0),  # no forward rule at all
-    "backward_only_function": lambda x: _BackwardOnly.apply(x.sin()),
+    "backward_only_function": lambda x: BackwardOnly.apply(x.sin()),
 }
 
 
@@ -314,21 +315,7 @@ def test_segment_returning_none_is_named() -> None:
         mf.mixed_grad(lambda x: (seg(x), x.sum())[1])(_randn(0, 3))
 
 
-class _BackwardOnly(torch.autograd.Function):
-    @staticmethod
-    def forward(x):
-        return x * 3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 3
-
-
-class _DetachedBackward(_BackwardOnly):
+class _DetachedBackward(BackwardOnly):
     @staticmethod
     def backward(ctx, g):
         return g.detach() * 3  # not differentiable: the fallback cannot differentiate it again
