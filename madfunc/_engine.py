@@ -132,7 +132,7 @@ class Engine:
                 with mode:
                     outs = self._call(tensors, values, passed)
                 if diagnose:
-                    diagnosed(self.name, outs, diagnose, mode.learned)  # raises Retry
+                    diagnosed(self._zero_key(which), diagnose, mode.learned)  # raises Retry
                 return outs
 
             primals = (*(tensors[i] for i in which), *primal_buffers)
@@ -157,7 +157,7 @@ class Engine:
                 warn_loop(self.name, count, error)  # only once it worked: a failure says enough
                 return result
             ys = tuple(y[0] for y in ys)
-        suspicious = all_zero_tangents(self.name, ys, ydots)
+        suspicious = all_zero_tangents(self._zero_key(which), ys, ydots)
         if suspicious:  # a dropped tangent comes back as zeros: look closer, once
             self._push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
         self.fallbacks.update(*(mode.fallbacks for mode in rules))
@@ -167,6 +167,14 @@ class Engine:
                 if slot not in used:
                     self.used[self.diff.index(j)] = False
         return ys, list(ydots), buffers
+
+    def _zero_key(self, which: Sequence[int]) -> tuple:
+        """What an output's known-real zero tangents are remembered under: the segment's name, the function
+        object (and module) it runs, and the seeded inputs. Not the code alone: one wrapper function can run
+        different ops (a closure per op), and a name can be reused; a closure re-created per call is then
+        diagnosed again on each call (slower, never wrong)."""
+        fn = self.fn
+        return (self.name, id(fn), id(getattr(fn, "__self__", None)), tuple(which))
 
     def _push_loop(self, tensors, which, tangents, watch: bool):
         """The pass vmap could not batch, one tangent at a time (each from the same RNG state)."""
@@ -224,7 +232,9 @@ class Engine:
                     raise
                 return None  # the eager path pushes one tangent at a time if vmap fails there too
             ys = tuple(y[0] for y in ys)
-        if returned_leaf[0] or any(mode.saw_inplace for mode in modes) or all_zero_tangents(self.name, ys, ydots):
+        if returned_leaf[0] or any(mode.saw_inplace for mode in modes) or all_zero_tangents(
+            self._zero_key(self.diff), ys, ydots
+        ):
             return None  # (all-zero tangents: the eager pass looks closer)
         self.fallbacks.update(*(rule.fallbacks for rule in rules))
         seeded = set().union(*(mode.seeded for mode in modes))

@@ -65,6 +65,14 @@ def _double_vjp(mode: OpRules, name: str, func: Callable[..., Any], args: tuple,
         ) from error
 
 
+def _checked(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """The rule of an op once found dropping tangents (OpRules(strict=True)): it may do so only for some
+    arguments (linear_cross_entropy's chunked path), so each call runs natively first and takes the
+    fallback only if its outputs came without tangents although an input had one (~12 us per check)."""
+    out = func(*args, **kwargs)
+    return _double_vjp(mode, name, func, args, kwargs) if _drops_tangent(args, kwargs, out) else out
+
+
 def _scatter_reduce(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     # PyTorch's forward rule for reduce="prod" yields no tangent at all (a silent zero); the others are right.
     reduce = kwargs.get("reduce", args[4] if len(args) > 4 else None)  # (input, dim, index, src, reduce)
@@ -176,7 +184,7 @@ class OpRules(TorchFunctionMode):
         # op in whose subtree a tangent was dropped to the fallback; ``learned`` names them.
         self.strict = strict
         self.learned: set[str] = set()
-        self._stack: list[tuple] = []  # the calls being run, outermost first
+        self._stack: list[Any] = []  # the functions being run, outermost first
         self._dropped = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -219,15 +227,15 @@ class OpRules(TorchFunctionMode):
             return out
 
     def _strict(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
-        key = (func, tuple(map(id, args)))
-        if self._stack and self._stack[-1] == key:
-            # A Python-level function that hands itself back to torch-function dispatch (as Tensor methods
-            # written in Python do): run it once more without re-entering, or it would recurse forever.
+        if (self._stack and self._stack[-1] == func) or func in RULES or func is _CUSTOM_FUNCTION_CALL:
+            # A Python-level function handing itself back to torch-function dispatch (as torch.cdist and
+            # Tensor methods written in Python do), or an op with a rule of ours (trusted, and it may call
+            # the op itself): run it without re-entering, or it would recurse forever.
             return self._run(func, args, kwargs)
         top = not self._stack
         if top:
             self._dropped = False
-        self._stack.append(key)
+        self._stack.append(func)
         try:
             with self:  # re-enter: the calls inside func come back here too
                 out = self._run(func, args, kwargs)
@@ -236,7 +244,7 @@ class OpRules(TorchFunctionMode):
         if getattr(func, "__name__", "") not in _DROPS_BY_DESIGN and _drops_tangent(args, kwargs, out):
             self._dropped = True
         if top and self._dropped and func not in RULES and func not in _METADATA and not _in_place(func, kwargs):
-            RULES[func] = _double_vjp
+            RULES[func] = _checked
             self.learned.add(getattr(func, "__name__", str(func)))
         return out
 

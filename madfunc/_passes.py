@@ -26,8 +26,8 @@ from ._guards import PerformanceWarning
 
 __all__ = ["Retry", "all_zero_tangents", "batching_warnings", "diagnosed", "warn_loop"]
 
-# (segment, output index) pairs whose missing tangent was diagnosed: the output does not depend on the
-# seeded inputs (no op dropped it), so later calls need not diagnose again.
+# (key, output index) pairs whose all-zero tangents were diagnosed as real (no op dropped them), so later
+# calls need not diagnose again; the key names segment, function and seeded inputs (Engine._zero_key).
 _INDEPENDENT: set[tuple[str, int]] = set()
 _warned: set[tuple[str, str]] = set()
 
@@ -40,7 +40,7 @@ def _differentiable(t: object) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
 
 
-def all_zero_tangents(name: str, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Tensor]) -> list[int]:
+def all_zero_tangents(key: tuple, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Tensor]) -> list[int]:
     """Outputs whose tangents are all exactly zero, not yet known to be independent of the seeded inputs.
 
     PyTorch's jvp fills a missing tangent with zeros, so a dropped tangent always looks like this; a real
@@ -49,12 +49,12 @@ def all_zero_tangents(name: str, ys: Sequence[torch.Tensor], ydots: Sequence[tor
     return [
         i
         for i, (y, d) in enumerate(zip(ys, ydots, strict=True))
-        if _differentiable(y) and d.numel() and (name, i) not in _INDEPENDENT
+        if _differentiable(y) and d.numel() and (key, i) not in _INDEPENDENT
         and not _is_batched(d) and not bool(d.any())
     ]
 
 
-def diagnosed(name: str, outs: Sequence[torch.Tensor], suspicious: Sequence[int], learned: set[str]) -> None:
+def diagnosed(key: tuple, suspicious: Sequence[int], learned: set[str]) -> None:
     """Inside the diagnostic pass (the body under ``OpRules(strict=True)``, at its jvp level): conclude.
 
     If the strict mode routed ops that dropped tangents (``learned``), the segment must run again. If not,
@@ -63,8 +63,8 @@ def diagnosed(name: str, outs: Sequence[torch.Tensor], suspicious: Sequence[int]
     draws, its buffer updates), so the segment starts over: ``Retry``.
     """
     if not learned:
-        _INDEPENDENT.update((name, i) for i in suspicious)
-    raise Retry(name)
+        _INDEPENDENT.update((key, i) for i in suspicious)
+    raise Retry(key[0])
 
 
 @contextlib.contextmanager
