@@ -74,6 +74,7 @@ class Engine:
         self.diff_out: list[int] = []
         self.used: list[bool] = [True] * len(diff)
         self.fallbacks: set[str] = set()
+        self.bare = False  # later passes of this call may skip the op seam (see _push)
         # Module buffers may be updated in place (BatchNorm's running statistics and batch counter).
         # torch.func forbids mutating a tensor captured from outside a transform, so they enter each pass
         # as jvp primals (zero tangent); jvp takes only floating primals, so integer counters travel as
@@ -108,12 +109,27 @@ class Engine:
         ]
 
     def _push(
-        self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], watch: bool = False, diagnose=()
+        self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], watch: bool = False, diagnose=(),
+        check: bool = True,
     ):
         """Primal outputs and output tangents for tangent batches ``tangents`` seeded on leaves ``which``.
 
         Returns ``(ys, ydots, buffers)``: ``buffers`` are the module buffers as the pass left them.
+
+        Every pass of one call runs the same primal program (same inputs, same RNG state), so once a pass
+        under the op seam (OpRules) met no op that needed it, the call's later passes run without it: the
+        seam's dispatch costs ~25 us per torch call. An op without a forward rule fails only once a seeded
+        input reaches it, so a bare pass that fails runs again under the seam.
         """
+        if self.bare and not watch and not diagnose:
+            try:
+                return self._push_pass(tensors, which, tangents, watch, diagnose, bare=True, check=check)
+            except (RuntimeError, NotImplementedError):
+                self.bare = False
+                self.snapshot.restore()
+        return self._push_pass(tensors, which, tangents, watch, diagnose, bare=False, check=check)
+
+    def _push_pass(self, tensors, which, tangents, watch: bool, diagnose, bare: bool, check: bool = True):
         buffers = self._pass_buffers()
         primal_buffers = [buffers[i] for i in self.float_buffers]
         rules: list[OpRules] = []
@@ -127,7 +143,7 @@ class Engine:
                 values = [tensors[i] for i in self.diff]
                 for j, x in zip(which, seeded, strict=True):
                     values[self.diff.index(j)] = x
-                mode = OpRules(self.name, seeded if watch else (), strict=bool(diagnose))
+                mode = _BARE if bare else OpRules(self.name, seeded if watch else (), strict=bool(diagnose))
                 rules.append(mode)
                 with mode:
                     outs = self._call(tensors, values, passed)
@@ -151,16 +167,18 @@ class Engine:
                 with batching_warnings(self.name):
                     ys, ydots = vmap(single, in_dims=0, out_dims=0, randomness="same")(*tangents)
             except (RuntimeError, NotImplementedError) as error:
-                if not _vmap_may_be_at_fault(error):
-                    raise
+                if bare or not _vmap_may_be_at_fault(error):
+                    raise  # (a bare pass that fails runs again under the seam first: see _push)
                 result = self._push_loop(tensors, which, tangents, watch)
                 warn_loop(self.name, count, error)  # only once it worked: a failure says enough
                 return result
             ys = tuple(y[0] for y in ys)
-        suspicious = all_zero_tangents(self._zero_key(which), ys, ydots)
+        suspicious = all_zero_tangents(self._zero_key(which), ys, ydots) if check else []
         if suspicious:  # a dropped tangent comes back as zeros: look closer, once
             self._push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
         self.fallbacks.update(*(mode.fallbacks for mode in rules))
+        if not bare:
+            self.bare = not any(mode.touched for mode in rules)
         if watch:
             used = set().union(*(mode.used for mode in rules))
             for slot, j in enumerate(which):
@@ -181,9 +199,15 @@ class Engine:
         parts = []
         for j in range(tangents[0].shape[0]):
             self.snapshot.restore()
-            ys, ydots, buffers = self._push(tensors, which, [t[j : j + 1] for t in tangents], watch)
+            # One basis tangent may well give zeros: the all-zero check belongs to the whole batch (below).
+            ys, ydots, buffers = self._push(tensors, which, [t[j : j + 1] for t in tangents], watch, check=False)
             parts.append(ydots)
-        return ys, [torch.cat(p) for p in zip(*parts, strict=True)], buffers
+        ydots = [torch.cat(p) for p in zip(*parts, strict=True)]
+        suspicious = all_zero_tangents(self._zero_key(which), ys, ydots)
+        if suspicious:
+            self.snapshot.restore()
+            self._push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
+        return ys, ydots, buffers
 
     def _push_lazy(self, tensors, device: torch.device):
         """Random tangents seeded where each leaf is first used (see LazySeeds); None if a leaf is
@@ -250,6 +274,7 @@ class Engine:
         try:
             for attempt in range(_ATTEMPTS):
                 self.passes = 0
+                self.bare = False
                 self.used = [True] * len(self.diff)
                 try:
                     ys, ydots, buffers = self._forward(tensors)
@@ -353,6 +378,23 @@ class Engine:
         )
         self._begin_pass()
         return self._push(tensors, self.diff, tangents, watch=True)
+
+
+class _Bare:
+    """Stands in for OpRules in a pass that runs without the op seam (see Engine._push)."""
+
+    used: frozenset = frozenset()
+    fallbacks: frozenset = frozenset()
+    touched = False
+
+    def __enter__(self) -> _Bare:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_BARE = _Bare()
 
 
 # Runs of a segment's passes before giving up on ops that drop tangents (each run routes those it finds).

@@ -180,6 +180,7 @@ class OpRules(TorchFunctionMode):
         self.watched = {id(t): i for i, t in enumerate(watched)}
         self.used: set[int] = set()
         self.fallbacks: set[str] = set()  # ops that ran by the double-vjp fallback (inspect lists them)
+        self.touched = False  # whether any call needed the seam (a rule, a fallback, a custom Function)
         # strict (a diagnosis, see _passes.check_tangents): also see nested calls, and route every top-level
         # op in whose subtree a tangent was dropped to the fallback; ``learned`` names them.
         self.strict = strict
@@ -201,12 +202,15 @@ class OpRules(TorchFunctionMode):
             self._record(kwargs.values())
         rule = RULES.get(func)
         if rule is not None:
+            self.touched = True
             return rule(self, _name(func), func, args, kwargs)
         if func is _CUSTOM_FUNCTION_CALL:  # SomeFunction.apply(...) under a functorch transform
+            self.touched = True
             return self._custom_function(args[0], args[1:], kwargs)
         try:
             return func(*args, **kwargs)
         except (NotImplementedError, RuntimeError) as error:
+            self.touched = True
             name = _name(func)
             # The op cannot run in forward mode (no forward rule, or its forward-mode kernel fails where its
             # plain one works): take the fallback. An in-place op may already have written to its operand,

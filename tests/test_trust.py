@@ -426,3 +426,18 @@ def test_conjugate_complex_output() -> None:
     x = _randn(0, 6)
     loss = lambda x: torch.view_as_real(seg(x)).pow(2).sum() + torch.view_as_real(seg(x))[:, 1].sum()  # noqa: E731
     _close(mf.mixed_grad(loss)(x), torch.func.grad(loss)(x))
+
+
+def test_op_without_forward_rule_reached_only_by_a_later_leaf_group() -> None:
+    """Exact's first pass (w1's tangents) meets grid_sample without a tangent and needs no fallback, so
+    later passes skip the op seam; w2's pass reaches grid_sample with a tangent and must still be right."""
+
+    def body(w1, w2, x):
+        image = (x[:1] @ w2).reshape(1, 1, 9, 9)
+        sampled = F.grid_sample(image, torch.tanh(x[:1, :2]).reshape(1, 1, 1, 2), align_corners=False)
+        return torch.tanh(x @ w1).sum() * sampled.sum()
+
+    seg = mf.fwd(body, name="late")
+    w1, w2, x = _randn(0, 4, 80), _randn(1, 4, 81), _randn(2, 3, 4)  # one pass each (both > SMALL_LEAF)
+    got = mf.mixed_grad(lambda a, b: seg(a, b, x), argnums=(0, 1))(w1, w2)
+    _close(got, torch.func.grad(lambda a, b: body(a, b, x), argnums=(0, 1))(w1, w2))
