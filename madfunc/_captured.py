@@ -56,9 +56,6 @@ class Captured:
             seen.setdefault(id(t), t)
         return list(seen.values())
 
-    def __bool__(self) -> bool:
-        return bool(self.params or self.cells or self.buffers)
-
     @contextlib.contextmanager
     def installed(self, values: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> Iterator[None]:
         """Put ``values`` (one per :meth:`tensors` entry) and ``buffers`` (one per :meth:`buffer_tensors`
