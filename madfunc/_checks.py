@@ -77,8 +77,8 @@ def _translate_error(name: str, error: BaseException) -> BaseException | None:
         )
     if "Batching rule not implemented" in message or "vmap: we do not yet support" in message:
         return RuntimeError(
-            f"segment {name!r}: an op inside it cannot be batched over tangents by torch.func.vmap. Use "
-            "Exact(chunk_size=1) or Random(k=1), which push one tangent at a time without vmap, or mark the "
+            f"segment {name!r}: an op inside it cannot be batched by torch.func.vmap (the engine already pushed "
+            "one tangent at a time, so the batching is an outer vmap's, e.g. per-example gradients). Mark the "
             f"part that uses the op rev().\nPyTorch said: {message.strip().splitlines()[0]}"
         )
     op = missing_forward_rule(message)

@@ -31,11 +31,12 @@ from ._guards import (
     check_basis_size,
     check_finite,
     check_no_hidden_inputs,
+    check_strided,
     hidden_input_error,
     warn_exact_cost,
 )
 from ._ops import OpFailed, OpRules, reference_kernels
-from ._passes import Retry, all_zero_tangents, batching_warnings, diagnosed, warn_loop
+from ._passes import BARE, Retry, all_zero_tangents, batching_warnings, diagnosed, warn_loop
 from ._plan import Exact, Random
 from ._rng import Snapshot
 from ._tangents import LazySeeds, basis_block, draw_leaf, draw_tangents, group_leaves
@@ -80,7 +81,7 @@ class Engine:
         # as jvp primals (zero tangent); jvp takes only floating primals, so integer counters travel as
         # float64 (exact below 2**53). Every pass gets fresh copies of the values on entry.
         self.buffers = captured.buffer_tensors()
-        self.float_buffers = [i for i, b in enumerate(self.buffers) if b.dtype != torch.bool]
+        self.primal_buffers = [i for i, b in enumerate(self.buffers) if b.dtype != torch.bool]
 
     # -- the computation -------------------------------------------------------------------------
     def _call(self, tensors: Sequence[torch.Tensor], diff_values: Sequence[torch.Tensor], buffers) -> tuple:
@@ -101,6 +102,20 @@ class Engine:
         out_leaves, out_spec = _flatten_output(self.name, out)
         self.out_spec = out_spec
         return tuple(out_leaves)
+
+    def _jvp(self, body, primals: tuple, tangents: tuple, buffers: list[torch.Tensor]) -> tuple:
+        """``jvp`` of ``body(*primals, passed=buffers)`` with the pass's buffers entering as extra primals (zero
+        tangents), so that in-place updates of them happen at the jvp's own level (see __init__)."""
+        count = len(primals)
+
+        def f(*xs):
+            passed = list(buffers)
+            for i, b in zip(self.primal_buffers, xs[count:], strict=True):
+                passed[i] = b
+            return body(*xs[:count], passed=passed)
+
+        extra = tuple(buffers[i] for i in self.primal_buffers)
+        return jvp(f, (*primals, *extra), (*tangents, *(torch.zeros_like(b) for b in extra)))
 
     def _pass_buffers(self) -> list[torch.Tensor]:
         return [
@@ -131,19 +146,14 @@ class Engine:
 
     def _push_pass(self, tensors, which, tangents, watch: bool, diagnose, bare: bool, check: bool = True):
         buffers = self._pass_buffers()
-        primal_buffers = [buffers[i] for i in self.float_buffers]
         rules: list[OpRules] = []
 
         def single(*tangent):
-            def f(*xs):
-                seeded = xs[: len(which)]
-                passed = list(buffers)
-                for i, b in zip(self.float_buffers, xs[len(which) :], strict=True):
-                    passed[i] = b
+            def body(*seeded, passed):
                 values = [tensors[i] for i in self.diff]
                 for j, x in zip(which, seeded, strict=True):
                     values[self.diff.index(j)] = x
-                mode = _BARE if bare else OpRules(self.name, seeded if watch else (), strict=bool(diagnose))
+                mode = BARE if bare else OpRules(self.name, seeded if watch else (), strict=bool(diagnose))
                 rules.append(mode)
                 with mode:
                     outs = self._call(tensors, values, passed)
@@ -151,9 +161,7 @@ class Engine:
                     diagnosed(self._zero_key(which), diagnose, mode.learned)  # raises Retry
                 return outs
 
-            primals = (*(tensors[i] for i in which), *primal_buffers)
-            zeros = tuple(torch.zeros_like(b) for b in primal_buffers)
-            return jvp(f, primals, (*tangent, *zeros))
+            return self._jvp(body, tuple(tensors[i] for i in which), tangent, buffers)
 
         count = tangents[0].shape[0]
         if count == 1:  # one tangent: a vmap of size 1 would only add overhead
@@ -227,10 +235,7 @@ class Engine:
         returned_leaf = [False]
 
         def single(direction: torch.Tensor) -> tuple:
-            def f(tok: torch.Tensor, *primal_buffers: torch.Tensor) -> tuple:
-                passed = list(buffers)
-                for i, b in zip(self.float_buffers, primal_buffers, strict=True):
-                    passed[i] = b
+            def body(tok: torch.Tensor, passed) -> tuple:
                 mode, rule = LazySeeds(values, tok, make), OpRules(self.name)
                 modes.append(mode)
                 rules.append(rule)
@@ -240,9 +245,7 @@ class Engine:
                 returned_leaf[0] |= any(o is v for o in outs for v in values)
                 return outs
 
-            primal_buffers = [buffers[i] for i in self.float_buffers]
-            zeros = tuple(torch.zeros_like(b) for b in primal_buffers)
-            return jvp(f, (token, *primal_buffers), (direction, *zeros))
+            return self._jvp(body, (token,), (direction,), buffers)
 
         if k == 1:
             ys, ydots = single(torch.ones(1, device=device))
@@ -298,7 +301,7 @@ class Engine:
         for real, updated in zip(self.buffers, buffers, strict=True):
             if updated is not real and not updated.to(real.dtype).equal(real):
                 real.copy_(updated)  # the state one plain call leaves (e.g. running statistics)
-        _check_strided(self.name, ys)
+        check_strided(self.name, ys)
         self.n_out = len(ys)
         self.diff_out = [i for i, y in enumerate(ys) if y.is_floating_point() or y.is_complex()]
         ydots = [ydots[i] for i in self.diff_out]
@@ -380,23 +383,6 @@ class Engine:
         return self._push(tensors, self.diff, tangents, watch=True)
 
 
-class _Bare:
-    """Stands in for OpRules in a pass that runs without the op seam (see Engine._push)."""
-
-    used: frozenset = frozenset()
-    fallbacks: frozenset = frozenset()
-    touched = False
-
-    def __enter__(self) -> _Bare:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_BARE = _Bare()
-
-
 # Runs of a segment's passes before giving up on ops that drop tangents (each run routes those it finds).
 _ATTEMPTS = 4
 
@@ -406,14 +392,3 @@ def _vmap_may_be_at_fault(error: BaseException) -> bool:
     if isinstance(error, OpFailed):  # it may be vmap that made the op fail: one tangent at a time may work
         return True
     return not isinstance(error, (ForwardModeError, FloatingPointError)) and "segment '" not in str(error)
-
-
-def _check_strided(name: str, ys: Sequence[torch.Tensor]) -> None:
-    for i, y in enumerate(ys):
-        if y.layout != torch.strided:
-            raise TypeError(
-                f"segment {name!r} returned a {y.layout} tensor (output leaf {i}); forward segments support dense "
-                "(strided) tensors only. Return y.to_dense() from the segment, or mark it rev()."
-            )
-
-

@@ -9,7 +9,14 @@ import torch
 
 from ._checks import _is_batched
 
-__all__ = ["PerformanceWarning", "check_basis_size", "check_finite", "check_no_hidden_inputs", "warn_exact_cost"]
+__all__ = [
+    "PerformanceWarning",
+    "check_basis_size",
+    "check_finite",
+    "check_no_hidden_inputs",
+    "check_strided",
+    "warn_exact_cost",
+]
 
 # The largest block of Exact basis tangents pushed at once before we refuse (see check_basis_size).
 EXACT_BASIS_BYTES = 2 * 2**30
@@ -98,3 +105,14 @@ def check_finite(name: str, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Te
             f"finite. Keep the output finite (clamp or mask before the op), or give segment {name!r} "
             "the strategy Reverse()."
         )
+
+
+def check_strided(name: str, ys: Sequence[torch.Tensor]) -> None:
+    for i, y in enumerate(ys):
+        if y.layout != torch.strided:
+            raise TypeError(
+                f"segment {name!r} returned a {y.layout} tensor (output leaf {i}); forward segments support dense "
+                "(strided) tensors only. Return y.to_dense() from the segment, or mark it rev()."
+            )
+
+

@@ -24,7 +24,7 @@ import torch
 from ._checks import _is_batched
 from ._guards import PerformanceWarning
 
-__all__ = ["Retry", "all_zero_tangents", "batching_warnings", "diagnosed", "warn_loop"]
+__all__ = ["BARE", "Retry", "all_zero_tangents", "batching_warnings", "diagnosed", "warn_loop"]
 
 # (key, output index) pairs whose all-zero tangents were diagnosed as real (no op dropped them), so later
 # calls need not diagnose again; the key names segment, function and seeded inputs (Engine._zero_key).
@@ -105,3 +105,20 @@ def warn_loop(name: str, count: int, error: BaseException) -> None:
         PerformanceWarning,
         stacklevel=4,
     )
+
+
+class Bare:
+    """Stands in for OpRules in a pass that runs without the op seam (see Engine._push)."""
+
+    used: frozenset = frozenset()
+    fallbacks: frozenset = frozenset()
+    touched = False
+
+    def __enter__(self) -> Bare:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+BARE = Bare()
