@@ -6,12 +6,14 @@ import contextlib
 import contextvars
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._plan import Plan, Strategy
 from ._rng import TangentStream
+
+if TYPE_CHECKING:  # (_plan's strategies import the engine's helpers, which import this module)
+    from ._plan import Plan, Strategy
 
 __all__ = ["CallState", "SegmentCall", "active", "activate", "nested_in"]
 

@@ -13,8 +13,7 @@ import optree
 import torch
 
 from . import _context
-from ._guards import EXACT_WARN_TANGENTS
-from ._plan import Exact, Plan, PlanLike, Random, Reverse, Strategy, as_plan
+from ._plan import Plan, PlanLike, Reverse, Strategy, as_plan
 from ._reports import CompareReport, GradientFigures, InspectReport, SegmentRow, _bytes
 
 __all__ = ["CompareReport", "GradientFigures", "InspectReport", "SegmentRow", "compare", "inspect"]
@@ -22,12 +21,9 @@ __all__ = ["CompareReport", "GradientFigures", "InspectReport", "SegmentRow", "c
 ArgNums = int | tuple[int, ...]
 
 
-def theoretical_variance(strategy: Strategy, n: int) -> float | None:
-    """``E||g^ - g||^2 / ||g||^2`` of one call of a segment differentiating ``n`` scalars, or None."""
-    if not isinstance(strategy, Random) or n < 1:
-        return None
-    k = strategy.k
-    return {"gaussian": (n + 1) / k, "rademacher": (n - 1) / k}.get(strategy.distribution, n / k - 1)
+def theoretical_variance(strategy: Strategy, stats: dict[str, Any]) -> float | None:
+    """``E||g^ - g||^2 / ||g||^2`` of one call of a segment (its stats), or None (see Strategy.variance)."""
+    return strategy.variance(stats) if strategy.stochastic else None
 
 
 def _t_quantile(dof: int) -> float:
@@ -205,7 +201,7 @@ def compare(
     overall_theory = None
     for name, seg_calls in calls.items():
         strategy = seg_calls[0].strategy
-        stochastic = isinstance(strategy, Random)
+        stochastic = strategy.stochastic
         if differs <= {name}:  # every other segment already follows the reference: reuse the draws
             seg_draws = stacked if stochastic else stacked[:1]
         else:
@@ -215,7 +211,7 @@ def compare(
         moved = torch.split((seg_draws - exact).abs(), sizes, dim=1)
         reached = [i for i, m in enumerate(moved) if stochastic and float(m.norm(dim=1).max()) > tolerance]
         n = int(seg_calls[0].stats.get("differentiated_numel", 0))
-        theory = theoretical_variance(strategy, n) if len(seg_calls) == 1 else None
+        theory = theoretical_variance(strategy, seg_calls[0].stats) if len(seg_calls) == 1 else None
         extra = dict(strategy=repr(strategy), differentiated=n, calls=len(seg_calls), variance_theory=theory)
         if reached:
             mask = torch.cat([torch.full((s,), i in reached, dtype=torch.bool) for i, s in enumerate(sizes)])
@@ -335,13 +331,8 @@ def _reverse_bytes(state: _context.CallState, rev_state: _context.CallState | No
 
 
 def _flags(call: _context.SegmentCall, reverse_bytes: int | None) -> list[str]:
-    stats, strategy, flags = call.stats, call.strategy, []
-    n = stats.get("differentiated_numel") or 0
-    if isinstance(strategy, Random) and n and strategy.k >= n:
-        flags.append(
-            f"k = {strategy.k} >= n = {n} differentiated scalars: Exact() gives the exact gradient with {n} "
-            "tangents; use Exact() or a smaller k."
-        )
+    stats, strategy = call.stats, call.strategy
+    flags = list(strategy.advice(stats)) if strategy.is_forward else []
     saved = stats.get("saved_bytes") or 0
     if strategy.is_forward and reverse_bytes is not None and saved > 2 * max(reverse_bytes, 1):
         per_arg = stats.get("differentiated_per_argument", {})
@@ -351,12 +342,6 @@ def _flags(call: _context.SegmentCall, reverse_bytes: int | None) -> list[str]:
         flags.append(
             f"keeps {_bytes(saved)} for backward ({tangents} tangents x {outputs} outputs){where}; backprop "
             f"would keep {_bytes(reverse_bytes)}: Reverse() or Random(k) with a small k is cheaper here."
-        )
-    if isinstance(strategy, Exact) and (stats.get("tangents") or 0) > EXACT_WARN_TANGENTS:
-        flags.append(
-            f"Exact() pushes {stats['tangents']} tangents, about {stats['tangents']} forward passes of the segment "
-            "(backprop: about 3)" + (" (not run by inspect: sizes predicted)" if stats.get("predicted") else "")
-            + "; Random(k) or Reverse() is far cheaper."
         )
     fallbacks = stats.get("fallbacks")
     if fallbacks:

@@ -29,7 +29,6 @@ import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import _is_batched
-from ._plan import Random
 from ._tangents import leaf_seed
 
 __all__ = ["Replicas", "ddp_comm_hook", "prepare", "reducing", "resolve"]
@@ -168,7 +167,7 @@ def prepare(engine: Any, state: Any) -> SegmentReduction | None:
     Called from ``_ForwardSegment.setup_context``; ``engine.leaves``/``captured`` are the tensors as the
     caller passed them (under torch.func.grad, the differentiated arguments' own wrappers).
     """
-    if state is None or state.replicas is None or not isinstance(engine.strategy, Random):
+    if state is None or state.replicas is None or not engine.strategy.shares_coefficients:
         return None
     objects = [engine.leaves[p] for p in engine.positions] + engine.captured.tensors()
     inputs = [objects[i] for i in engine.diff]

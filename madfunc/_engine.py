@@ -1,5 +1,6 @@
 """One forward segment call's passes: the body run under jvp (vmapped over tangent batches), seeded
-eagerly (basis blocks for ``Exact``, drawn tangents for ``Random``) or lazily (``LazySeeds``).
+eagerly (``push``: basis blocks for ``Exact``, drawn tangents for ``Random``) or lazily (``push_lazy``,
+``LazySeeds``). Which tangents, and how many passes, the strategy decides (``Strategy.push``).
 
 The body may run several times (``Exact``: one pass per leaf group; ``Random``: a lazy try, then an
 eager pass; a retry after an op that dropped tangents was routed to the fallback; one pass per tangent
@@ -21,33 +22,17 @@ from ._captured import Captured
 from ._checks import (
     ForwardModeError,
     _check_not_mutated,
-    _common_device,
     _flatten_output,
     _translate_error,
     _versions,
 )
-from ._guards import (
-    EXACT_WARN_TANGENTS,
-    check_basis_size,
-    check_finite,
-    check_no_hidden_inputs,
-    check_strided,
-    hidden_input_error,
-    warn_exact_cost,
-)
+from ._guards import check_finite, check_no_hidden_inputs, check_strided, hidden_input_error
 from ._ops import OpFailed, OpRules, reference_kernels
 from ._passes import BARE, Retry, all_zero_tangents, batching_warnings, diagnosed, warn_loop
-from ._plan import Exact, Random
 from ._rng import Snapshot
-from ._tangents import LazySeeds, basis_block, draw_leaf, draw_tangents, group_leaves
+from ._tangents import LazySeeds
 
-__all__ = ["LAZY_SEEDING_BYTES", "Engine"]
-
-# Random tangents this large (k x the differentiated inputs) are seeded lazily, where each leaf is first
-# used, so that they need not all exist at once: memory then stops growing with the number of leaves
-# (benchmarks/RESULTS.md, target 5). Below it, eager seeding is faster: lazy seeding costs an extra
-# pass over every leaf (the seeding op) and a Python hook on every op of the segment.
-LAZY_SEEDING_BYTES = 32 * 2**20
+__all__ = ["Engine"]
 
 
 class Engine:
@@ -123,7 +108,7 @@ class Engine:
             for b in self.buffers
         ]
 
-    def _push(
+    def push(
         self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], watch: bool = False, diagnose=(),
         check: bool = True,
     ):
@@ -183,7 +168,7 @@ class Engine:
             ys = tuple(y[0] for y in ys)
         suspicious = all_zero_tangents(self._zero_key(which), ys, ydots) if check else []
         if suspicious:  # a dropped tangent comes back as zeros: look closer, once
-            self._push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
+            self.push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
         self.fallbacks.update(*(mode.fallbacks for mode in rules))
         if not bare:
             self.bare = not any(mode.touched for mode in rules)
@@ -208,26 +193,21 @@ class Engine:
         for j in range(tangents[0].shape[0]):
             self.snapshot.restore()
             # One basis tangent may well give zeros: the all-zero check belongs to the whole batch (below).
-            ys, ydots, buffers = self._push(tensors, which, [t[j : j + 1] for t in tangents], watch, check=False)
+            ys, ydots, buffers = self.push(tensors, which, [t[j : j + 1] for t in tangents], watch, check=False)
             parts.append(ydots)
         ydots = [torch.cat(p) for p in zip(*parts, strict=True)]
         suspicious = all_zero_tangents(self._zero_key(which), ys, ydots)
         if suspicious:
             self.snapshot.restore()
-            self._push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
+            self.push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
         return ys, ydots, buffers
 
-    def _push_lazy(self, tensors, device: torch.device):
-        """Random tangents seeded where each leaf is first used (see LazySeeds); None if a leaf is
-        returned as it is, or if the segment ran an in-place op (then the caller seeds eagerly)."""
-        strategy = self.strategy
-        k = strategy.k
+    def push_lazy(self, tensors, device: torch.device, k: int, make):
+        """``k`` tangents per leaf, ``make(index, leaf)``, seeded where each leaf is first used (see LazySeeds);
+        None if a leaf is returned as it is, or if the segment ran an in-place op (then the caller seeds
+        eagerly)."""
         values = [tensors[i] for i in self.diff]
         buffers = self._pass_buffers()
-
-        def make(index: int) -> torch.Tensor:
-            leaf = values[index]
-            return draw_leaf(strategy.distribution, k, leaf.shape, leaf.dtype, device, self.seed, index)
 
         token = torch.zeros(k, device=device)
         modes: list[LazySeeds] = []
@@ -236,7 +216,7 @@ class Engine:
 
         def single(direction: torch.Tensor) -> tuple:
             def body(tok: torch.Tensor, passed) -> tuple:
-                mode, rule = LazySeeds(values, tok, make), OpRules(self.name)
+                mode, rule = LazySeeds(values, tok, lambda i: make(i, values[i])), OpRules(self.name)
                 modes.append(mode)
                 rules.append(rule)
                 with mode, rule:
@@ -313,16 +293,22 @@ class Engine:
             stats["saved_bytes"] = stats["tangents"] * sum(ys[i].numel() * ys[i].element_size() for i in self.diff_out)
         if self.fallbacks:
             stats["fallbacks"] = sorted(self.fallbacks)
-        if isinstance(self.strategy, Random):
+        if self.strategy.stochastic:
             used = zip(self.diff_tensors, self.used, strict=True)
             stats["differentiated_numel"] = sum(t.numel() for t, u in used if u)  # n counts used inputs only
         return (*ys, *ydots)
 
-    def _begin_pass(self) -> None:
+    def begin_pass(self) -> None:
         """Every pass after the first starts from the RNG states the first one started from."""
         if self.passes:
             self.snapshot.restore()
         self.passes += 1
+
+    def plain_pass(self, tensors: Sequence[torch.Tensor]):
+        """One pass without tangents: ``(ys, empty ydots, buffers)`` (nothing to push, or sizes only)."""
+        self.begin_pass()
+        ys = self._call(tensors, [tensors[i] for i in self.diff], self._pass_buffers())
+        return ys, [y.new_zeros((0, *y.shape)) for y in ys], self.buffers
 
     def _forward(self, tensors: Sequence[torch.Tensor]):
         diff_tensors = self.diff_tensors = [tensors[i] for i in self.diff]
@@ -330,57 +316,9 @@ class Engine:
         stats = self.record.stats
         stats["differentiated_numel"] = n
         if n == 0:  # e.g. an empty batch: nothing to push; every gradient is an (empty) zero
-            self._begin_pass()
-            ys = self._call(tensors, diff_tensors, self._pass_buffers())
             stats["tangents"] = 0
-            return ys, [y.new_zeros((0, *y.shape)) for y in ys], self.buffers
-        if isinstance(self.strategy, Random):
-            return self._forward_random(tensors, diff_tensors, n)
-        assert isinstance(self.strategy, Exact)
-        stats["tangents"] = n
-        if self.measure and n > EXACT_WARN_TANGENTS:
-            # inspect() only needs the sizes: one plain pass, and what n tangents would keep, predicted.
-            self._begin_pass()
-            ys = self._call(tensors, diff_tensors, self._pass_buffers())
-            stats["predicted"] = True
-            return ys, [y.new_zeros((0, *y.shape)) for y in ys], self.buffers
-        chunk = self.strategy.chunk_size
-        per_leaf: list[list[torch.Tensor]] = []
-        # Lazy seeding: one group of leaves at a time, so forward AD does no tangent work before the
-        # group's first use; small leaves (biases) ride along with their neighbour (see group_leaves).
-        for group in group_leaves([t.numel() for t in diff_tensors], chunk):
-            which = [self.diff[g] for g, _, _ in group]
-            count = sum(stop - start for _, start, stop in group)
-            check_basis_size(self.name, tensors, which, count)
-            self._begin_pass()
-            ys, ydots, buffers = self._push(tensors, which, basis_block(tensors, which, group, count))
-            per_leaf.append(ydots)
-        ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf, strict=True)]
-        warn_exact_cost(self.name, n)  # after the passes: a refusal (check_basis_size) says more
-        return ys, ydots, buffers
-
-    def _forward_random(self, tensors, diff_tensors, n: int):
-        strategy = self.strategy
-        if strategy.distribution == "orthogonal" and strategy.k > n:
-            raise ValueError(
-                f"segment {self.name!r}: Random(k={strategy.k}, distribution='orthogonal') needs k <= n, "
-                f"the number of differentiated scalars, which is {n}; use k <= {n} (k == {n} is exact)."
-            )
-        self.record.stats["tangents"] = strategy.k
-        device = _common_device(self.name, diff_tensors)
-        tangent_bytes = strategy.k * sum(t.numel() * t.element_size() for t in diff_tensors)
-        lazy_wanted = strategy.seeding == "lazy" or (strategy.seeding == "auto" and tangent_bytes >= LAZY_SEEDING_BYTES)
-        if strategy.distribution != "orthogonal" and lazy_wanted:
-            self._begin_pass()
-            lazy = self._push_lazy(tensors, device)
-            if lazy is not None:
-                return lazy
-        tangents = draw_tangents(
-            strategy.distribution, strategy.k, [t.shape for t in diff_tensors], [t.dtype for t in diff_tensors],
-            device, self.seed,
-        )
-        self._begin_pass()
-        return self._push(tensors, self.diff, tangents, watch=True)
+            return self.plain_pass(tensors)
+        return self.strategy.push(self, tensors, diff_tensors, n)
 
 
 # Runs of a segment's passes before giving up on ops that drop tangents (each run routes those it finds).

@@ -18,9 +18,8 @@ import torch
 from . import _context, _distributed
 from ._captured import discover
 from ._checks import _differentiated_per_argument, _needs_grad, _refuse_higher_order, run_reverse
-from ._contract import combine, contract
 from ._engine import Engine
-from ._plan import Random, Strategy
+from ._strategy import Strategy
 
 __all__ = ["run_forward"]
 
@@ -56,13 +55,14 @@ class _ForwardSegment(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:  # type: ignore[override]
         engine: Engine = ctx.engine
         _refuse_higher_order(engine.name)
-        s = contract(ctx.saved_tensors, [grads[i] for i in engine.diff_out])
+        strategy = engine.strategy
+        s = strategy.contract(engine, ctx.saved_tensors, [grads[i] for i in engine.diff_out])
         dp = ctx.data_parallel  # parameters take s reduced over ranks, activation inputs this rank's s
         if dp is None:
-            diff_grads = combine(engine.strategy, engine.seed, s, ctx.meta, engine.used)
+            diff_grads = strategy.combine(engine, s, ctx.meta)
         else:
-            s_shared = dp.reduce(engine.name, s, engine.seed, engine.strategy.k)
-            diff_grads = combine(engine.strategy, engine.seed, s, ctx.meta, engine.used, s_shared, dp.params)
+            s_shared = dp.reduce(engine.name, s, engine.seed, strategy.k)
+            diff_grads = strategy.combine(engine, s, ctx.meta, s_shared, dp.params)
         result: list[torch.Tensor | None] = [None] * ctx.n_tensors
         for i, g in zip(engine.diff, diff_grads, strict=True):
             result[i] = g
@@ -109,7 +109,7 @@ def run_forward(
     if measure:  # a second flatten per call: only for inspect, not in every training step
         record.stats["differentiated_per_argument"] = _differentiated_per_argument(args, kwargs)
     state = _context.active()
-    seed = state.tangents.segment_seed(name) if isinstance(strategy, Random) and state is not None else None
+    seed = state.tangents.segment_seed(name) if strategy.stochastic and state is not None else None
     engine = Engine(name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure)
     outputs = _ForwardSegment.apply(engine, *tensors)
     return optree.tree_unflatten(engine.out_spec, list(outputs[: engine.n_out]))

@@ -2,181 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from collections.abc import Iterator, Mapping
 
+from ._exact import Exact
+from ._random import Random
+from ._strategy import KINDS, Reverse, Strategy
+
 __all__ = ["Strategy", "Reverse", "Exact", "Random", "Plan", "PlanLike", "as_plan", "as_strategy", "parse_strategy"]
 
-DISTRIBUTIONS = ("gaussian", "rademacher", "orthogonal")
-SEEDINGS = ("auto", "lazy", "eager")
 # The string form of strategies and plans, written by ``str()`` and read by parse_strategy/Plan.from_string.
 STRATEGY_SYNTAX = "rev | reverse | exact[:CHUNK] | random[:K[:DISTRIBUTION[:SEEDING]]]"
 PLAN_EXAMPLE = "features=random:16:rademacher,head=rev"
-
-
-class Strategy:
-    """Base class of the differentiation strategies of a segment."""
-
-    __slots__ = ()
-    _FIELDS: tuple[str, ...] = ()  # the ':' fields its string form may have after the kind
-
-    @property
-    def is_forward(self) -> bool:
-        """Whether a segment under this strategy runs in forward mode."""
-        return not isinstance(self, Reverse)
-
-    def to_string(self) -> str:
-        """The strategy in the string form that :func:`parse_strategy` reads back, e.g. ``"random:16:rademacher"``."""
-        raise TypeError("Strategy is abstract; use Reverse(), Exact() or Random(...).")
-
-    def __str__(self) -> str:
-        return self.to_string()
-
-    @classmethod
-    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
-        """Build the strategy from the (at most ``len(_FIELDS)``) fields after its kind in the string form."""
-        raise NotImplementedError
-
-
-@dataclasses.dataclass(frozen=True)
-class Reverse(Strategy):
-    """Differentiate the segment by ordinary backpropagation (reverse mode).
-
-    Examples:
-        >>> import madfunc as mf
-        >>> mf.Reverse()
-        Reverse()
-    """
-
-    def to_string(self) -> str:
-        return "rev"
-
-    @classmethod
-    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
-        return cls()
-
-
-@dataclasses.dataclass(frozen=True)
-class Exact(Strategy):
-    """Differentiate the segment exactly in forward mode, one basis tangent per differentiated scalar.
-
-    Args:
-        chunk_size: the most basis tangents pushed through the segment at once. It bounds the working
-            memory of the forward pass (``chunk_size`` copies of the segment's activations, instead of
-            one per differentiated scalar); the stored output tangents are not affected.
-            ``None`` pushes all of one leaf's tangents at once. Default: ``None``.
-
-    Examples:
-        >>> import madfunc as mf
-        >>> mf.Exact(chunk_size=64)
-        Exact(chunk_size=64)
-    """
-
-    chunk_size: int | None = None
-    _FIELDS = ("CHUNK",)
-
-    def to_string(self) -> str:
-        return "exact" if self.chunk_size is None else f"exact:{self.chunk_size}"
-
-    @classmethod
-    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
-        return cls(_positive_int(fields[0], where, "CHUNK", "exact:CHUNK") if fields else None)
-
-    def __post_init__(self) -> None:
-        if self.chunk_size is not None:
-            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
-                raise TypeError(
-                    f"Exact(chunk_size=...): expected an int >= 1 or None, got "
-                    f"{type(self.chunk_size).__name__} {self.chunk_size!r}."
-                )
-            if self.chunk_size < 1:
-                raise ValueError(
-                    f"Exact(chunk_size={self.chunk_size}): chunk_size must be >= 1 (or None for no chunking)."
-                )
-
-
-@dataclasses.dataclass(frozen=True)
-class Random(Strategy):
-    """Estimate the segment's gradient in forward mode from ``k`` random tangents (forward gradients).
-
-    The estimate is ``(1/k) sum_j (J v_j . ybar) v_j`` with ``E[v v^T] = I``, hence unbiased
-    (Baydin et al. 2022, arXiv 2202.08587). Its relative mean squared error
-    ``E||g^ - g||^2 / ||g||^2`` is ``(n+1)/k`` for ``"gaussian"``, ``(n-1)/k`` for ``"rademacher"`` and ``n/k - 1`` for
-    ``"orthogonal"``, where ``n`` is the number of scalars the segment differentiates.
-
-    Args:
-        k: number of tangents (forward passes, batched). Default: ``1``.
-        distribution: ``"gaussian"`` (standard normal entries), ``"rademacher"`` (random signs) or
-            ``"orthogonal"`` (``k`` random orthonormal directions scaled by ``sqrt(n)``; needs
-            ``k <= n`` and gives the exact gradient at ``k == n``). Default: ``"gaussian"``.
-        seeding: when the tangents are drawn. ``"eager"`` draws all ``k`` tangents of every leaf on
-            entry to the segment (fastest; they all exist during its forward pass). ``"lazy"`` draws
-            each leaf's tangents where an op first uses the leaf and drops them after it, so at most
-            one leaf's tangents exist at a time (least memory; costs about two extra passes over the
-            tangents). ``"auto"`` is lazy when the ``k`` tangents of all leaves exceed 32 MiB, else
-            eager. ``"orthogonal"`` tangents are always drawn eagerly (they are orthogonal jointly over
-            all leaves). The gradient estimate is the same either way. Default: ``"auto"``.
-
-    Examples:
-        >>> import madfunc as mf
-        >>> mf.Random(k=16, distribution="rademacher")
-        Random(k=16, distribution='rademacher')
-    """
-
-    k: int = 1
-    distribution: str = "gaussian"
-    seeding: str = "auto"
-    _FIELDS = ("K", "DISTRIBUTION", "SEEDING")
-
-    def __repr__(self) -> str:
-        extra = "" if self.seeding == "auto" else f", seeding={self.seeding!r}"
-        return f"Random(k={self.k}, distribution={self.distribution!r}{extra})"
-
-    def to_string(self) -> str:
-        extra = "" if self.seeding == "auto" else f":{self.seeding}"
-        return f"random:{self.k}:{self.distribution}{extra}"
-
-    @classmethod
-    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
-        k = _positive_int(fields[0], where, "K", "random:K") if fields else 1
-        distribution = fields[1].lower() if len(fields) >= 2 else "gaussian"
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(
-                f"{where}: unknown distribution {distribution!r}; valid distributions: {', '.join(DISTRIBUTIONS)}."
-            )
-        seeding = fields[2].lower() if len(fields) == 3 else "auto"
-        if seeding not in SEEDINGS:
-            raise ValueError(f"{where}: unknown seeding {seeding!r}; valid seedings: {', '.join(SEEDINGS)}.")
-        return cls(k, distribution, seeding)
-
-    def __post_init__(self) -> None:
-        if self.seeding not in SEEDINGS:
-            raise ValueError(
-                f"Random(seeding={self.seeding!r}): unknown seeding; expected one of "
-                f"{', '.join(repr(s) for s in SEEDINGS)}."
-            )
-        if isinstance(self.k, bool) or not isinstance(self.k, int):
-            raise TypeError(f"Random(k=...): expected an int >= 1, got {type(self.k).__name__} {self.k!r}.")
-        if self.k < 1:
-            raise ValueError(f"Random(k={self.k}): k must be >= 1 (it is the number of random tangents).")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(
-                f"Random(distribution={self.distribution!r}): unknown distribution; expected one of "
-                f"{', '.join(repr(d) for d in DISTRIBUTIONS)}."
-            )
-
-
-# The kinds of the string form, each parsing its own fields (Strategy._from_fields).
-_KINDS: dict[str, type[Strategy]] = {"rev": Reverse, "reverse": Reverse, "exact": Exact, "random": Random}
 # The strings a Plan dict or fwd(strategy=...) accepts in place of a strategy object.
 _STRATEGY_STRINGS = {"rev": Reverse(), "reverse": Reverse(), "exact": Exact()}
-
-
-def _positive_int(text: str, where: str, what: str, usage: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise ValueError(f"{where}: {usage}: {what} must be an integer >= 1, got {text!r}.")
-    return int(text)
 
 
 def parse_strategy(text: str, where: str = "parse_strategy") -> Strategy:
@@ -209,7 +48,7 @@ def parse_strategy(text: str, where: str = "parse_strategy") -> Strategy:
         raise TypeError(f"{where}: expected a str, got {type(text).__name__} {text!r}.")
     text = text.strip()
     kind, *fields = (field.strip() for field in text.split(":"))
-    cls = _KINDS.get(kind.lower())
+    cls = KINDS.get(kind.lower())
     if cls is None or len(fields) > len(cls._FIELDS):
         problem = f"unknown strategy {text!r}" if cls is None else f"too many ':' fields in {text!r}"
         raise ValueError(f"{where}: {problem}; valid strategies: {STRATEGY_SYNTAX}.")

@@ -9,15 +9,17 @@ without drawing the others.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import optree
 import torch
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
-    "LazySeeds", "SMALL_LEAF", "basis_block", "draw_leaf", "draw_tangents", "group_leaves", "leaf_seed",
+    "DISTRIBUTIONS", "Distribution", "LazySeeds", "SMALL_LEAF", "basis_block", "draw_leaf", "draw_tangents",
+    "group_leaves", "leaf_seed",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -81,6 +83,37 @@ def _orthogonal(
     return (q * signs).T.mul_(math.sqrt(n)).to(dtype)
 
 
+def _gaussian(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, dtype=dtype, device=device, generator=gen)
+
+
+@dataclasses.dataclass(frozen=True)
+class Distribution:
+    """A tangent distribution (``E[v v^T] = I``): how it draws, and its variance law.
+
+    ``draw(shape, dtype, device, generator)`` draws i.i.d. entries, leaf by leaf; ``None`` marks a
+    distribution drawn jointly over all leaves (``orthogonal``), which cannot be regenerated one leaf at a
+    time. ``variance(n, k)`` is ``E||g^ - g||^2 / ||g||^2`` of the forward gradient
+    ``(1/k) sum_j (g . v_j) v_j`` in ``R^n``, derived from ``E[(g.v)^2 ||v||^2]``: ``(n + 2)||g||^2`` for
+    Gaussian ``v``, ``n ||g||^2`` for signs (``||v||^2 = n``); orthogonal rows are not independent.
+    """
+
+    name: str
+    draw: Callable[..., torch.Tensor] | None
+    variance: Callable[[int, int], float]
+    law: str  # the variance law as written in docs and reports
+
+
+DISTRIBUTIONS: dict[str, Distribution] = {
+    d.name: d
+    for d in (
+        Distribution("gaussian", _gaussian, lambda n, k: (n + 1) / k, "(n+1)/k"),
+        Distribution("rademacher", _rademacher, lambda n, k: (n - 1) / k, "(n-1)/k"),
+        Distribution("orthogonal", None, lambda n, k: n / k - 1, "n/k - 1"),
+    )
+}
+
+
 def draw_leaf(
     distribution: str, k: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int, index: int
 ) -> torch.Tensor:
@@ -88,13 +121,9 @@ def draw_leaf(
 
     Not for ``"orthogonal"``, whose directions are orthogonal jointly over all leaves.
     """
-    gen = _generator(device, leaf_seed(seed, index))
-    full = (k, *shape)
-    if distribution == "gaussian":
-        return torch.randn(full, dtype=dtype, device=device, generator=gen)
-    if distribution == "rademacher":
-        return _rademacher(full, dtype, device, gen)
-    raise AssertionError(distribution)  # guarded by Random's constructor
+    draw = DISTRIBUTIONS[distribution].draw
+    assert draw is not None, distribution  # joint distributions are drawn by draw_tangents
+    return draw((k, *shape), dtype, device, _generator(device, leaf_seed(seed, index)))
 
 
 def draw_tangents(
@@ -109,7 +138,7 @@ def draw_tangents(
 
     Every direction ``v`` (the concatenation over leaves of one row) has ``E[v v^T] = I``.
     """
-    if distribution == "orthogonal":
+    if DISTRIBUTIONS[distribution].draw is None:  # orthogonal: jointly over all leaves
         gen = _generator(device, seed)
         sizes = [math.prod(s) for s in shapes]
         common = torch.float64 if torch.float64 in dtypes else torch.float32

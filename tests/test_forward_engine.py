@@ -137,7 +137,7 @@ def test_random_gradient_is_the_forward_gradient_of_the_regenerated_tangents(k: 
 def test_lazy_seeding_gives_the_same_gradient_as_eager_seeding(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lazy seeding (each leaf's tangents drawn where it is first used) changes no bit of the estimate's
     inputs: same tangents, same directional derivatives; shared weights are seeded at every use."""
-    from madfunc import _engine
+    from madfunc import _random
 
     gen = torch.Generator().manual_seed(3)
     params = [torch.randn(6, 6, generator=gen, dtype=torch.float64) for _ in range(3)]
@@ -153,7 +153,7 @@ def test_lazy_seeding_gives_the_same_gradient_as_eager_seeding(k: int, monkeypat
     plan = {"net": mf.Random(k=k, distribution="rademacher")}
     results = []
     for threshold in (0, 2**62):  # everything lazy, then nothing lazy
-        monkeypatch.setattr(_engine, "LAZY_SEEDING_BYTES", threshold)
+        monkeypatch.setattr(_random, "LAZY_SEEDING_BYTES", threshold)
         torch.manual_seed(11)
         results.append(mf.mixed_grad(lambda p, x: seg(p, x), plan)(params, x))
     for lazy, eager in zip(*results, strict=False):
@@ -163,13 +163,13 @@ def test_lazy_seeding_gives_the_same_gradient_as_eager_seeding(k: int, monkeypat
 def test_lazy_seeding_falls_back_when_a_leaf_is_never_reached(monkeypatch: pytest.MonkeyPatch) -> None:
     """A leaf no op touches (unused, or reached only outside torch functions) gets eager seeding:
     the estimate is the same as with eager seeding throughout (random, unbiased, also for that leaf)."""
-    from madfunc import _engine
+    from madfunc import _random
 
     w, unused = torch.ones(3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     seg = mf.fwd(lambda w, u, x: (w * x).sum(), name="partial")
     results = []
     for threshold in (0, 2**62):
-        monkeypatch.setattr(_engine, "LAZY_SEEDING_BYTES", threshold)
+        monkeypatch.setattr(_random, "LAZY_SEEDING_BYTES", threshold)
         torch.manual_seed(0)
         results.append(mf.mixed_grad(lambda w, u: seg(w, u, torch.arange(3.0, dtype=torch.float64)),
                                      {"partial": mf.Random(k=2)}, argnums=(0, 1))(w, unused))

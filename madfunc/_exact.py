@@ -1,0 +1,95 @@
+"""``Exact``: forward mode with one basis tangent per differentiated scalar; the gradient is read off ``s``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from ._guards import EXACT_WARN_TANGENTS, check_basis_size, warn_exact_cost
+from ._strategy import Strategy, positive_int, zeros
+from ._tangents import basis_block, group_leaves
+
+__all__ = ["Exact"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Exact(Strategy, kind="exact"):
+    """Differentiate the segment exactly in forward mode, one basis tangent per differentiated scalar.
+
+    Args:
+        chunk_size: the most basis tangents pushed through the segment at once. It bounds the working
+            memory of the forward pass (``chunk_size`` copies of the segment's activations, instead of
+            one per differentiated scalar); the stored output tangents are not affected.
+            ``None`` pushes all of one leaf's tangents at once. Default: ``None``.
+
+    Examples:
+        >>> import madfunc as mf
+        >>> mf.Exact(chunk_size=64)
+        Exact(chunk_size=64)
+    """
+
+    chunk_size: int | None = None
+    _FIELDS: ClassVar[tuple[str, ...]] = ("CHUNK",)
+
+    def to_string(self) -> str:
+        return "exact" if self.chunk_size is None else f"exact:{self.chunk_size}"
+
+    @classmethod
+    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
+        return cls(positive_int(fields[0], where, "CHUNK", "exact:CHUNK") if fields else None)
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None:
+            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
+                raise TypeError(
+                    f"Exact(chunk_size=...): expected an int >= 1 or None, got "
+                    f"{type(self.chunk_size).__name__} {self.chunk_size!r}."
+                )
+            if self.chunk_size < 1:
+                raise ValueError(
+                    f"Exact(chunk_size={self.chunk_size}): chunk_size must be >= 1 (or None for no chunking)."
+                )
+
+    def push(self, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor], n: int):
+        stats = engine.record.stats
+        stats["tangents"] = n
+        if engine.measure and n > EXACT_WARN_TANGENTS:
+            # inspect() only needs the sizes: one plain pass, and what n tangents would keep, predicted.
+            stats["predicted"] = True
+            return engine.plain_pass(tensors)
+        per_leaf: list[list[torch.Tensor]] = []
+        # Lazy seeding: one group of leaves at a time, so forward AD does no tangent work before the
+        # group's first use; small leaves (biases) ride along with their neighbour (see group_leaves).
+        for group in group_leaves([t.numel() for t in diff_tensors], self.chunk_size):
+            which = [engine.diff[g] for g, _, _ in group]
+            count = sum(stop - start for _, start, stop in group)
+            check_basis_size(engine.name, tensors, which, count)
+            engine.begin_pass()
+            ys, ydots, buffers = engine.push(tensors, which, basis_block(tensors, which, group, count))
+            per_leaf.append(ydots)
+        ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf, strict=True)]
+        warn_exact_cost(engine.name, n)  # after the passes: a refusal (check_basis_size) says more
+        return ys, ydots, buffers
+
+    def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
+        if s is None or s.numel() == 0:  # no cotangent reached the outputs, or nothing to differentiate
+            return zeros(meta)
+        pieces = torch.split(s, [math.prod(shape) for shape, _, _ in meta])  # s_i is the i-th partial
+        return [p.reshape(shape).to(dtype) for p, (shape, dtype, _) in zip(pieces, meta, strict=True)]
+
+    def variance(self, stats: Mapping[str, Any]) -> float | None:
+        return 0.0
+
+    def advice(self, stats: Mapping[str, Any]) -> list[str]:
+        tangents = stats.get("tangents") or 0
+        if tangents <= EXACT_WARN_TANGENTS:
+            return []
+        return [
+            f"Exact() pushes {tangents} tangents, about {tangents} forward passes of the segment "
+            "(backprop: about 3)" + (" (not run by inspect: sizes predicted)" if stats.get("predicted") else "")
+            + "; Random(k) or Reverse() is far cheaper."
+        ]

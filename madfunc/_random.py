@@ -1,0 +1,179 @@
+"""``Random``: forward gradients from ``k`` random tangents on every differentiated input (weight
+perturbation, Baydin et al. 2022), regenerated from one seed in backward instead of being kept."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from ._checks import _common_device
+from ._contract import combine_tangents
+from ._strategy import Strategy, positive_int, zeros
+from ._tangents import DISTRIBUTIONS, draw_leaf, draw_tangents
+
+__all__ = ["LAZY_SEEDING_BYTES", "SEEDINGS", "Random", "check_distribution"]
+
+SEEDINGS = ("auto", "lazy", "eager")
+# Random tangents this large (k x the differentiated inputs) are seeded lazily, where each leaf is first
+# used, so that they need not all exist at once: memory then stops growing with the number of leaves
+# (benchmarks/RESULTS.md, target 5). Below it, eager seeding is faster: lazy seeding costs an extra
+# pass over every leaf (the seeding op) and a Python hook on every op of the segment.
+LAZY_SEEDING_BYTES = 32 * 2**20
+
+
+def check_distribution(owner: str, distribution: str, seeding: str, k: int) -> None:
+    """The constructor checks Random and its per-example variants share (errors name ``owner``)."""
+    if seeding not in SEEDINGS:
+        raise ValueError(
+            f"{owner}(seeding={seeding!r}): unknown seeding; expected one of {', '.join(repr(s) for s in SEEDINGS)}."
+        )
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{owner}(k=...): expected an int >= 1, got {type(k).__name__} {k!r}.")
+    if k < 1:
+        raise ValueError(f"{owner}(k={k}): k must be >= 1 (it is the number of random tangents).")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"{owner}(distribution={distribution!r}): unknown distribution; expected one of "
+            f"{', '.join(repr(d) for d in DISTRIBUTIONS)}."
+        )
+
+
+def parse_random_fields(fields: list[str], where: str, kind: str) -> tuple[int, str, str]:
+    """``K``, ``DISTRIBUTION``, ``SEEDING`` of a ``kind:K:DISTRIBUTION:SEEDING`` string form."""
+    k = positive_int(fields[0], where, "K", f"{kind}:K") if fields else 1
+    distribution = fields[1].lower() if len(fields) >= 2 else "gaussian"
+    if distribution not in DISTRIBUTIONS:
+        valid = ", ".join(DISTRIBUTIONS)
+        raise ValueError(f"{where}: unknown distribution {distribution!r}; valid distributions: {valid}.")
+    seeding = fields[2].lower() if len(fields) >= 3 else "auto"
+    if seeding not in SEEDINGS:
+        raise ValueError(f"{where}: unknown seeding {seeding!r}; valid seedings: {', '.join(SEEDINGS)}.")
+    return k, distribution, seeding
+
+
+def push_random(strategy: Any, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor]):
+    """The passes of ``k`` random tangents on every differentiated input: lazily seeded when they are
+    large (and the distribution can be drawn leaf by leaf), else drawn up front."""
+    k, distribution = strategy.k, strategy.distribution
+    engine.record.stats["tangents"] = k
+    device = _common_device(engine.name, diff_tensors)
+    tangent_bytes = k * sum(t.numel() * t.element_size() for t in diff_tensors)
+    seeding = strategy.seeding
+    lazy_wanted = seeding == "lazy" or (seeding == "auto" and tangent_bytes >= LAZY_SEEDING_BYTES)
+    if DISTRIBUTIONS[distribution].draw is not None and lazy_wanted:
+        engine.begin_pass()
+        lazy = engine.push_lazy(
+            tensors, device, k, lambda i, leaf: draw_leaf(distribution, k, leaf.shape, leaf.dtype, device, engine.seed, i)
+        )
+        if lazy is not None:
+            return lazy
+    shapes, dtypes = [t.shape for t in diff_tensors], [t.dtype for t in diff_tensors]
+    tangents = draw_tangents(distribution, k, shapes, dtypes, device, engine.seed)
+    engine.begin_pass()
+    return engine.push(tensors, engine.diff, tangents, watch=True)
+
+
+def regenerate(strategy: Any, seed: int, meta: Sequence[tuple], used: Sequence[bool], device: torch.device):
+    """The tangents of every used leaf again (None for unused ones), one leaf at a time where the
+    distribution allows (each leaf has its own stream), so at most one leaf's tangents exist at once."""
+    k, distribution = strategy.k, strategy.distribution
+    if DISTRIBUTIONS[distribution].draw is None:  # orthogonal jointly over all leaves: drawn together
+        drawn = draw_tangents(distribution, k, [m[0] for m in meta], [m[1] for m in meta], device, seed)
+        yield from (v if u else None for v, u in zip(drawn, used, strict=True))
+        return
+    for index, ((shape, dtype, _), u) in enumerate(zip(meta, used, strict=True)):
+        yield draw_leaf(distribution, k, shape, dtype, device, seed, index) if u else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Random(Strategy, kind="random"):
+    """Estimate the segment's gradient in forward mode from ``k`` random tangents (forward gradients).
+
+    The estimate is ``(1/k) sum_j (J v_j . ybar) v_j`` with ``E[v v^T] = I``, hence unbiased
+    (Baydin et al. 2022, arXiv 2202.08587). Its relative mean squared error
+    ``E||g^ - g||^2 / ||g||^2`` is ``(n+1)/k`` for ``"gaussian"``, ``(n-1)/k`` for ``"rademacher"`` and ``n/k - 1`` for
+    ``"orthogonal"``, where ``n`` is the number of scalars the segment differentiates. Every differentiated
+    input, parameters and activations alike, gets the same ``k`` directions for the whole batch (weight
+    perturbation); :class:`Activity` perturbs activations per example instead.
+
+    Args:
+        k: number of tangents (forward passes, batched). Default: ``1``.
+        distribution: ``"gaussian"`` (standard normal entries), ``"rademacher"`` (random signs) or
+            ``"orthogonal"`` (``k`` random orthonormal directions scaled by ``sqrt(n)``; needs
+            ``k <= n`` and gives the exact gradient at ``k == n``). Default: ``"gaussian"``.
+        seeding: when the tangents are drawn. ``"eager"`` draws all ``k`` tangents of every leaf on
+            entry to the segment (fastest; they all exist during its forward pass). ``"lazy"`` draws
+            each leaf's tangents where an op first uses the leaf and drops them after it, so at most
+            one leaf's tangents exist at a time (least memory; costs about two extra passes over the
+            tangents). ``"auto"`` is lazy when the ``k`` tangents of all leaves exceed 32 MiB, else
+            eager. ``"orthogonal"`` tangents are always drawn eagerly (they are orthogonal jointly over
+            all leaves). The gradient estimate is the same either way. Default: ``"auto"``.
+
+    Examples:
+        >>> import madfunc as mf
+        >>> mf.Random(k=16, distribution="rademacher")
+        Random(k=16, distribution='rademacher')
+    """
+
+    k: int = 1
+    distribution: str = "gaussian"
+    seeding: str = "auto"
+    _FIELDS: ClassVar[tuple[str, ...]] = ("K", "DISTRIBUTION", "SEEDING")
+    stochastic: ClassVar[bool] = True
+    shares_coefficients: ClassVar[bool] = True
+
+    def __repr__(self) -> str:
+        extra = "" if self.seeding == "auto" else f", seeding={self.seeding!r}"
+        return f"Random(k={self.k}, distribution={self.distribution!r}{extra})"
+
+    def to_string(self) -> str:
+        extra = "" if self.seeding == "auto" else f":{self.seeding}"
+        return f"random:{self.k}:{self.distribution}{extra}"
+
+    @classmethod
+    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
+        return cls(*parse_random_fields(fields, where, "random"))
+
+    def __post_init__(self) -> None:
+        check_distribution("Random", self.distribution, self.seeding, self.k)
+
+    def push(self, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor], n: int):
+        if DISTRIBUTIONS[self.distribution].draw is None and self.k > n:
+            raise ValueError(
+                f"segment {engine.name!r}: Random(k={self.k}, distribution={self.distribution!r}) needs k <= n, "
+                f"the number of differentiated scalars, which is {n}; use k <= {n} (k == {n} is exact)."
+            )
+        return push_random(self, engine, tensors, diff_tensors)
+
+    def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
+        if s_shared is not None:
+            s = torch.zeros_like(s_shared) if s is None else s
+        elif s is None or s.numel() == 0:  # no cotangent reached the outputs
+            return zeros(meta)
+        local = s * (1.0 / self.k)  # scale the k coefficients, not the n-element gradients
+        coefs = [local] * len(meta)
+        if s_shared is not None:  # parameters take the coefficients reduced over ranks (_distributed)
+            coefs = [s_shared * (1.0 / self.k) if p else local for p in shared]
+        return [
+            combine_tangents(coef, v, dtype, reuse=DISTRIBUTIONS[self.distribution].draw is not None)
+            if v is not None else torch.zeros(shape, dtype=dtype, device=s.device)  # unused: an exact zero
+            for coef, v, (shape, dtype, _) in zip(
+                coefs, regenerate(self, engine.seed, meta, engine.used, s.device), meta, strict=True
+            )
+        ]
+
+    def variance(self, stats: Mapping[str, Any]) -> float | None:
+        n = stats.get("differentiated_numel") or 0
+        return DISTRIBUTIONS[self.distribution].variance(n, self.k) if n >= 1 else None
+
+    def advice(self, stats: Mapping[str, Any]) -> list[str]:
+        n = stats.get("differentiated_numel") or 0
+        if not n or self.k < n:
+            return []
+        return [
+            f"k = {self.k} >= n = {n} differentiated scalars: Exact() gives the exact gradient with {n} "
+            "tangents; use Exact() or a smaller k."
+        ]
