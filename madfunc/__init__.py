@@ -10,7 +10,9 @@ from ._diagnostics import inspect as inspect
 from ._distributed import ddp_comm_hook as ddp_comm_hook
 from ._guards import PerformanceWarning as PerformanceWarning
 from ._ops import register_forward_rule as register_forward_rule
+from ._plan import Activity as Activity
 from ._plan import Exact as Exact
+from ._plan import Guessed as Guessed
 from ._plan import Plan as Plan
 from ._plan import Random as Random
 from ._plan import Reverse as Reverse
@@ -30,10 +32,12 @@ from ._transforms import use_plan as use_plan
 __version__ = "0.1.0"
 
 __all__ = [
+    "Activity",
     "CompareReport",
     "Exact",
     "ForwardModeError",
     "GradientFigures",
+    "Guessed",
     "InspectReport",
     "ModuleSegment",
     "PerformanceWarning",

@@ -24,7 +24,14 @@ class ForwardModeError(NotImplementedError):
 
 
 def _is_batched(t: torch.Tensor) -> bool:
-    return bool(torch._C._functorch.is_batchedtensor(t))
+    """Whether ``t`` carries a vmap batch at any functorch level (under torch.func.grad a batched tensor
+    is wrapped in a GradTrackingTensor, so the outer level alone can hide it)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 def _needs_grad(t: Any) -> bool:

@@ -61,6 +61,7 @@ class Engine:
         self.used: list[bool] = [True] * len(diff)
         self.fallbacks: set[str] = set()
         self.bare = False  # later passes of this call may skip the op seam (see _push)
+        self.notes: dict[str, Any] = {}  # what the strategy keeps from its passes for backward
         # Module buffers may be updated in place (BatchNorm's running statistics and batch counter).
         # torch.func forbids mutating a tensor captured from outside a transform, so they enter each pass
         # as jvp primals (zero tangent); jvp takes only floating primals, so integer counters travel as

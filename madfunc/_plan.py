@@ -5,14 +5,22 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator, Mapping
 
+from ._activity import Activity
 from ._exact import Exact
+from ._guessed import Guessed
 from ._random import Random
 from ._strategy import KINDS, Reverse, Strategy
 
-__all__ = ["Strategy", "Reverse", "Exact", "Random", "Plan", "PlanLike", "as_plan", "as_strategy", "parse_strategy"]
+__all__ = [
+    "Strategy", "Reverse", "Exact", "Random", "Activity", "Guessed", "Plan", "PlanLike", "as_plan", "as_strategy",
+    "parse_strategy",
+]
 
 # The string form of strategies and plans, written by ``str()`` and read by parse_strategy/Plan.from_string.
-STRATEGY_SYNTAX = "rev | reverse | exact[:CHUNK] | random[:K[:DISTRIBUTION[:SEEDING]]]"
+STRATEGY_SYNTAX = (
+    "rev | reverse | exact[:CHUNK] | random[:K[:DISTRIBUTION[:SEEDING]]] "
+    "| activity[:K[:DISTRIBUTION[:SEEDING[:BATCH_DIM]]]]"
+)
 PLAN_EXAMPLE = "features=random:16:rademacher,head=rev"
 # The strings a Plan dict or fwd(strategy=...) accepts in place of a strategy object.
 _STRATEGY_STRINGS = {"rev": Reverse(), "reverse": Reverse(), "exact": Exact()}
@@ -23,15 +31,16 @@ def parse_strategy(text: str, where: str = "parse_strategy") -> Strategy:
 
     The forms are ``rev`` or ``reverse``; ``exact`` or ``exact:CHUNK``; ``random``, ``random:K``,
     ``random:K:DISTRIBUTION`` (gaussian, rademacher, orthogonal) or ``random:K:DISTRIBUTION:SEEDING``
-    (auto, lazy, eager). Case and surrounding spaces are ignored; omitted fields take the defaults of
-    :class:`Exact` and :class:`Random`.
+    (auto, lazy, eager); ``activity`` with the same fields and an optional ``:BATCH_DIM``. Case and
+    surrounding spaces are ignored; omitted fields take the defaults of :class:`Exact`, :class:`Random`
+    and :class:`Activity`. (:class:`Guessed` holds a callable and has no string form.)
 
     Args:
         text: the strategy, e.g. ``"random:16:rademacher"``.
         where: what the error messages name first (e.g. ``"segment 'head'"``). Default: ``"parse_strategy"``.
 
     Returns:
-        The :class:`Reverse`, :class:`Exact` or :class:`Random` strategy.
+        The :class:`Reverse`, :class:`Exact`, :class:`Random` or :class:`Activity` strategy.
 
     Raises:
         ValueError: naming the bad field and listing the valid choices.
@@ -39,6 +48,8 @@ def parse_strategy(text: str, where: str = "parse_strategy") -> Strategy:
     Examples:
         >>> parse_strategy("random:16:rademacher")
         Random(k=16, distribution='rademacher')
+        >>> parse_strategy("activity:4")
+        Activity(k=4, distribution='gaussian', seeding='auto', batch_dim=0)
         >>> parse_strategy("backprop")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...

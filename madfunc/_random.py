@@ -65,9 +65,10 @@ def push_random(strategy: Any, engine: Any, tensors: Sequence[torch.Tensor], dif
     lazy_wanted = seeding == "lazy" or (seeding == "auto" and tangent_bytes >= LAZY_SEEDING_BYTES)
     if DISTRIBUTIONS[distribution].draw is not None and lazy_wanted:
         engine.begin_pass()
-        lazy = engine.push_lazy(
-            tensors, device, k, lambda i, leaf: draw_leaf(distribution, k, leaf.shape, leaf.dtype, device, engine.seed, i)
-        )
+        def make(index: int, leaf: torch.Tensor) -> torch.Tensor:
+            return draw_leaf(distribution, k, leaf.shape, leaf.dtype, device, engine.seed, index)
+
+        lazy = engine.push_lazy(tensors, device, k, make)
         if lazy is not None:
             return lazy
     shapes, dtypes = [t.shape for t in diff_tensors], [t.dtype for t in diff_tensors]

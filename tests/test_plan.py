@@ -293,7 +293,10 @@ def test_pickles_and_copies(value: mf.Strategy | mf.Plan) -> None:
             copy.deepcopy(value)._entries = {}  # type: ignore[misc]
 
 
-SYNTAX = r"rev \| reverse \| exact\[:CHUNK\] \| random\[:K\[:DISTRIBUTION\[:SEEDING\]\]\]\."
+SYNTAX = (
+    r"rev \| reverse \| exact\[:CHUNK\] \| random\[:K\[:DISTRIBUTION\[:SEEDING\]\]\] "
+    r"\| activity\[:K\[:DISTRIBUTION\[:SEEDING\[:BATCH_DIM\]\]\]\]\."
+)
 
 
 @pytest.mark.parametrize(

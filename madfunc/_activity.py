@@ -1,0 +1,229 @@
+"""``Activity``: activity perturbation (Ren, Kornblith, Liao and Hinton, ICLR 2023): random tangents on a
+segment's activation inputs, drawn and contracted *per example*.
+
+With ``u_{j,b}`` example ``b``'s tangent and ``s_{j,b} = <ydot_{j,b}, ybar_b>``, example ``b``'s input
+cotangent is estimated by ``(1/k) sum_j s_{j,b} u_{j,b}``; reverse mode then carries it exactly into the
+upstream layers' weights. Its relative variance is that of a forward gradient in ``R^m``, ``m`` the
+per-example width, instead of in ``R^(B m)`` for the whole batch (``Random``).
+
+Parameters of the segment (leaf tensors: ``nn.Parameter``, ``mixed_grad``'s differentiated leaves) get
+weight tangents ``v_j`` shared by the batch in the same passes, contracted over the batch (joint
+perturbation). Both estimates stay unbiased; each gains the other's noise. With ``a_b`` example ``b``'s
+activation gradient, ``w_b`` its share of the parameter gradient ``g_W = sum_b w_b``, ``n_W`` the number of
+parameter scalars and ``L(n) = n + 1`` (Gaussian) or ``n - 1`` (Rademacher):
+
+* activations: ``E||a^_b - a_b||^2 = (L(m) ||a_b||^2 + m ||w_b||^2) / k``;
+* parameters: ``E||g^_W - g_W||^2 = (L(n_W) ||g_W||^2 + n_W sum_b ||a_b||^2) / k``
+
+(from ``E[(x.u)^2 ||u||^2] = (m+2)||x||^2`` Gaussian, ``m ||x||^2`` signs, and ``E[(y.v)^2 ||u||^2] =
+m ||y||^2`` for independent ``u``, ``v``). The segment must be batch-separable (example ``b``'s outputs
+depend on example ``b``'s inputs only): the first call of each segment checks it with one extra pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from ._checks import _is_batched
+from ._contract import _real, accumulation_dtype, combine_tangents
+from ._random import check_distribution, parse_random_fields, push_random, regenerate
+from ._strategy import Strategy, zeros
+from ._tangents import DISTRIBUTIONS
+
+__all__ = ["Activity"]
+
+# Segments (and input shapes) already found batch-separable in this process: the check runs once each.
+_SEPARABLE: set[tuple] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class Activity(Strategy, kind="activity"):
+    """Estimate the gradient by activity perturbation: random tangents per example on the activation inputs.
+
+    Activation inputs (tensors computed upstream, e.g. a layer's pre-activations) get tangents drawn
+    independently for every example along ``batch_dim`` and are contracted per example, so the relative
+    variance of each example's input gradient is ``(m+1)/k`` (``"gaussian"``) or ``(m-1)/k``
+    (``"rademacher"``) with ``m`` the width of one example, not of the whole batch (Ren et al., ICLR 2023,
+    arXiv 2210.03310). Parameters of the segment get shared weight tangents in the same passes (joint
+    perturbation, see ``madfunc/_activity.py`` for the variance laws); keep them out of the segment
+    (``rev()`` layers before it) for pure activity perturbation.
+
+    The segment must be batch-separable: example ``b``'s outputs may depend only on example ``b``'s inputs
+    (no BatchNorm in training mode, no loss reduced over the batch: return per-example losses, e.g.
+    ``cross_entropy(..., reduction="none")``, and reduce outside the segment). The first call of each
+    segment checks this with one extra pass.
+
+    Args:
+        k: number of tangents per example. Default: ``1``.
+        distribution: ``"gaussian"`` or ``"rademacher"``. Default: ``"gaussian"``.
+        seeding: ``"auto"``, ``"lazy"`` or ``"eager"``, as for :class:`Random`. Default: ``"auto"``.
+        batch_dim: the batch dimension of activation inputs and outputs. Default: ``0``.
+
+    Examples:
+        >>> import torch, madfunc as mf
+        >>> import torch.nn.functional as F
+        >>> head = mf.fwd(lambda z, y: F.cross_entropy(torch.relu(z), y, reduction="none"), name="head")
+        >>> loss = lambda w, x, y: head(x @ w, y).mean()  # per-example losses, reduced outside the segment
+        >>> w, x, y = torch.randn(5, 3), torch.randn(8, 5), torch.randint(0, 3, (8,))
+        >>> g = mf.mixed_grad(loss, {"head": mf.Activity(k=4)})(w, x, y)  # x @ w's cotangent, estimated per example
+        >>> g.shape
+        torch.Size([5, 3])
+    """
+
+    k: int = 1
+    distribution: str = "gaussian"
+    seeding: str = "auto"
+    batch_dim: int = 0
+    _FIELDS: ClassVar[tuple[str, ...]] = ("K", "DISTRIBUTION", "SEEDING", "BATCH_DIM")
+    stochastic: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_distribution("Activity", self.distribution, self.seeding, self.k)
+        if DISTRIBUTIONS[self.distribution].draw is None:
+            raise ValueError(
+                f"Activity(distribution={self.distribution!r}): its directions are drawn jointly over all inputs, "
+                "not per example; use 'gaussian' or 'rademacher' (or Random(distribution="
+                f"{self.distribution!r}) for weight perturbation)."
+            )
+        if isinstance(self.batch_dim, bool) or not isinstance(self.batch_dim, int) or self.batch_dim < 0:
+            raise ValueError(f"Activity(batch_dim={self.batch_dim!r}): expected an int >= 0.")
+
+    def to_string(self) -> str:
+        extra = "" if self.seeding == "auto" and self.batch_dim == 0 else f":{self.seeding}"
+        extra += "" if self.batch_dim == 0 else f":{self.batch_dim}"
+        return f"activity:{self.k}:{self.distribution}{extra}"
+
+    @classmethod
+    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
+        k, distribution, seeding = parse_random_fields(fields[:3], where, "activity")
+        if len(fields) == 4 and not (fields[3].isascii() and fields[3].isdigit()):
+            raise ValueError(f"{where}: activity:K:DISTRIBUTION:SEEDING:BATCH_DIM: BATCH_DIM must be an integer >= 0.")
+        try:
+            return cls(k, distribution, seeding, int(fields[3]) if len(fields) == 4 else 0)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+
+    # -- the passes ----------------------------------------------------------------------------------
+    def push(self, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor], n: int):
+        batch = self._classify(engine, diff_tensors)
+        result = push_random(self, engine, tensors, diff_tensors)
+        ys, ydots, buffers = result
+        if batch is not None:
+            outputs = [(i, y) for i, y in enumerate(ys) if y.is_floating_point() or y.is_complex()]
+            self._check_outputs(engine.name, batch, outputs)
+            self._check_separable(engine, tensors, diff_tensors, batch, [i for i, _ in outputs])
+        return result
+
+    def _classify(self, engine: Any, diff_tensors: Sequence[torch.Tensor]) -> int | None:
+        """Flag activation inputs (computed upstream: they have a grad_fn) in ``engine.notes``; their common
+        batch size, or None if every differentiated input is a parameter."""
+        given = [engine.leaves[p] for p in engine.positions]
+        activation = [i < len(given) and given[i].grad_fn is not None for i in engine.diff]
+        stats = engine.record.stats
+        engine.notes["activation"] = activation
+        stats["parameter_numel"] = sum(t.numel() for t, a in zip(diff_tensors, activation, strict=True) if not a)
+        inputs = [t for t, a in zip(diff_tensors, activation, strict=True) if a]
+        if not inputs:
+            return None
+        sizes = {tuple(t.shape) for t in inputs if t.dim() <= self.batch_dim}
+        if sizes:
+            raise ValueError(
+                f"segment {engine.name!r}: Activity(batch_dim={self.batch_dim}) perturbs activation inputs per "
+                f"example along dim {self.batch_dim}, but an activation input has shape {list(sizes.pop())}. Pass "
+                "the batch dimension as batch_dim, or use Random(k) for this segment."
+            )
+        batch = {t.shape[self.batch_dim] for t in inputs}
+        if len(batch) > 1:
+            raise ValueError(
+                f"segment {engine.name!r}: Activity needs one batch size along dim {self.batch_dim}; its activation "
+                f"inputs have {sorted(batch)}. Pass batch_dim, or use Random(k) for this segment."
+            )
+        size = batch.pop()
+        stats["per_example_numel"] = sum(t.numel() for t in inputs) // max(size, 1)
+        return size
+
+    def _check_outputs(self, name: str, batch: int, outputs: Sequence[tuple[int, torch.Tensor]]) -> None:
+        for i, y in outputs:
+            if y.dim() <= self.batch_dim or y.shape[self.batch_dim] != batch:
+                raise ValueError(
+                    f"segment {name!r}: Activity contracts per example, so every output needs the batch dimension "
+                    f"(dim {self.batch_dim}, size {batch}); output {i} has shape {list(y.shape)}. Return per-example "
+                    "values (e.g. cross_entropy(..., reduction='none')) and reduce outside the segment, or use "
+                    "Random(k)."
+                )
+
+    def _check_separable(self, engine, tensors, diff_tensors, batch: int, outputs: Sequence[int]) -> None:
+        """One extra pass, once per segment and shapes: a tangent on example 0's activation inputs alone must
+        leave every other example's output tangents exactly zero."""
+        fn = engine.fn
+        key = (engine.name, id(fn), id(getattr(fn, "__self__", None)), tuple(tuple(t.shape) for t in tensors))
+        if key in _SEPARABLE or batch < 2:
+            return
+        probe = []
+        for t, a in zip(diff_tensors, engine.notes["activation"], strict=True):
+            v = torch.zeros((1, *t.shape), dtype=t.dtype, device=t.device)
+            if a:
+                v.select(1 + self.batch_dim, 0).fill_(1)
+            probe.append(v)
+        engine.begin_pass()
+        _, ydots, _ = engine.push(tensors, engine.diff, probe, check=False)
+        for i in outputs:
+            rest = ydots[i][0].narrow(self.batch_dim, 1, batch - 1)
+            if _is_batched(rest):  # under an outer vmap its values cannot be read: check on a plain call
+                return
+            if rest.count_nonzero():
+                raise ValueError(
+                    f"segment {engine.name!r}: Activity needs a batch-separable segment (example b's outputs may "
+                    f"depend only on example b's inputs, along dim {self.batch_dim}), but output {i} of other "
+                    "examples moves with example 0's input. Typical causes: BatchNorm in training mode, a loss "
+                    "reduced over the batch, attention whose batch is not dim 0 (pass batch_dim). Use Random(k) "
+                    "for this segment, or move the layer that mixes examples out of it."
+                )
+        _SEPARABLE.add(key)
+
+    # -- backward ------------------------------------------------------------------------------------
+    def contract(self, engine: Any, ydots, ybars):
+        """``s[j, b] = <ydot_{j,b}, ybar_b>``, shape ``(k, B)`` (or ``(k,)`` without activation inputs)."""
+        if not any(engine.notes.get("activation", ())):
+            return super().contract(engine, ydots, ybars)
+        d = self.batch_dim
+        s = None
+        for ydot, ybar in zip(ydots, ybars, strict=True):
+            if ybar is None:
+                continue
+            ydot, ybar = _real(ydot), _real(ybar)
+            acc = accumulation_dtype(ydot.dtype)
+            rows = ydot.movedim(1 + d, 1).reshape(ydot.shape[0], ybar.shape[d], -1).to(acc)
+            term = torch.einsum("kbi,bi->kb", rows, ybar.movedim(d, 0).reshape(ybar.shape[d], -1).to(acc))
+            s = term if s is None else s + term
+        return s
+
+    def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
+        if s is None or s.numel() == 0:
+            return zeros(meta)
+        activation = engine.notes.get("activation", [False] * len(meta))
+        per_example = s * (1.0 / self.k)
+        summed = per_example.sum(1) if per_example.dim() == 2 else per_example  # parameters: over the batch
+        d = self.batch_dim
+        grads = []
+        for v, a, (shape, dtype, _) in zip(regenerate(self, engine.seed, meta, engine.used, s.device), activation,
+                                           meta, strict=True):
+            if v is None:  # never used: an exact zero
+                grads.append(torch.zeros(shape, dtype=dtype, device=s.device))
+            elif not a:
+                grads.append(combine_tangents(summed, v, dtype))
+            else:
+                acc = accumulation_dtype(v.dtype)
+                g = torch.einsum("kb,kb...->b...", per_example.to(acc), v.movedim(1 + d, 1).to(acc))
+                grads.append(g.movedim(0, d).to(dtype))
+        return grads
+
+    def variance(self, stats: Mapping[str, Any]) -> float | None:
+        m = stats.get("per_example_numel") or 0
+        if stats.get("parameter_numel") or m < 1:
+            return None  # joint perturbation: depends on the gradients' norms (module docstring)
+        return DISTRIBUTIONS[self.distribution].variance(m, self.k)

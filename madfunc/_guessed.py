@@ -1,0 +1,157 @@
+"""``Guessed``: forward gradients along a guessed direction (Fournier, Rivaud, Belilovsky, Eickenberg and
+Oyallon, ICML 2023, "Can forward gradient match backpropagation?"), optionally completed by random ones.
+
+With ``d`` the unit guess and ``w_j = v_j - (d . v_j) d`` random directions projected off it, the estimate is
+``(g . d) d + (1/k) sum_j (g . w_j) w_j``. Its first term is the projection of ``g`` on the guess; the second
+is an unbiased forward gradient of the rest, ``P g`` with ``P = I - d d^T``, since ``E[w w^T] = P``. So:
+
+* ``k = 0``: deterministic and biased, ``g^ = (g . d) d``: cosine with ``g`` is ``cos t`` (``t`` the angle
+  between guess and gradient), relative squared bias ``sin^2 t``;
+* ``k >= 1``: unbiased, relative variance ``(n/k) sin^2 t`` for Gaussian ``v`` (``w`` is Gaussian in the
+  ``n - 1`` dimensions orthogonal to ``d``, where a forward gradient's relative variance is ``(n-1+1)/k``)
+  instead of ``(n+1)/k`` without the guess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import optree
+import torch
+
+from ._checks import _common_device
+from ._random import check_distribution
+from ._strategy import Strategy, zeros
+from ._tangents import DISTRIBUTIONS, draw_tangents
+
+__all__ = ["Guessed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Guessed(Strategy):
+    """Estimate the gradient along a guessed direction, plus ``k`` random directions orthogonal to it.
+
+    ``guess`` is called with the segment's arguments (detached) each time the segment runs, and returns
+    one direction per tensor the segment differentiates, in this order: its tensor arguments that need a
+    gradient (in the order ``optree.tree_leaves((args, kwargs))`` gives), then the parameters it reads (a
+    module's in ``module.parameters()`` order). ``None`` is a zero direction. Typical guesses: the
+    gradient of a cheap local loss, or the previous step's estimate.
+
+    With ``k = 0`` the estimate is the projection of the gradient on the guess: deterministic and biased
+    (``madfunc.compare`` reports its bias and cosine). With ``k >= 1`` random directions orthogonal to the
+    guess complete it: unbiased, with relative variance ``(n/k) sin^2 t`` (Gaussian; ``t`` the angle
+    between guess and gradient) instead of ``(n+1)/k``. A zero guess leaves the random part alone.
+
+    Args:
+        guess: ``guess(*args, **kwargs) -> sequence of tensors or None``, as above.
+        k: number of random directions next to the guess. Default: ``0``.
+        distribution: ``"gaussian"`` or ``"rademacher"`` for the random directions. Default: ``"gaussian"``.
+
+    Examples:
+        >>> import torch, madfunc as mf
+        >>> layer = mf.fwd(lambda w, x: torch.tanh(x @ w), name="layer")
+        >>> x, w = torch.randn(4, 3), torch.randn(3, 2)
+        >>> exact = torch.func.grad(lambda w: torch.tanh(x @ w).sum())(w)
+        >>> along_exact = mf.Guessed(lambda w, x: [exact])  # a perfect guess gives the exact gradient
+        >>> g = mf.mixed_grad(lambda w: layer(w, x).sum(), {"layer": along_exact})(w)
+        >>> torch.allclose(g, exact, atol=1e-5)
+        True
+    """
+
+    guess: Callable[..., Sequence[torch.Tensor | None]]
+    k: int = 0
+    distribution: str = "gaussian"
+
+    shares_coefficients: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if not callable(self.guess):
+            raise TypeError(
+                f"Guessed(guess=...): expected a callable returning one direction per differentiated tensor, got "
+                f"{type(self.guess).__name__}."
+            )
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+            raise ValueError(f"Guessed(k={self.k!r}): k must be an int >= 0 (random directions next to the guess).")
+        if self.k != 0:
+            check_distribution("Guessed", self.distribution, "auto", self.k)
+        if DISTRIBUTIONS.get(self.distribution) is None or DISTRIBUTIONS[self.distribution].draw is None:
+            raise ValueError(f"Guessed(distribution={self.distribution!r}): expected 'gaussian' or 'rademacher'.")
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        return self.k > 0
+
+    def __repr__(self) -> str:
+        name = getattr(self.guess, "__qualname__", type(self.guess).__name__)
+        return f"Guessed(guess={name}, k={self.k}, distribution={self.distribution!r})"
+
+    def to_string(self) -> str:
+        raise TypeError(f"{self!r} has no string form: it holds a Python callable. Build plans with it in Python.")
+
+    # -- the passes ----------------------------------------------------------------------------------
+    def push(self, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor], n: int):
+        device = _common_device(engine.name, diff_tensors)
+        unit = self._unit_guess(engine, tensors, diff_tensors)
+        parts = [u.unsqueeze(0) for u in unit] if unit is not None else None
+        if self.k:
+            v = draw_tangents(self.distribution, self.k, [t.shape for t in diff_tensors],
+                              [t.dtype for t in diff_tensors], device, engine.seed)
+            if unit is not None:  # w_j = v_j - (d . v_j) d, over all leaves jointly
+                along = sum(torch.tensordot(vi, ui, dims=ui.dim()) for vi, ui in zip(v, unit, strict=True))
+                v = [vi - along.reshape(-1, *[1] * ui.dim()) * ui for vi, ui in zip(v, unit, strict=True)]
+            parts = v if parts is None else [torch.cat([p, vi]) for p, vi in zip(parts, v, strict=True)]
+        if parts is None:  # k = 0 and a zero guess: nothing to estimate with
+            engine.notes["tangents"] = None
+            engine.record.stats["tangents"] = 0
+            return engine.plain_pass(tensors)
+        engine.notes["tangents"], engine.notes["guided"] = parts, unit is not None
+        engine.record.stats["tangents"] = parts[0].shape[0]
+        engine.begin_pass()
+        return engine.push(tensors, engine.diff, parts, watch=True)
+
+    def _unit_guess(self, engine, tensors, diff_tensors) -> list[torch.Tensor] | None:
+        leaves = list(engine.leaves)
+        for pos, t in zip(engine.positions, tensors, strict=False):
+            leaves[pos] = t
+        args, kwargs = optree.tree_unflatten(engine.spec, leaves)
+        with torch.enable_grad():
+            directions = list(self.guess(*args, **kwargs))
+        if len(directions) != len(diff_tensors) or any(
+            d is not None and (not isinstance(d, torch.Tensor) or d.shape != t.shape)
+            for d, t in zip(directions, diff_tensors, strict=False)
+        ):
+            got = [None if d is None else list(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+                   for d in directions]
+            raise ValueError(
+                f"segment {engine.name!r}: Guessed's guess must return one direction (a tensor of the same shape, "
+                f"or None) per differentiated tensor, i.e. shapes {[list(t.shape) for t in diff_tensors]} (tensor "
+                f"arguments that need a gradient, then parameters); got {got}."
+            )
+        unit = [torch.zeros_like(t) if d is None else d.detach().to(t.dtype) for d, t in zip(directions, diff_tensors,
+                                                                                         strict=True)]
+        norm = torch.sqrt(sum(u.pow(2).sum() for u in unit))
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"segment {engine.name!r}: Guessed's guess returned a non-finite direction.")
+        if norm == 0:
+            return None
+        return [u / norm for u in unit]
+
+    # -- backward ------------------------------------------------------------------------------------
+    def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
+        tangents = engine.notes.get("tangents")
+        if s is None or s.numel() == 0 or tangents is None:
+            return zeros(meta)
+        coef = s.clone()
+        if self.k:
+            first = 1 if engine.notes["guided"] else 0
+            coef[first:] = coef[first:] / self.k
+        return [
+            torch.tensordot(coef.to(v.dtype), v, dims=1).to(dtype) if u else torch.zeros(shape, dtype=dtype,
+                                                                                        device=s.device)
+            for v, u, (shape, dtype, _) in zip(tangents, engine.used, meta, strict=True)
+        ]
+
+    def variance(self, stats: Mapping[str, Any]) -> float | None:
+        return None  # depends on the angle between guess and gradient (module docstring)

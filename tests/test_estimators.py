@@ -1,0 +1,133 @@
+"""What is particular to Activity and Guessed (their generic properties are in test_strategies.py):
+activation vs parameter inputs, per-example contraction on real modules, the batch-separability
+requirement, and clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import madfunc as mf
+
+DT = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 5, dtype=DT, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def test_activity_perturbs_activations_per_example_and_parameters_jointly() -> None:
+    """inspect's stats: the activation input (x @ w) counts per example, the segment's own parameter as a
+    parameter; k tangents, one pass (plus the one-off separability check)."""
+    x, y = _data()
+    w, w2 = torch.randn(5, 4, dtype=DT), torch.randn(4, 3, dtype=DT)
+    seg = mf.fwd(lambda z, w2: F.cross_entropy(torch.tanh(z) @ w2, y, reduction="none"), name="head")
+    report = mf.inspect(lambda w, w2: seg(x @ w, w2).mean(), {"head": mf.Activity(k=3)}, w, w2, argnums=(0, 1))
+    (row,) = report.rows
+    assert row.differentiated_numel == 8 * 4 + 4 * 3 and row.tangents == 3
+
+
+def test_activity_on_modules_under_use_plan_is_unbiased() -> None:
+    """nn.Linear -> [Tanh -> Linear -> per-example loss] with Activity(k=2) on the bracket, under use_plan:
+    the first layer's gradient (through the estimated activation cotangent) averages to backprop's.
+    Test: |z| <= 5 on the projection of the mean onto the exact gradient (two-sided tail 5.7e-7)."""
+    torch.manual_seed(0)
+    x, y = _data(1)
+    first = torch.nn.Linear(5, 6).double()
+    rest = torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    seg = mf.fwd(lambda z: F.cross_entropy(rest(z), y, reduction="none"), name="rest")
+    F.cross_entropy(rest(first(x)), y, reduction="none").mean().backward()
+    exact = first.weight.grad.clone().reshape(-1)
+    draws = []
+    for _ in range(1500):
+        first.zero_grad()
+        with mf.use_plan({"rest": mf.Activity(k=2)}):
+            seg(first(x)).mean().backward()
+        draws.append(first.weight.grad.reshape(-1).clone())
+    u = torch.stack(draws) @ exact / exact.dot(exact)
+    z = (float(u.mean()) - 1) / (float(u.std()) / math.sqrt(len(u)))
+    assert abs(z) <= 5, (float(u.mean()), z)
+
+
+def test_activity_refuses_a_segment_that_mixes_examples() -> None:
+    """BatchNorm in training mode makes example b's output depend on every example: refused, by name."""
+    bn = torch.nn.BatchNorm1d(4).double().requires_grad_(False)
+    seg = mf.fwd(lambda z: bn(z).pow(2).sum(1), name="bn_block")
+    x, _ = _data()
+    w = torch.randn(5, 4, dtype=DT)
+    with pytest.raises(ValueError, match=r"segment 'bn_block': Activity needs a batch-separable segment"):
+        mf.mixed_grad(lambda w: seg(x @ w).sum(), {"bn_block": mf.Activity(k=2)})(w)
+    bn.eval()  # running statistics: separable
+    mf.mixed_grad(lambda w: seg(x @ w).sum(), {"bn_block": mf.Activity(k=2)})(w)
+
+
+def test_activity_needs_per_example_outputs() -> None:
+    x, y = _data()
+    seg = mf.fwd(lambda z: F.cross_entropy(z, y), name="mean_loss")  # reduced over the batch inside
+    with pytest.raises(ValueError, match=r"segment 'mean_loss': Activity contracts per example.*shape \[\]"):
+        mf.mixed_grad(lambda w: seg(x @ w), {"mean_loss": mf.Activity()})(torch.randn(5, 3, dtype=DT))
+
+
+def test_activity_batch_dim() -> None:
+    """Sequence-first inputs (T, B, m): batch_dim=1 is exact in expectation; batch_dim=0 mixes time steps
+    (an LSTM-like recurrence over dim 0) and is refused."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(4, 6, 5, dtype=DT, generator=g), torch.randn(5, 5, dtype=DT, generator=g)
+    seg = mf.fwd(lambda z: torch.tanh(z.cumsum(0)), name="recur")
+    loss = lambda w: seg(x @ w).pow(2).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="batch-separable"):
+        mf.mixed_grad(loss, {"recur": mf.Activity(k=2)})(w)
+    got = mf.mixed_grad(loss, {"recur": mf.Activity(k=2, batch_dim=1)})(w)
+    assert got.shape == w.shape and torch.isfinite(got).all()
+
+
+def test_activity_constructor_errors() -> None:
+    with pytest.raises(ValueError, match=r"Activity\(distribution='orthogonal'\).*per example"):
+        mf.Activity(distribution="orthogonal")
+    with pytest.raises(ValueError, match=r"Activity\(k=0\): k must be >= 1"):
+        mf.Activity(k=0)
+    with pytest.raises(ValueError, match=r"Activity\(batch_dim=-1\)"):
+        mf.Activity(batch_dim=-1)
+
+
+def test_guessed_errors_name_the_segment_and_expected_shapes() -> None:
+    seg = mf.fwd(lambda w, x: torch.tanh(x @ w), name="layer")
+    x, w = torch.randn(4, 3, dtype=DT), torch.randn(3, 2, dtype=DT)
+    bad = mf.Guessed(lambda w, x: [torch.ones(2, 3)])
+    with pytest.raises(ValueError, match=r"segment 'layer': Guessed's guess .* shapes \[\[3, 2\]\].*got \[\[2, 3\]\]"):
+        mf.mixed_grad(lambda w: seg(w, x).sum(), {"layer": bad})(w)
+    with pytest.raises(TypeError, match="expected a callable"):
+        mf.Guessed(guess=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Guessed\(k=-1\)"):
+        mf.Guessed(lambda *a: [None], k=-1)
+
+
+def test_compare_reports_the_bias_and_cosine_of_a_guess() -> None:
+    """Guessed(k=0) returns (g.d) d: compare's cosine is cos t and its bias along g is -sin^2 t."""
+    seg = mf.fwd(lambda w, x: torch.tanh(x @ w), name="layer")
+    g_ = torch.Generator().manual_seed(5)
+    x, w = torch.randn(4, 3, dtype=DT, generator=g_), torch.randn(3, 2, dtype=DT, generator=g_)
+    exact = torch.func.grad(lambda w: torch.tanh(x @ w).sum())(w)
+    guess = exact + 0.8 * exact.norm() * torch.randn(3, 2, dtype=DT, generator=g_) / math.sqrt(6)
+    cos = float((guess * exact).sum() / (guess.norm() * exact.norm()))
+    report = mf.compare(lambda w: seg(w, x).sum(), {"layer": mf.Guessed(lambda w, x: [guess])}, w)
+    figures = report.per_segment["layer"]
+    assert figures.cosine == pytest.approx(cos, rel=1e-9)
+    assert figures.bias == pytest.approx(cos**2 - 1, rel=1e-9)
+
+
+def test_guessed_with_a_zero_guess_is_the_random_part_alone() -> None:
+    seg = mf.fwd(lambda w, x: torch.tanh(x @ w), name="layer")
+    x, w = torch.randn(4, 3, dtype=DT), torch.randn(3, 2, dtype=DT)
+    zero = mf.Guessed(lambda w, x: [None])
+    assert torch.equal(mf.mixed_grad(lambda w: seg(w, x).sum(), {"layer": zero})(w), torch.zeros(3, 2, dtype=DT))
+    torch.manual_seed(0)
+    with_random = mf.mixed_grad(lambda w: seg(w, x).sum(), {"layer": mf.Guessed(lambda w, x: [None], k=2)})(w)
+    torch.manual_seed(0)
+    plain_random = mf.mixed_grad(lambda w: seg(w, x).sum(), {"layer": mf.Random(k=2)})(w)
+    torch.testing.assert_close(with_random, plain_random)
