@@ -23,6 +23,7 @@ depend on example ``b``'s inputs only): the first call of each segment checks it
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -61,7 +62,10 @@ class Activity(Strategy, kind="activity"):
         k: number of tangents per example. Default: ``1``.
         distribution: ``"gaussian"`` or ``"rademacher"``. Default: ``"gaussian"``.
         seeding: ``"auto"``, ``"lazy"`` or ``"eager"``, as for :class:`Random`. Default: ``"auto"``.
-        batch_dim: the batch dimension of activation inputs and outputs. Default: ``0``.
+        batch_dim: the batch dimension of activation inputs and outputs, or a tuple of dimensions that all
+            index independent units (e.g. ``(0, 1)`` for examples x groups of channels, each group with its
+            own local loss: the estimate is then per example and group, with ``m`` the width of one unit).
+            Default: ``0``.
 
     Examples:
         >>> import torch, madfunc as mf
@@ -77,7 +81,7 @@ class Activity(Strategy, kind="activity"):
     k: int = 1
     distribution: str = "gaussian"
     seeding: str = "auto"
-    batch_dim: int = 0
+    batch_dim: int | tuple[int, ...] = 0
     _FIELDS: ClassVar[tuple[str, ...]] = ("K", "DISTRIBUTION", "SEEDING", "BATCH_DIM")
     stochastic: ClassVar[bool] = True
 
@@ -89,21 +93,30 @@ class Activity(Strategy, kind="activity"):
                 "not per example; use 'gaussian' or 'rademacher' (or Random(distribution="
                 f"{self.distribution!r}) for weight perturbation)."
             )
-        if isinstance(self.batch_dim, bool) or not isinstance(self.batch_dim, int) or self.batch_dim < 0:
-            raise ValueError(f"Activity(batch_dim={self.batch_dim!r}): expected an int >= 0.")
+        dims = self.batch_dim if isinstance(self.batch_dim, tuple) else (self.batch_dim,)
+        if not dims or len(set(dims)) != len(dims) or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in dims
+        ):
+            raise ValueError(
+                f"Activity(batch_dim={self.batch_dim!r}): expected an int >= 0 or a tuple of distinct ones."
+            )
 
     def to_string(self) -> str:
         extra = "" if self.seeding == "auto" and self.batch_dim == 0 else f":{self.seeding}"
-        extra += "" if self.batch_dim == 0 else f":{self.batch_dim}"
+        extra += "" if self.batch_dim == 0 else ":" + "/".join(map(str, self.dims))
         return f"activity:{self.k}:{self.distribution}{extra}"
 
     @classmethod
     def _from_fields(cls, fields: list[str], where: str) -> Strategy:
         k, distribution, seeding = parse_random_fields(fields[:3], where, "activity")
-        if len(fields) == 4 and not (fields[3].isascii() and fields[3].isdigit()):
-            raise ValueError(f"{where}: activity:K:DISTRIBUTION:SEEDING:BATCH_DIM: BATCH_DIM must be an integer >= 0.")
+        dims = fields[3].split("/") if len(fields) == 4 else ["0"]
+        if not all(d.isascii() and d.isdigit() for d in dims):
+            raise ValueError(
+                f"{where}: activity:K:DISTRIBUTION:SEEDING:BATCH_DIM: BATCH_DIM must be an integer >= 0 or several "
+                "joined by '/' (e.g. 0/1)."
+            )
         try:
-            return cls(k, distribution, seeding, int(fields[3]) if len(fields) == 4 else 0)
+            return cls(k, distribution, seeding, int(dims[0]) if len(dims) == 1 else tuple(map(int, dims)))
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
 
@@ -118,9 +131,26 @@ class Activity(Strategy, kind="activity"):
             self._check_separable(engine, tensors, diff_tensors, batch, [i for i, _ in outputs])
         return result
 
-    def _classify(self, engine: Any, diff_tensors: Sequence[torch.Tensor]) -> int | None:
-        """Flag activation inputs (computed upstream: they have a grad_fn) in ``engine.notes``; their common
-        batch size, or None if every differentiated input is a parameter."""
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The unit dimensions, sorted (``batch_dim`` as a tuple)."""
+        return tuple(sorted(self.batch_dim)) if isinstance(self.batch_dim, tuple) else (self.batch_dim,)
+
+    def _units(self, t: torch.Tensor, lead: int) -> torch.Tensor:
+        """``t`` (with ``lead`` leading dims before the tensor's own, e.g. the tangent index) as
+        ``(*lead dims, U, rest...)``: the unit dims moved after the leading ones and flattened into one."""
+        dims = [lead + d for d in self.dims]
+        moved = t.movedim(dims, list(range(lead, lead + len(dims))))
+        return moved.reshape(*moved.shape[:lead], -1, *moved.shape[lead + len(dims) :])
+
+    def _unshape(self, g: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+        """The inverse of ``_units`` for a tensor without leading dims."""
+        g = g.reshape(*sizes, *g.shape[1:])
+        return g.movedim(list(range(len(sizes))), list(self.dims))
+
+    def _classify(self, engine: Any, diff_tensors: Sequence[torch.Tensor]) -> tuple[int, ...] | None:
+        """Flag activation inputs (computed upstream: they have a grad_fn) in ``engine.notes``; the common
+        sizes of their unit dims, or None if every differentiated input is a parameter."""
         given = [engine.leaves[p] for p in engine.positions]
         activation = [i < len(given) and given[i].grad_fn is not None for i in engine.diff]
         stats = engine.record.stats
@@ -129,56 +159,59 @@ class Activity(Strategy, kind="activity"):
         inputs = [t for t, a in zip(diff_tensors, activation, strict=True) if a]
         if not inputs:
             return None
-        sizes = {tuple(t.shape) for t in inputs if t.dim() <= self.batch_dim}
-        if sizes:
+        short = [list(t.shape) for t in inputs if t.dim() <= self.dims[-1]]
+        if short:
             raise ValueError(
                 f"segment {engine.name!r}: Activity(batch_dim={self.batch_dim}) perturbs activation inputs per "
-                f"example along dim {self.batch_dim}, but an activation input has shape {list(sizes.pop())}. Pass "
-                "the batch dimension as batch_dim, or use Random(k) for this segment."
+                f"example along dims {list(self.dims)}, but an activation input has shape {short[0]}. Pass the batch "
+                "dimension as batch_dim, or use Random(k) for this segment."
             )
-        batch = {t.shape[self.batch_dim] for t in inputs}
-        if len(batch) > 1:
+        sizes = {tuple(t.shape[d] for d in self.dims) for t in inputs}
+        if len(sizes) > 1:
             raise ValueError(
-                f"segment {engine.name!r}: Activity needs one batch size along dim {self.batch_dim}; its activation "
-                f"inputs have {sorted(batch)}. Pass batch_dim, or use Random(k) for this segment."
+                f"segment {engine.name!r}: Activity needs one batch size along dims {list(self.dims)}; its activation "
+                f"inputs have {sorted(sizes)}. Pass batch_dim, or use Random(k) for this segment."
             )
-        size = batch.pop()
-        stats["per_example_numel"] = sum(t.numel() for t in inputs) // max(size, 1)
+        size = sizes.pop()
+        units = math.prod(size)
+        stats["per_example_numel"] = sum(t.numel() for t in inputs) // max(units, 1)
         return size
 
-    def _check_outputs(self, name: str, batch: int, outputs: Sequence[tuple[int, torch.Tensor]]) -> None:
+    def _check_outputs(self, name: str, sizes: tuple[int, ...], outputs: Sequence[tuple[int, torch.Tensor]]) -> None:
         for i, y in outputs:
-            if y.dim() <= self.batch_dim or y.shape[self.batch_dim] != batch:
+            if y.dim() <= self.dims[-1] or tuple(y.shape[d] for d in self.dims) != sizes:
                 raise ValueError(
                     f"segment {name!r}: Activity contracts per example, so every output needs the batch dimension "
-                    f"(dim {self.batch_dim}, size {batch}); output {i} has shape {list(y.shape)}. Return per-example "
-                    "values (e.g. cross_entropy(..., reduction='none')) and reduce outside the segment, or use "
-                    "Random(k)."
+                    f"(dims {list(self.dims)}, sizes {list(sizes)}); output {i} has shape {list(y.shape)}. Return "
+                    "per-example values (e.g. cross_entropy(..., reduction='none')) and reduce outside the segment, "
+                    "or use Random(k)."
                 )
 
-    def _check_separable(self, engine, tensors, diff_tensors, batch: int, outputs: Sequence[int]) -> None:
+    def _check_separable(self, engine, tensors, diff_tensors, sizes: tuple[int, ...], outputs: Sequence[int]) -> None:
         """One extra pass, once per segment and shapes: a tangent on example 0's activation inputs alone must
         leave every other example's output tangents exactly zero."""
         fn = engine.fn
         key = (engine.name, id(fn), id(getattr(fn, "__self__", None)), tuple(tuple(t.shape) for t in tensors))
-        if key in _SEPARABLE or batch < 2:
+        if key in _SEPARABLE or math.prod(sizes) < 2:
             return
         probe = []
         for t, a in zip(diff_tensors, engine.notes["activation"], strict=True):
-            v = torch.zeros((1, *t.shape), dtype=t.dtype, device=t.device)
-            if a:
-                v.select(1 + self.batch_dim, 0).fill_(1)
-            probe.append(v)
+            if not a:  # parameters: no tangent
+                probe.append(torch.zeros((1, *t.shape), dtype=t.dtype, device=t.device))
+                continue
+            units = self._units(torch.zeros(t.shape, dtype=t.dtype, device=t.device), 0)
+            units[0] = 1
+            probe.append(self._unshape(units, sizes).unsqueeze(0))
         engine.begin_pass()
         _, ydots, _ = engine.push(tensors, engine.diff, probe, check=False)
         for i in outputs:
-            rest = ydots[i][0].narrow(self.batch_dim, 1, batch - 1)
+            rest = self._units(ydots[i][0], 0)[1:]
             if _is_batched(rest):  # under an outer vmap its values cannot be read: check on a plain call
                 return
             if rest.count_nonzero():
                 raise ValueError(
                     f"segment {engine.name!r}: Activity needs a batch-separable segment (example b's outputs may "
-                    f"depend only on example b's inputs, along dim {self.batch_dim}), but output {i} of other "
+                    f"depend only on example b's inputs, along dims {list(self.dims)}), but output {i} of other "
                     "examples moves with example 0's input. Typical causes: BatchNorm in training mode, a loss "
                     "reduced over the batch, attention whose batch is not dim 0 (pass batch_dim). Use Random(k) "
                     "for this segment, or move the layer that mixes examples out of it."
@@ -187,18 +220,20 @@ class Activity(Strategy, kind="activity"):
 
     # -- backward ------------------------------------------------------------------------------------
     def contract(self, engine: Any, ydots, ybars):
-        """``s[j, b] = <ydot_{j,b}, ybar_b>``, shape ``(k, B)`` (or ``(k,)`` without activation inputs)."""
+        """``s[j, b] = <ydot_{j,b}, ybar_b>``, shape ``(k, U)`` for ``U`` units (or ``(k,)`` without
+        activation inputs)."""
         if not any(engine.notes.get("activation", ())):
             return super().contract(engine, ydots, ybars)
-        d = self.batch_dim
         s = None
         for ydot, ybar in zip(ydots, ybars, strict=True):
             if ybar is None:
                 continue
             ydot, ybar = _real(ydot), _real(ybar)
             acc = accumulation_dtype(ydot.dtype)
-            rows = ydot.movedim(1 + d, 1).reshape(ydot.shape[0], ybar.shape[d], -1).to(acc)
-            term = torch.einsum("kbi,bi->kb", rows, ybar.movedim(d, 0).reshape(ybar.shape[d], -1).to(acc))
+            rows = self._units(ydot, 1).to(acc)
+            rows = rows.reshape(*rows.shape[:2], -1)
+            cols = self._units(ybar, 0).to(acc)
+            term = torch.einsum("kbi,bi->kb", rows, cols.reshape(cols.shape[0], -1))
             s = term if s is None else s + term
         return s
 
@@ -208,7 +243,6 @@ class Activity(Strategy, kind="activity"):
         activation = engine.notes.get("activation", [False] * len(meta))
         per_example = s * (1.0 / self.k)
         summed = per_example.sum(1) if per_example.dim() == 2 else per_example  # parameters: over the batch
-        d = self.batch_dim
         grads = []
         for v, a, (shape, dtype, _) in zip(regenerate(self, engine.seed, meta, engine.used, s.device), activation,
                                            meta, strict=True):
@@ -218,8 +252,8 @@ class Activity(Strategy, kind="activity"):
                 grads.append(combine_tangents(summed, v, dtype))
             else:
                 acc = accumulation_dtype(v.dtype)
-                g = torch.einsum("kb,kb...->b...", per_example.to(acc), v.movedim(1 + d, 1).to(acc))
-                grads.append(g.movedim(0, d).to(dtype))
+                g = torch.einsum("kb,kb...->b...", per_example.to(acc), self._units(v, 1).to(acc))
+                grads.append(self._unshape(g, tuple(shape[d] for d in self.dims)).to(dtype))
         return grads
 
     def variance(self, stats: Mapping[str, Any]) -> float | None:
