@@ -101,6 +101,11 @@ class Activity(Strategy, kind="activity"):
                 f"Activity(batch_dim={self.batch_dim!r}): expected an int >= 0 or a tuple of distinct ones."
             )
 
+    def __repr__(self) -> str:
+        extra = "" if self.seeding == "auto" else f", seeding={self.seeding!r}"
+        extra += "" if self.batch_dim == 0 else f", batch_dim={self.batch_dim!r}"
+        return f"Activity(k={self.k}, distribution={self.distribution!r}{extra})"
+
     def to_string(self) -> str:
         extra = "" if self.seeding == "auto" and self.batch_dim == 0 else f":{self.seeding}"
         extra += "" if self.batch_dim == 0 else ":" + "/".join(map(str, self.dims))

@@ -10,6 +10,10 @@ is an unbiased forward gradient of the rest, ``P g`` with ``P = I - d d^T``, sin
 * ``k >= 1``: unbiased, relative variance ``(n/k) sin^2 t`` for Gaussian ``v`` (``w`` is Gaussian in the
   ``n - 1`` dimensions orthogonal to ``d``, where a forward gradient's relative variance is ``(n-1+1)/k``)
   instead of ``(n+1)/k`` without the guess.
+
+With ``G`` guesses (``directions=G``, e.g. one per layer) ``d d^T`` becomes ``Q Q^T``, ``Q`` an orthonormal
+basis of their span (``G'`` columns): the projection is on the span, and the random part's relative variance
+is ``((n - G' + 1)/k) ||P g||^2 / ||g||^2``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class Guessed(Strategy):
         guess: ``guess(*args, **kwargs) -> sequence of tensors or None``, as above.
         k: number of random directions next to the guess. Default: ``0``.
         distribution: ``"gaussian"`` or ``"rademacher"`` for the random directions. Default: ``"gaussian"``.
+        directions: guesses per call: with ``G > 1``, each returned tensor has a leading dimension ``G``
+            (e.g. one guess per layer, zero elsewhere), and the estimate uses the projection on their span
+            (orthonormalised; dependent guesses are dropped). Default: ``1``.
 
     Examples:
         >>> import torch, madfunc as mf
@@ -63,6 +70,7 @@ class Guessed(Strategy):
     guess: Callable[..., Sequence[torch.Tensor | None]]
     k: int = 0
     distribution: str = "gaussian"
+    directions: int = 1
 
     shares_coefficients: ClassVar[bool] = False
 
@@ -76,6 +84,8 @@ class Guessed(Strategy):
             raise ValueError(f"Guessed(k={self.k!r}): k must be an int >= 0 (random directions next to the guess).")
         if self.k != 0:
             check_distribution("Guessed", self.distribution, "auto", self.k)
+        if isinstance(self.directions, bool) or not isinstance(self.directions, int) or self.directions < 1:
+            raise ValueError(f"Guessed(directions={self.directions!r}): expected an int >= 1 (guesses per call).")
         if DISTRIBUTIONS.get(self.distribution) is None or DISTRIBUTIONS[self.distribution].draw is None:
             raise ValueError(f"Guessed(distribution={self.distribution!r}): expected 'gaussian' or 'rademacher'.")
 
@@ -85,7 +95,8 @@ class Guessed(Strategy):
 
     def __repr__(self) -> str:
         name = getattr(self.guess, "__qualname__", type(self.guess).__name__)
-        return f"Guessed(guess={name}, k={self.k}, distribution={self.distribution!r})"
+        extra = "" if self.directions == 1 else f", directions={self.directions}"
+        return f"Guessed(guess={name}, k={self.k}, distribution={self.distribution!r}{extra})"
 
     def to_string(self) -> str:
         raise TypeError(f"{self!r} has no string form: it holds a Python callable. Build plans with it in Python.")
@@ -93,50 +104,62 @@ class Guessed(Strategy):
     # -- the passes ----------------------------------------------------------------------------------
     def push(self, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor], n: int):
         device = _common_device(engine.name, diff_tensors)
-        unit = self._unit_guess(engine, tensors, diff_tensors)
-        parts = [u.unsqueeze(0) for u in unit] if unit is not None else None
+        sizes = [t.numel() for t in diff_tensors]
+        work = torch.float64 if any(t.dtype == torch.float64 for t in diff_tensors) else torch.float32
+        basis = self._basis(engine, tensors, diff_tensors, work)  # (G', n) orthonormal rows, or None
+        rows = [] if basis is None else [basis]
         if self.k:
             v = draw_tangents(self.distribution, self.k, [t.shape for t in diff_tensors],
                               [t.dtype for t in diff_tensors], device, engine.seed)
-            if unit is not None:  # w_j = v_j - (d . v_j) d, over all leaves jointly
-                along = sum(torch.tensordot(vi, ui, dims=ui.dim()) for vi, ui in zip(v, unit, strict=True))
-                v = [vi - along.reshape(-1, *[1] * ui.dim()) * ui for vi, ui in zip(v, unit, strict=True)]
-            parts = v if parts is None else [torch.cat([p, vi]) for p, vi in zip(parts, v, strict=True)]
-        if parts is None:  # k = 0 and a zero guess: nothing to estimate with
+            v = torch.cat([vi.reshape(self.k, -1).to(work) for vi in v], dim=1)
+            if basis is not None:  # w_j = v_j - Q Q^T v_j: the random part lives off the guesses' span
+                v = v - (v @ basis.T) @ basis
+            rows.append(v)
+        engine.notes["guided"] = 0 if basis is None else basis.shape[0]
+        if not rows:  # k = 0 and a zero guess: nothing to estimate with
             engine.notes["tangents"] = None
             engine.record.stats["tangents"] = 0
             return engine.plain_pass(tensors)
-        engine.notes["tangents"], engine.notes["guided"] = parts, unit is not None
-        engine.record.stats["tangents"] = parts[0].shape[0]
+        flat = torch.cat(rows)
+        parts = [p.reshape(flat.shape[0], *t.shape).to(t.dtype) for p, t in
+                 zip(torch.split(flat, sizes, dim=1), diff_tensors, strict=True)]
+        engine.notes["tangents"] = parts
+        engine.record.stats["tangents"] = flat.shape[0]
         engine.begin_pass()
         return engine.push(tensors, engine.diff, parts, watch=True)
 
-    def _unit_guess(self, engine, tensors, diff_tensors) -> list[torch.Tensor] | None:
+    def _basis(self, engine, tensors, diff_tensors, work: torch.dtype) -> torch.Tensor | None:
+        """The guesses as orthonormal rows ``(G', n)`` (G' <= directions: dependent guesses and zeros dropped)."""
         leaves = list(engine.leaves)
         for pos, t in zip(engine.positions, tensors, strict=False):
             leaves[pos] = t
         args, kwargs = optree.tree_unflatten(engine.spec, leaves)
         with torch.enable_grad():
             directions = list(self.guess(*args, **kwargs))
+        lead = () if self.directions == 1 else (self.directions,)
         if len(directions) != len(diff_tensors) or any(
-            d is not None and (not isinstance(d, torch.Tensor) or d.shape != t.shape)
+            d is not None and (not isinstance(d, torch.Tensor) or d.shape != (*lead, *t.shape))
             for d, t in zip(directions, diff_tensors, strict=False)
         ):
             got = [None if d is None else list(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
                    for d in directions]
             raise ValueError(
                 f"segment {engine.name!r}: Guessed's guess must return one direction (a tensor of the same shape, "
-                f"or None) per differentiated tensor, i.e. shapes {[list(t.shape) for t in diff_tensors]} (tensor "
-                f"arguments that need a gradient, then parameters); got {got}."
+                f"or None) per differentiated tensor, i.e. shapes {[[*lead, *t.shape] for t in diff_tensors]} "
+                f"(tensor arguments that need a gradient, then parameters); got {got}."
             )
-        unit = [torch.zeros_like(t) if d is None else d.detach().to(t.dtype) for d, t in zip(directions, diff_tensors,
-                                                                                         strict=True)]
-        norm = torch.sqrt(sum(u.pow(2).sum() for u in unit))
-        if not torch.isfinite(norm):
+        count = self.directions
+        flat = torch.cat([
+            torch.zeros(count, t.numel(), dtype=work, device=t.device) if d is None
+            else d.detach().reshape(count, -1).to(work) for d, t in zip(directions, diff_tensors, strict=True)
+        ], dim=1)
+        if not torch.isfinite(flat).all():
             raise FloatingPointError(f"segment {engine.name!r}: Guessed's guess returned a non-finite direction.")
-        if norm == 0:
-            return None
-        return [u / norm for u in unit]
+        q, r = torch.linalg.qr(flat.T, mode="reduced")  # (n, G): orthonormal columns spanning the guesses
+        diag = r.diagonal().abs()
+        keep = diag > diag.max().clamp_min(torch.finfo(work).tiny) * count * torch.finfo(work).eps
+        keep &= diag > 0
+        return q.T[keep] if bool(keep.any()) else None
 
     # -- backward ------------------------------------------------------------------------------------
     def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
@@ -144,8 +167,8 @@ class Guessed(Strategy):
         if s is None or s.numel() == 0 or tangents is None:
             return zeros(meta)
         coef = s.clone()
-        if self.k:
-            first = 1 if engine.notes["guided"] else 0
+        if self.k:  # the random coefficients average; the guesses' are projections
+            first = engine.notes["guided"]
             coef[first:] = coef[first:] / self.k
         return [
             torch.tensordot(coef.to(v.dtype), v, dims=1).to(dtype) if u else torch.zeros(shape, dtype=dtype,

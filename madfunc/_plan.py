@@ -49,7 +49,7 @@ def parse_strategy(text: str, where: str = "parse_strategy") -> Strategy:
         >>> parse_strategy("random:16:rademacher")
         Random(k=16, distribution='rademacher')
         >>> parse_strategy("activity:4")
-        Activity(k=4, distribution='gaussian', seeding='auto', batch_dim=0)
+        Activity(k=4, distribution='gaussian')
         >>> parse_strategy("backprop")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...

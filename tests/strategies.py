@@ -95,13 +95,27 @@ def _activity_theory(strategy: mf.Activity) -> Callable[[Setting], float]:
     return theory
 
 
-def _guessed_theory(k: int) -> Callable[[Setting], float]:
-    """``(n/k) sin^2 t`` for Gaussian random directions orthogonal to the guess (madfunc/_guessed.py)."""
+def _span(s: Setting, directions: int) -> torch.Tensor:
+    """Orthonormal rows spanning the guess: one direction, or (directions=2) one per differentiated tensor."""
+    d = torch.cat([t.reshape(-1) for t in s.guess])
+    if directions == 1:
+        return (d / d.norm()).unsqueeze(0)
+    sizes = [t.numel() for t in s.guess]
+    rows = torch.zeros(len(sizes), d.numel(), dtype=d.dtype)
+    for i, piece in enumerate(torch.split(d, sizes)):
+        start = sum(sizes[:i])
+        rows[i, start : start + sizes[i]] = piece / piece.norm()
+    return rows
+
+
+def _guessed_theory(k: int, directions: int) -> Callable[[Setting], float]:
+    """``((n - G + 1)/k) ||P g||^2 / ||g||^2`` for Gaussian random directions off the guesses' span
+    (G = 1: ``(n/k) sin^2 t``; madfunc/_guessed.py)."""
 
     def theory(s: Setting) -> float:
-        d = torch.cat([t.reshape(-1) for t in s.guess])
-        cos2 = float(d.dot(s.exact)) ** 2 / float(d.dot(d) * s.exact.dot(s.exact))
-        return s.n / k * (1 - cos2)
+        q = _span(s, directions)
+        rest = s.exact - q.T @ (q @ s.exact)
+        return (s.n - q.shape[0] + 1) / k * float(rest.dot(rest) / s.exact.dot(s.exact))
 
     return theory
 
@@ -123,20 +137,29 @@ def _fixed(strategy: mf.Strategy, theory: Callable[[Setting], float] | None) -> 
     return Row(str(strategy).replace(":", "-"), lambda s: strategy, theory, expected)
 
 
-def _projection(s: Setting) -> torch.Tensor:
-    """``(g . d) d`` for the unit guess ``d``: what Guessed(k=0) returns."""
-    d = torch.cat([t.reshape(-1) for t in s.guess])
-    d = d / d.norm()
-    return d.dot(s.exact) * d
+def _projection(directions: int) -> Callable[[Setting], torch.Tensor]:
+    """``Q Q^T g`` for the guesses' span: what Guessed(k=0) returns."""
+    return lambda s: _span(s, directions).T @ (_span(s, directions) @ s.exact)
 
 
-def _guessed(k: int, distribution: str = "gaussian") -> Row:
+def _guessed(k: int, distribution: str = "gaussian", directions: int = 1) -> Row:
+    """Guessed rows; ``directions=2``: one guess per differentiated tensor (in "activations", only one
+    tensor is differentiated, so the second guess is zero and dropped)."""
+
     def make(s: Setting) -> mf.Strategy:
-        guess = s.guess
-        return mf.Guessed(lambda z, w2: list(guess), k=k, distribution=distribution)
+        guess = s.guess if directions == 1 else [
+            torch.stack([t if i == j else torch.zeros_like(t) for j in range(2)]) for i, t in enumerate(s.guess)
+        ]
+        return mf.Guessed(lambda z, w2: list(guess), k=k, distribution=distribution, directions=directions)
 
-    theory = _guessed_theory(k) if k and distribution == "gaussian" else None
-    return Row(f"guessed-{k}-{distribution}", make, theory, None if k else _projection)
+    def theory(s: Setting) -> float | None:
+        span = min(directions, len(s.guess))
+        return _guessed_theory(k, span)(s) if k and distribution == "gaussian" else None
+
+    def expected(s: Setting) -> torch.Tensor:
+        return _projection(min(directions, len(s.guess)))(s)
+
+    return Row(f"guessed-{k}-{distribution}-{directions}", make, theory if k else None, None if k else expected)
 
 
 STRATEGIES: list[Row] = [
@@ -153,4 +176,6 @@ STRATEGIES: list[Row] = [
     _guessed(0),
     _guessed(2),
     _guessed(3, "rademacher"),
+    _guessed(0, directions=2),
+    _guessed(2, directions=2),
 ]
