@@ -156,8 +156,7 @@ class Activity(Strategy, kind="activity"):
     def _classify(self, engine: Any, diff_tensors: Sequence[torch.Tensor]) -> tuple[int, ...] | None:
         """Flag activation inputs (computed upstream: they have a grad_fn) in ``engine.notes``; the common
         sizes of their unit dims, or None if every differentiated input is a parameter."""
-        given = [engine.leaves[p] for p in engine.positions]
-        activation = [i < len(given) and given[i].grad_fn is not None for i in engine.diff]
+        activation = engine.activation
         stats = engine.record.stats
         engine.notes["activation"] = activation
         stats["parameter_numel"] = sum(t.numel() for t, a in zip(diff_tensors, activation, strict=True) if not a)

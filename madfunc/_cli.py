@@ -23,6 +23,7 @@ DEFAULT_PLANS = {
     "backprop": "features=rev,head=rev",
     "exact forward": "features=exact,head=rev",
     "random forward": "features=random:16:rademacher,head=rev",
+    "activity forward": "act=activity:16:rademacher",
 }
 
 
@@ -104,12 +105,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Mixed-mode automatic differentiation: demos on a small CNN (sklearn digits).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    plan_help = (f"a plan for the model's segments (features, head): SEGMENT=STRATEGY,... with STRATEGY "
+    plan_help = (f"a plan for the model's segments (features, act, head): SEGMENT=STRATEGY,... with STRATEGY "
                  f"one of {STRATEGY_SYNTAX}; e.g. {PLAN_EXAMPLE!r}")
     demo = sub.add_parser("demo", help="train the CNN under plans; print accuracy, time and gradient quality")
     demo.add_argument("--plan", type=_model_plan, action="append",
                       help=plan_help + "; repeat to compare plans "
-                      "(default: backprop, exact forward features, random forward features)")
+                      "(default: backprop, exact forward features, random forward features, activity-perturbed act)")
     demo.add_argument("--steps", type=_integer(1), default=200, help="training steps per plan (default: 200)")
     demo.add_argument("--tiny", action="store_true", help="a few steps and draws: a smoke test in seconds")
     demo.add_argument("--out", default="madfunc-demo.png",

@@ -1,8 +1,8 @@
 """The built-in demo: a small CNN on scikit-learn's 8x8 handwritten digits, trained under several plans.
 
-The model has two segments, ``features`` (two 3x3 convolutions with ReLU and max-pooling) and ``head``
-(a linear classifier); both are reverse mode unless the plan says otherwise, so the empty plan is
-plain backprop.
+The model has three segments: ``features`` (two 3x3 convolutions, the first with ReLU and max-pooling),
+``act`` (ReLU, max-pooling; no parameters) and ``head`` (a linear classifier). All are reverse mode unless
+the plan says otherwise, so the empty plan is plain backprop.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ._transforms import mixed_grad_and_value
 
 __all__ = ["SEGMENTS", "DemoResult", "digits", "init_params", "loss_fn", "run_demo", "train"]
 
-SEGMENTS = ("features", "head")
+SEGMENTS = ("features", "act", "head")
 _FEATURE_KEYS = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")
 _HEAD_KEYS = ("head.weight", "head.bias")
 Params = dict[str, torch.Tensor]
@@ -75,10 +75,16 @@ def init_params(seed: int = 0) -> Params:
 
 @rev
 def features(p: Params, x: torch.Tensor) -> torch.Tensor:
-    """(B, 1, 8, 8) images -> (B, 32) features: conv-ReLU-pool twice (336 parameters)."""
+    """(B, 1, 8, 8) images -> (B, 8, 4, 4) pre-activations: conv-ReLU-pool, conv (336 parameters)."""
     h = F.max_pool2d(F.relu(F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=1)), 2)
-    h = F.max_pool2d(F.relu(F.conv2d(h, p["conv2.weight"], p["conv2.bias"], padding=1)), 2)
-    return h.flatten(1)
+    return F.conv2d(h, p["conv2.weight"], p["conv2.bias"], padding=1)
+
+
+@rev
+def act(z: torch.Tensor) -> torch.Tensor:
+    """(B, 8, 4, 4) pre-activations -> (B, 32) features: ReLU, pool, flatten (no parameters; the place for
+    activity perturbation: ``act=activity:16`` estimates each example's cotangent of ``z``)."""
+    return F.max_pool2d(F.relu(z), 2).flatten(1)
 
 
 @rev
@@ -89,8 +95,8 @@ def head(p: Params, h: torch.Tensor) -> torch.Tensor:
 
 def logits(params: Params, x: torch.Tensor) -> torch.Tensor:
     """The model: each segment gets only its own parameters, so it differentiates only those."""
-    h = features({k: params[k] for k in _FEATURE_KEYS}, x)
-    return head({k: params[k] for k in _HEAD_KEYS}, h)
+    z = features({k: params[k] for k in _FEATURE_KEYS}, x)
+    return head({k: params[k] for k in _HEAD_KEYS}, act(z))
 
 
 def loss_fn(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -259,7 +265,7 @@ def plot(results: Sequence[DemoResult], out: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as error:  # pragma: no cover - dev extra installs it
         raise _missing("matplotlib", error) from None
-    fig, (ax_loss, ax_acc, ax_time) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, (ax_loss, ax_acc, ax_time, ax_quality) = plt.subplots(1, 4, figsize=(20, 4.2))
     for i, r in enumerate(results):
         style = dict(label=r.label, color=f"C{i}", linestyle=("-", "--", ":", "-.")[i % 4])
         smooth, ema = [], r.losses[0] if r.losses else 0.0
@@ -276,8 +282,32 @@ def plot(results: Sequence[DemoResult], out: str) -> None:
     ax_acc.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1), title="test accuracy")
     ax_time.set(xlabel="ms per step (median)", title="time per step")
     ax_time.invert_yaxis()
+    _quality_panel(ax_quality, results)
     ax_loss.legend(fontsize=8)
     fig.suptitle("madfunc demo: small CNN on sklearn digits (8x8)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _quality_panel(ax: Any, results: Sequence[DemoResult]) -> None:
+    """Gradient quality at initialisation: each plan's cosine with backprop's gradient (bars), labelled with
+    the measured relative variance ``E||g^-g||^2/||g||^2`` and, where a law applies, its theory."""
+    labels, cosines, notes = [], [], []
+    for r in results:
+        q = r.quality
+        if q is None:
+            continue
+        labels.append(r.label)
+        cosines.append(q.cosine)
+        lawful = [(name, f) for name, f in q.per_segment.items() if f.variance_theory is not None]
+        if len(lawful) == 1:  # one random segment with a variance law: its measured variance next to the law
+            name, f = lawful[0]
+            notes.append(f"{name}: var {f.variance:.3g} (theory {f.variance_theory:.3g})")
+        else:
+            notes.append(f"var {q.variance:.3g}")
+    bars = ax.barh(labels, cosines, color=[f"C{i}" for i in range(len(labels))])
+    for bar, note in zip(bars, notes, strict=True):
+        ax.text(0.02, bar.get_y() + bar.get_height() / 2, note, va="center", fontsize=8)
+    ax.set(xlabel="cosine with the exact gradient", xlim=(0, 1.05), title="gradient quality at init")
+    ax.invert_yaxis()

@@ -22,8 +22,14 @@ ArgNums = int | tuple[int, ...]
 
 
 def theoretical_variance(strategy: Strategy, stats: dict[str, Any]) -> float | None:
-    """``E||g^ - g||^2 / ||g||^2`` of one call of a segment (its stats), or None (see Strategy.variance)."""
-    return strategy.variance(stats) if strategy.stochastic else None
+    """``E||g^ - g||^2 / ||g||^2`` of one call of a segment (its stats), or None (see Strategy.variance).
+
+    None as well when the segment differentiates an activation input: its variance law holds for the
+    gradients of its own inputs, but ``compare`` measures the gradient leaves, which that input's estimated
+    cotangent reaches through the upstream Jacobians (the law does not carry over)."""
+    if not strategy.stochastic or stats.get("activation_numel"):
+        return None
+    return strategy.variance(stats)
 
 
 def _t_quantile(dof: int) -> float:

@@ -31,7 +31,7 @@ def test_cli_names_unknown_segments_and_bad_strategies(capsys):
     assert exit_info.value.code == 2
     assert (
         "argument --plan: plan names segment 'feature', which the built-in model does not have; its "
-        "segments are: features, head."
+        "segments are: features, act, head."
     ) in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--plan", "features=random:16:rademacher,head=backprop"])
@@ -171,9 +171,9 @@ def test_compare_and_inspect_commands_print_tables(capsys):
     assert re.search(r"^\(all\)\s+\(whole plan\)\s+666\s+1\s", out, re.M), out  # 336 + 330 parameters, cosine 1
     assert main(["inspect", "--plan", "features=random:4,head=rev", "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
-    # features: 336 parameters, 4 tangents of its 8 x 32 output, kept in float32.
+    # features: 336 parameters, 4 tangents of its 8 x 128 output (8 channels of 4 x 4), kept in float32.
     assert re.search(
-        r"^features\s+Random\(k=4, distribution='gaussian'\)\s+arg0:336 \+ arg1:0\s+4\s+256\s+4\.0 KiB",
+        r"^features\s+Random\(k=4, distribution='gaussian'\)\s+arg0:336 \+ arg1:0\s+4\s+1024\s+16\.0 KiB",
         out,
         re.M,
     ), out

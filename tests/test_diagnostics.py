@@ -150,7 +150,10 @@ def test_per_segment_attribution_follows_the_noise():
     assert report.per_segment["first"].differentiated == 12
     assert report.per_segment["second"].leaves == ("a", "b")
     assert report.per_segment["second"].differentiated == 8 + 6 * 4
-    assert report.per_segment["second"].variance_theory == (8 + 24 - 1) / 3
+    # The (n-1)/k law is about `second`'s own inputs; the measured leaves include `a`, reached through the
+    # estimated cotangent of its activation input: no theory is claimed there.
+    assert report.per_segment["second"].variance_theory is None
+    assert report.per_segment["first"].variance_theory == (12 + 1) / 3
     assert report.overall.leaves == ("a", "b") and report.variance_theory is None
 
     exact_second = mf.compare(loss, {"first": mf.Random(k=3), "second": "rev"}, params, x, draws=2)
