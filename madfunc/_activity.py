@@ -84,6 +84,7 @@ class Activity(Strategy, kind="activity"):
     batch_dim: int | tuple[int, ...] = 0
     _FIELDS: ClassVar[tuple[str, ...]] = ("K", "DISTRIBUTION", "SEEDING", "BATCH_DIM")
     stochastic: ClassVar[bool] = True
+    per_rank_tangents: ClassVar[bool] = True  # per-example tangents: independent across ranks' examples too
 
     def __post_init__(self) -> None:
         check_distribution("Activity", self.distribution, self.seeding, self.k)

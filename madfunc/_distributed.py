@@ -288,3 +288,10 @@ def ddp_comm_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[t
 def split_grads(has_aux: bool, with_value: bool) -> Callable[[Any], Any]:
     """Where the gradients sit in a transform's result: ``grad``, ``(grad, aux)`` or ``(grad, value)``."""
     return (lambda out: out[0]) if (has_aux or with_value) else (lambda out: out)
+
+
+def rank_seed(seed: int) -> int:
+    """``seed`` made distinct per rank when torch.distributed runs (ranks usually share torch's seed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return seed
+    return leaf_seed(seed, 0x5EED0000 + dist.get_rank())

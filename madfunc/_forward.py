@@ -110,6 +110,8 @@ def run_forward(
         record.stats["differentiated_per_argument"] = _differentiated_per_argument(args, kwargs)
     state = _context.active()
     seed = state.tangents.segment_seed(name) if strategy.stochastic and state is not None else None
+    if seed is not None and strategy.per_rank_tangents:
+        seed = _distributed.rank_seed(seed)
     engine = Engine(name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure)
     outputs = _ForwardSegment.apply(engine, *tensors)
     return optree.tree_unflatten(engine.out_spec, list(outputs[: engine.n_out]))

@@ -42,6 +42,9 @@ class Strategy:
     # Whether its k coefficients, reduced over ranks, give the parameters' gradient (_distributed's scalar
     # scheme): true only where the tangents of parameters are the same on every rank.
     shares_coefficients: ClassVar[bool] = False
+    # Whether each rank of torch.distributed draws its own tangents (per-example ones: N ranks of B examples
+    # then estimate like one process with N*B examples); otherwise every rank draws the same ones.
+    per_rank_tangents: ClassVar[bool] = False
 
     def __init_subclass__(cls, kind: str | tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -199,3 +199,23 @@ def test_activity_on_ordinary_sequence_models(kind: str) -> None:
             seg_sf(emb(x).transpose(0, 1)).sum().backward()
         with mf.use_plan({"seq_first": mf.Activity(k=2, batch_dim=1)}):
             seg_sf(emb(x).transpose(0, 1)).sum().backward()
+
+
+def test_activity_draws_per_rank_tangents_and_random_shares_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks usually share torch's seed. Activity's per-example tangents must differ across ranks (N ranks of
+    B examples then estimate like one process with N*B examples); Random's are shared (its coefficients
+    reduce over ranks)."""
+    x, y = _data()
+    w, w2 = torch.randn(5, 4, dtype=DT), torch.randn(4, 3, dtype=DT)
+    seg = mf.fwd(lambda z: F.cross_entropy(torch.tanh(z) @ w2, y, reduction="none"), name="head")
+
+    def estimate(strategy: mf.Strategy, rank: int | None) -> torch.Tensor:
+        if rank is not None:
+            monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+            monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+        torch.manual_seed(0)
+        return mf.mixed_grad(lambda w: seg(x @ w).mean(), {"head": strategy})(w)
+
+    alone, rank0, rank1 = (estimate(mf.Activity(k=2), r) for r in (None, 0, 1))
+    assert not torch.equal(rank0, rank1) and not torch.equal(alone, rank1)
+    assert torch.equal(estimate(mf.Random(2), 0), estimate(mf.Random(2), 1))
