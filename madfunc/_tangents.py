@@ -220,7 +220,8 @@ def group_leaves(sizes: Sequence[int], chunk: int | None) -> list[list[tuple[int
     """Groups of ``(leaf, start, stop)`` slices of the basis, pushed through the segment together.
 
     A leaf larger than ``SMALL_LEAF`` starts a group; smaller ones join the group before them (usually
-    the weight of the same layer, used at the same point), so their tangents cost no extra work there.
+    the weight of the same layer, used at the same point), so their tangents cost no extra work there;
+    small leaves before the first large one join its group.
     No group holds more than ``chunk`` tangents; a leaf larger than ``chunk`` is split across groups.
     """
     groups: list[list[tuple[int, int, int]]] = []
@@ -237,6 +238,12 @@ def group_leaves(sizes: Sequence[int], chunk: int | None) -> list[list[tuple[int
             groups.append([(leaf, start, start + room)])
             count = room
             start += room
+    # Small leaves before the first large one (optree sorts dict keys: "conv1.bias" before "conv1.weight")
+    # would otherwise get a pass of their own: they join the first large leaf's group.
+    if len(groups) > 1 and all(sizes[leaf] <= SMALL_LEAF for leaf, _, _ in groups[0]) and groups[1][0][1] == 0:
+        merged = groups[0] + groups[1]
+        if chunk is None or sum(stop - start for _, start, stop in merged) <= chunk:
+            groups[:2] = [merged]
     return groups
 
 
