@@ -89,6 +89,10 @@ def time_targets(quick: bool) -> list[dict]:
         compare("2" if limit else "2b", f"MLP 8x512 b128 as one Random(k=1, {dist!r}) segment",
                 mf.mixed_grad(models.whole_mlp_loss, plan={"mlp": mf.Random(k=1, distribution=dist)}),
                 backprop, limit, (mlp, *mlp_xy), "backprop step")
+    for dist, limit in (("gaussian", 1.2), ("rademacher", 1.05)):  # issue 11's targets, with kept tangents
+        compare(f"2 kept{'' if dist == 'gaussian' else ' b'}", f"MLP 8x512 b128, Random(k=1, {dist!r}, kept)",
+                mf.mixed_grad(models.whole_mlp_loss, plan={"mlp": mf.Random(1, dist, seeding="kept")}),
+                backprop, limit, (mlp, *mlp_xy), "backprop step")
     for dist, limit in (("gaussian", 0.5), ("rademacher", None)):
         # 16 x 2.1M tangents (134 MB) are over the 32 MiB threshold, so "auto" seeds lazily (least
         # memory); the "eager" rows show the speed a user gets by asking for it.

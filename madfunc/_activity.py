@@ -249,12 +249,12 @@ class Activity(Strategy, kind="activity"):
         per_example = s * (1.0 / self.k)
         summed = per_example.sum(1) if per_example.dim() == 2 else per_example  # parameters: over the batch
         grads = []
-        for v, a, (shape, dtype, _) in zip(regenerate(self, engine.seed, meta, engine.used, s.device), activation,
-                                           meta, strict=True):
+        tangents = regenerate(self, engine.seed, meta, engine.used, s.device, engine.notes.get("tangents"))
+        for v, a, (shape, dtype, _) in zip(tangents, activation, meta, strict=True):
             if v is None:  # never used: an exact zero
                 grads.append(torch.zeros(shape, dtype=dtype, device=s.device))
-            elif not a:
-                grads.append(combine_tangents(summed, v, dtype))
+            elif not a:  # (kept tangents may serve a second backward: never overwritten)
+                grads.append(combine_tangents(summed, v, dtype, reuse="tangents" not in engine.notes))
             else:
                 acc = accumulation_dtype(v.dtype)
                 g = torch.einsum("kb,kb...->b...", per_example.to(acc), self._units(v, 1).to(acc))

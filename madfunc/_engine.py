@@ -291,6 +291,8 @@ class Engine:
         stats = self.record.stats
         stats["output_numel"] = sum(ys[i].numel() for i in self.diff_out)
         stats["saved_bytes"] = sum(t.numel() * t.element_size() for t in ydots)
+        # ... plus input tangents a strategy keeps for backward instead of regenerating them
+        stats["saved_bytes"] += sum(t.numel() * t.element_size() for t in self.notes.get("tangents") or ())
         if stats.get("predicted"):
             stats["saved_bytes"] = stats["tangents"] * sum(ys[i].numel() * ys[i].element_size() for i in self.diff_out)
         if self.fallbacks:

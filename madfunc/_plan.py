@@ -31,7 +31,7 @@ def parse_strategy(text: str, where: str = "parse_strategy") -> Strategy:
 
     The forms are ``rev`` or ``reverse``; ``exact`` or ``exact:CHUNK``; ``random``, ``random:K``,
     ``random:K:DISTRIBUTION`` (gaussian, rademacher, orthogonal) or ``random:K:DISTRIBUTION:SEEDING``
-    (auto, lazy, eager); ``activity`` with the same fields and an optional ``:BATCH_DIM``. Case and
+    (auto, lazy, eager, kept); ``activity`` with the same fields and an optional ``:BATCH_DIM``. Case and
     surrounding spaces are ignored; omitted fields take the defaults of :class:`Exact`, :class:`Random`
     and :class:`Activity`. (:class:`Guessed` holds a callable and has no string form.)
 

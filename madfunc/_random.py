@@ -16,7 +16,7 @@ from ._tangents import DISTRIBUTIONS, draw_leaf, draw_tangents
 
 __all__ = ["LAZY_SEEDING_BYTES", "SEEDINGS", "Random", "check_distribution"]
 
-SEEDINGS = ("auto", "lazy", "eager")
+SEEDINGS = ("auto", "lazy", "eager", "kept")
 # Random tangents this large (k x the differentiated inputs) are seeded lazily, where each leaf is first
 # used, so that they need not all exist at once: memory then stops growing with the number of leaves
 # (benchmarks/RESULTS.md, target 5). Below it, eager seeding is faster: lazy seeding costs an extra
@@ -73,14 +73,21 @@ def push_random(strategy: Any, engine: Any, tensors: Sequence[torch.Tensor], dif
             return lazy
     shapes, dtypes = [t.shape for t in diff_tensors], [t.dtype for t in diff_tensors]
     tangents = draw_tangents(distribution, k, shapes, dtypes, device, engine.seed)
+    if seeding == "kept":  # backward reuses them instead of drawing them again
+        engine.notes["tangents"] = tangents
     engine.begin_pass()
     return engine.push(tensors, engine.diff, tangents, watch=True)
 
 
-def regenerate(strategy: Any, seed: int, meta: Sequence[tuple], used: Sequence[bool], device: torch.device):
+def regenerate(strategy: Any, seed: int, meta: Sequence[tuple], used: Sequence[bool], device: torch.device,
+               kept: Sequence[torch.Tensor] | None = None):
     """The tangents of every used leaf again (None for unused ones), one leaf at a time where the
-    distribution allows (each leaf has its own stream), so at most one leaf's tangents exist at once."""
+    distribution allows (each leaf has its own stream), so at most one leaf's tangents exist at once;
+    ``kept``: the tangents the forward pass kept (``seeding="kept"``)."""
     k, distribution = strategy.k, strategy.distribution
+    if kept is not None:  # seeding="kept": the forward pass's own tangents
+        yield from (v if u else None for v, u in zip(kept, used, strict=True))
+        return
     if DISTRIBUTIONS[distribution].draw is None:  # orthogonal jointly over all leaves: drawn together
         drawn = draw_tangents(distribution, k, [m[0] for m in meta], [m[1] for m in meta], device, seed)
         yield from (v if u else None for v, u in zip(drawn, used, strict=True))
@@ -109,9 +116,11 @@ class Random(Strategy, kind="random"):
             entry to the segment (fastest; they all exist during its forward pass). ``"lazy"`` draws
             each leaf's tangents where an op first uses the leaf and drops them after it, so at most
             one leaf's tangents exist at a time (least memory; costs about two extra passes over the
-            tangents). ``"auto"`` is lazy when the ``k`` tangents of all leaves exceed 32 MiB, else
-            eager. ``"orthogonal"`` tangents are always drawn eagerly (they are orthogonal jointly over
-            all leaves). The gradient estimate is the same either way. Default: ``"auto"``.
+            tangents). ``"kept"`` draws them eagerly and keeps them for backward instead of drawing
+            them again from the seed (fastest, for small segments: it keeps ``k x n`` scalars, which
+            ``inspect`` counts). ``"auto"`` is lazy when the ``k`` tangents of all leaves exceed 32 MiB,
+            else eager. ``"orthogonal"`` tangents are always drawn eagerly (they are orthogonal jointly
+            over all leaves). The gradient estimate is the same either way. Default: ``"auto"``.
 
     Examples:
         >>> import madfunc as mf
@@ -158,11 +167,14 @@ class Random(Strategy, kind="random"):
         coefs = [local] * len(meta)
         if s_shared is not None:  # parameters take the coefficients reduced over ranks (_distributed)
             coefs = [s_shared * (1.0 / self.k) if p else local for p in shared]
+        kept = engine.notes.get("tangents")
+        # Regenerated tangents are ours to overwrite; kept ones may serve a second backward (retain_graph).
+        reuse = kept is None and DISTRIBUTIONS[self.distribution].draw is not None
         return [
-            combine_tangents(coef, v, dtype, reuse=DISTRIBUTIONS[self.distribution].draw is not None)
+            combine_tangents(coef, v, dtype, reuse=reuse)
             if v is not None else torch.zeros(shape, dtype=dtype, device=s.device)  # unused: an exact zero
             for coef, v, (shape, dtype, _) in zip(
-                coefs, regenerate(self, engine.seed, meta, engine.used, s.device), meta, strict=True
+                coefs, regenerate(self, engine.seed, meta, engine.used, s.device, kept), meta, strict=True
             )
         ]
 

@@ -169,10 +169,13 @@ STRATEGIES: list[Row] = [
         _fixed(r, _random_theory(r))
         for r in (
             mf.Random(1), mf.Random(4), mf.Random(1, "rademacher"), mf.Random(3, "rademacher"),
-            mf.Random(1, "orthogonal"), mf.Random(5, "orthogonal"),
+            mf.Random(1, "orthogonal"), mf.Random(5, "orthogonal"), mf.Random(2, seeding="kept"),
         )
     ),
-    *(_fixed(a, _activity_theory(a)) for a in (mf.Activity(1), mf.Activity(4), mf.Activity(2, "rademacher"))),
+    *(
+        _fixed(a, _activity_theory(a))
+        for a in (mf.Activity(1), mf.Activity(4), mf.Activity(2, "rademacher"), mf.Activity(2, seeding="kept"))
+    ),
     _guessed(0),
     _guessed(2),
     _guessed(3, "rademacher"),

@@ -219,3 +219,24 @@ def test_activity_draws_per_rank_tangents_and_random_shares_them(monkeypatch: py
     alone, rank0, rank1 = (estimate(mf.Activity(k=2), r) for r in (None, 0, 1))
     assert not torch.equal(rank0, rank1) and not torch.equal(alone, rank1)
     assert torch.equal(estimate(mf.Random(2), 0), estimate(mf.Random(2), 1))
+
+
+@pytest.mark.parametrize("strategy", [mf.Random(1, seeding="kept"), mf.Activity(1, seeding="kept")], ids=repr)
+def test_kept_tangents_survive_a_second_backward(strategy: mf.Strategy) -> None:
+    """seeding="kept": backward reuses the forward pass's tangents, so they must not be overwritten in place
+    (the k=1 fast path of regenerated ones does): backward twice (retain_graph) gives one gradient twice.
+    inspect counts the kept tangents in what the segment keeps."""
+    x, _ = _data()
+    w = torch.randn(5, 4, dtype=DT, requires_grad=True)
+    w2 = torch.randn(4, 3, dtype=DT, requires_grad=True)
+    seg = mf.fwd(lambda z, w2: torch.tanh(z) @ w2, name="layer")
+    with mf.use_plan({"layer": strategy}):
+        out = seg(x @ w, w2).pow(2).sum()
+    first = torch.autograd.grad(out, (w, w2), retain_graph=True)
+    again = torch.autograd.grad(out, (w, w2))
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    report = mf.inspect(lambda w, w2: seg(x @ w, w2).pow(2).sum(), {"layer": strategy}, w.detach(), w2.detach(),
+                        argnums=(0, 1))
+    kept = (8 * 4 + 4 * 3) * 8  # one tangent per differentiated scalar, float64
+    assert report.rows[0].saved_bytes == 8 * 3 * 8 + kept  # output tangents (1 x 8 x 3) + kept tangents

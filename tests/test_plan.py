@@ -326,7 +326,7 @@ SYNTAX = (
         ),
         (
             "features=random:4:gaussian:2",
-            r"^segment 'features': unknown seeding '2'; valid seedings: auto, lazy, eager\.$",
+            r"^segment 'features': unknown seeding '2'; valid seedings: auto, lazy, eager, kept\.$",
         ),
         (
             "features=random:4:gaussian:lazy:2",

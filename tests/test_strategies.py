@@ -101,11 +101,14 @@ def _seeded_lazily(row: Row) -> bool:
 
 
 @pytest.mark.parametrize(("row", "setting"), [c for c in CASES if _seeded_lazily(c.values[0])])
-def test_lazy_equals_eager(row: Row, setting: str) -> None:
+def test_lazy_and_kept_equal_eager(row: Row, setting: str) -> None:
     s = SETTINGS[setting]
     strategy = row.strategy(s)
-    lazy, eager = (_draws(dataclasses.replace(strategy, seeding=x), s, 1, 3)[0] for x in ("lazy", "eager"))
+    lazy, eager, kept = (
+        _draws(dataclasses.replace(strategy, seeding=x), s, 1, 3)[0] for x in ("lazy", "eager", "kept")
+    )
     torch.testing.assert_close(lazy, eager, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kept, eager, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize(("row", "setting"), CASES)
