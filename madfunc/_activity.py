@@ -155,11 +155,10 @@ class Activity(Strategy, kind="activity"):
         return g.movedim(list(range(len(sizes))), list(self.dims))
 
     def _classify(self, engine: Any, diff_tensors: Sequence[torch.Tensor]) -> tuple[int, ...] | None:
-        """Flag activation inputs (computed upstream: they have a grad_fn) in ``engine.notes``; the common
-        sizes of their unit dims, or None if every differentiated input is a parameter."""
+        """The common sizes of the unit dims of the activation inputs (``engine.activation``: computed
+        upstream, they have a grad_fn), or None if every differentiated input is a parameter."""
         activation = engine.activation
         stats = engine.record.stats
-        engine.notes["activation"] = activation
         stats["parameter_numel"] = sum(t.numel() for t, a in zip(diff_tensors, activation, strict=True) if not a)
         inputs = [t for t, a in zip(diff_tensors, activation, strict=True) if a]
         if not inputs:
@@ -200,7 +199,7 @@ class Activity(Strategy, kind="activity"):
         if key in _SEPARABLE or math.prod(sizes) < 2:
             return
         probe = []
-        for t, a in zip(diff_tensors, engine.notes["activation"], strict=True):
+        for t, a in zip(diff_tensors, engine.activation, strict=True):
             if not a:  # parameters: no tangent
                 probe.append(torch.zeros((1, *t.shape), dtype=t.dtype, device=t.device))
                 continue
@@ -227,7 +226,7 @@ class Activity(Strategy, kind="activity"):
     def contract(self, engine: Any, ydots, ybars):
         """``s[j, b] = <ydot_{j,b}, ybar_b>``, shape ``(k, U)`` for ``U`` units (or ``(k,)`` without
         activation inputs)."""
-        if not any(engine.notes.get("activation", ())):
+        if not any(engine.activation):
             return super().contract(engine, ydots, ybars)
         s = None
         for ydot, ybar in zip(ydots, ybars, strict=True):
@@ -245,7 +244,7 @@ class Activity(Strategy, kind="activity"):
     def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
         if s is None or s.numel() == 0:
             return zeros(meta)
-        activation = engine.notes.get("activation", [False] * len(meta))
+        activation = engine.activation
         per_example = s * (1.0 / self.k)
         summed = per_example.sum(1) if per_example.dim() == 2 else per_example  # parameters: over the batch
         grads = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import optree
 import torch
@@ -71,8 +71,6 @@ class Guessed(Strategy):
     k: int = 0
     distribution: str = "gaussian"
     directions: int = 1
-
-    shares_coefficients: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not callable(self.guess):
