@@ -37,11 +37,13 @@ __all__ = ["Guessed"]
 class Guessed(Strategy):
     """Estimate the gradient along a guessed direction, plus ``k`` random directions orthogonal to it.
 
-    ``guess`` is called with the segment's arguments (detached) each time the segment runs, and returns
-    one direction per tensor the segment differentiates, in this order: its tensor arguments that need a
-    gradient (in the order ``optree.tree_leaves((args, kwargs))`` gives), then the parameters it reads (a
-    module's in ``module.parameters()`` order). ``None`` is a zero direction. Typical guesses: the
-    gradient of a cheap local loss, or the previous step's estimate.
+    ``guess`` is called each time the segment runs with what the segment's function receives (detached):
+    its arguments, or for a module segment ``mf.fwd(module)`` its parameters as a dict followed by its
+    inputs. It returns one direction per tensor the segment differentiates, in this order: the tensor
+    arguments that need a gradient in ``optree.tree_leaves((args, kwargs))`` order (dict keys sorted, so
+    ``"l.bias"`` before ``"l.weight"``), then parameters the function reads from a closure or ``self``.
+    ``None`` is a zero direction; a wrong list is an error that names the expected shapes. Typical
+    guesses: the gradient of a cheap local loss, or the previous step's estimate.
 
     With ``k = 0`` the estimate is the projection of the gradient on the guess: deterministic and biased
     (``madfunc.compare`` reports its bias and cosine). With ``k >= 1`` random directions orthogonal to the
