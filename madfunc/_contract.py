@@ -43,6 +43,8 @@ def combine_tangents(coef: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, re
     """``sum_j coef_j v_j`` for tangents ``v`` of shape ``(k, *shape)``, as ``dtype``; with ``reuse``
     (``v`` is a fresh tensor of our own), it may be overwritten."""
     acc = accumulation_dtype(v.dtype)
-    if reuse and v.shape[0] == 1 and acc == v.dtype and not _is_batched(coef):
-        return v[0].mul_(coef[0].to(acc))  # in place: the regenerated tangent becomes the gradient
+    if v.shape[0] == 1 and acc == v.dtype and not _is_batched(coef):
+        if reuse:
+            return v[0].mul_(coef[0].to(acc))  # in place: the regenerated tangent becomes the gradient
+        return v[0] * coef[0].to(acc)  # one tangent: a scaled copy, without tensordot's reshapes
     return torch.tensordot(coef.to(acc), v.to(acc), dims=1).to(dtype)
