@@ -62,7 +62,11 @@ class Engine:
         self.fallbacks: set[str] = set()
         self.bare = False  # later passes of this call may skip the op seam (see _push)
         self.notes: dict[str, Any] = {}  # what the strategy keeps from its passes for backward
-        self.activation: list[bool] = []  # per differentiated input: computed upstream (not a leaf)
+        # Per differentiated input: computed upstream (it has a grad_fn), not a leaf. An estimate of its
+        # cotangent reaches the upstream leaves through the Jacobians above, where the segment's variance
+        # law no longer applies; Activity perturbs exactly these per example. Read here, before the
+        # autograd.Function: inside it (and under torch.compile) the wrappers' grad_fn cannot be read.
+        self.activation = [i < len(positions) and leaves[positions[i]].grad_fn is not None for i in diff]
         # Module buffers may be updated in place (BatchNorm's running statistics and batch counter).
         # torch.func forbids mutating a tensor captured from outside a transform, so they enter each pass
         # as jvp primals (zero tangent); jvp takes only floating primals, so integer counters travel as
@@ -319,10 +323,6 @@ class Engine:
         n = sum(t.numel() for t in diff_tensors)
         stats = self.record.stats
         stats["differentiated_numel"] = n
-        # Inputs computed upstream (they have a grad_fn): an estimate of their cotangent reaches the
-        # upstream leaves through the Jacobians above, where the segment's variance law no longer applies.
-        given = [self.leaves[p] for p in self.positions]
-        self.activation = [i < len(given) and given[i].grad_fn is not None for i in self.diff]
         stats["activation_numel"] = sum(t.numel() for t, a in zip(diff_tensors, self.activation, strict=True) if a)
         if n == 0:  # e.g. an empty batch: nothing to push; every gradient is an (empty) zero
             stats["tangents"] = 0
