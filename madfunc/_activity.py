@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._checks import _is_batched
-from ._contract import _real, accumulation_dtype, combine_tangents
+from ._contract import accumulation_dtype, combine_tangents, contract
 from ._random import check_distribution, parse_random_fields, push_random, regenerate
 from ._strategy import Strategy, zeros
 from ._tangents import DISTRIBUTIONS
@@ -226,20 +226,7 @@ class Activity(Strategy, kind="activity"):
     def contract(self, engine: Any, ydots, ybars):
         """``s[j, b] = <ydot_{j,b}, ybar_b>``, shape ``(k, U)`` for ``U`` units (or ``(k,)`` without
         activation inputs)."""
-        if not any(engine.activation):
-            return super().contract(engine, ydots, ybars)
-        s = None
-        for ydot, ybar in zip(ydots, ybars, strict=True):
-            if ybar is None:
-                continue
-            ydot, ybar = _real(ydot), _real(ybar)
-            acc = accumulation_dtype(ydot.dtype)
-            rows = self._units(ydot, 1).to(acc)
-            rows = rows.reshape(*rows.shape[:2], -1)
-            cols = self._units(ybar, 0).to(acc)
-            term = torch.einsum("kbi,bi->kb", rows, cols.reshape(cols.shape[0], -1))
-            s = term if s is None else s + term
-        return s
+        return contract(ydots, ybars, self._units if any(engine.activation) else None)
 
     def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
         if s is None or s.numel() == 0:

@@ -9,7 +9,7 @@ reads the gradient off it (one entry per basis tangent), ``Random`` returns ``(1
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,15 +26,27 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def contract(ydots: Sequence[torch.Tensor], ybars: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-    """``s_j = sum over outputs of <ydot_j, ybar>`` for tangent batches ``ydots`` of shape (T, *y.shape)."""
+def contract(
+    ydots: Sequence[torch.Tensor],
+    ybars: Sequence[torch.Tensor | None],
+    units: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """``s_j = sum over outputs of <ydot_j, ybar>`` for tangent batches ``ydots`` of shape (T, *y.shape).
+
+    With ``units`` (``units(t, lead)``: ``t`` with its unit dims moved after ``lead`` leading dims and
+    flattened into one), ``s`` has shape ``(T, U)``: one coefficient per tangent and unit (``Activity``).
+    """
     s = None
     for ydot, ybar in zip(ydots, ybars, strict=True):
         if ybar is None:
             continue
         ydot, ybar = _real(ydot), _real(ybar)
         acc = accumulation_dtype(ydot.dtype)
-        term = ydot.reshape(ydot.shape[0], ybar.numel()).to(acc) @ ybar.reshape(-1).to(acc)
+        if units is None:
+            term = ydot.reshape(ydot.shape[0], ybar.numel()).to(acc) @ ybar.reshape(-1).to(acc)
+        else:
+            rows, cols = units(ydot, 1).to(acc), units(ybar, 0).to(acc)
+            term = torch.einsum("kbi,bi->kb", rows.reshape(*rows.shape[:2], -1), cols.reshape(cols.shape[0], -1))
         s = term if s is None else s + term.to(s.dtype)
     return s
 
