@@ -101,6 +101,9 @@ class Activity(Strategy, kind="activity"):
             raise ValueError(
                 f"Activity(batch_dim={self.batch_dim!r}): expected an int >= 0 or a tuple of distinct ones."
             )
+        # One form per set of dims (sorted; a single one as an int), so equal strategies compare equal and
+        # the string form reads back to the same value.
+        object.__setattr__(self, "batch_dim", dims[0] if len(dims) == 1 else tuple(sorted(dims)))
 
     def __repr__(self) -> str:
         extra = "" if self.seeding == "auto" else f", seeding={self.seeding!r}"
@@ -140,7 +143,7 @@ class Activity(Strategy, kind="activity"):
     @property
     def dims(self) -> tuple[int, ...]:
         """The unit dimensions, sorted (``batch_dim`` as a tuple)."""
-        return tuple(sorted(self.batch_dim)) if isinstance(self.batch_dim, tuple) else (self.batch_dim,)
+        return self.batch_dim if isinstance(self.batch_dim, tuple) else (self.batch_dim,)
 
     def _units(self, t: torch.Tensor, lead: int) -> torch.Tensor:
         """``t`` (with ``lead`` leading dims before the tensor's own, e.g. the tangent index) as

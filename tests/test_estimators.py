@@ -93,6 +93,8 @@ def test_activity_constructor_errors() -> None:
         mf.Activity(k=0)
     with pytest.raises(ValueError, match=r"Activity\(batch_dim=-1\)"):
         mf.Activity(batch_dim=-1)
+    assert mf.Activity(batch_dim=(1, 0)) == mf.Activity(batch_dim=(0, 1)) and mf.Activity(batch_dim=(2,)).batch_dim == 2
+    assert mf.Plan.from_string(str(mf.Plan({"a": mf.Activity(batch_dim=(3, 0))})))["a"] == mf.Activity(batch_dim=(0, 3))
 
 
 def test_guessed_errors_name_the_segment_and_expected_shapes() -> None:
