@@ -81,9 +81,6 @@ class Exact(Strategy, kind="exact"):
         pieces = torch.split(s, [math.prod(shape) for shape, _, _ in meta])  # s_i is the i-th partial
         return [p.reshape(shape).to(dtype) for p, (shape, dtype, _) in zip(pieces, meta, strict=True)]
 
-    def variance(self, stats: Mapping[str, Any]) -> float | None:
-        return 0.0
-
     def advice(self, stats: Mapping[str, Any]) -> list[str]:
         tangents = stats.get("tangents") or 0
         if tangents <= EXACT_WARN_TANGENTS:

@@ -84,8 +84,8 @@ class Strategy:
         raise NotImplementedError(f"{type(self).__name__} is not a forward strategy")
 
     def variance(self, stats: Mapping[str, Any]) -> float | None:
-        """``E||g^ - g||^2 / ||g||^2`` of one call with these ``stats`` (0 if exact), or None if it is not
-        determined by the sizes alone."""
+        """``E||g^ - g||^2 / ||g||^2`` of one call of a stochastic strategy with these ``stats``, or None if
+        it is not determined by the sizes alone (asked only when ``stochastic``)."""
         return None
 
     def advice(self, stats: Mapping[str, Any]) -> list[str]:
@@ -111,9 +111,6 @@ class Reverse(Strategy, kind=("rev", "reverse")):
     @classmethod
     def _from_fields(cls, fields: list[str], where: str) -> Strategy:
         return cls()
-
-    def variance(self, stats: Mapping[str, Any]) -> float | None:
-        return 0.0
 
 
 def zeros(meta: Sequence[tuple[torch.Size, torch.dtype, torch.device]]) -> list[torch.Tensor]:
