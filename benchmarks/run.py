@@ -107,7 +107,25 @@ def time_targets(quick: bool) -> list[dict]:
         compare(f"4 (b{batch})", f"small CNN b{batch}, Exact() (619 basis tangents)",
                 mf.mixed_grad(models.whole_cnn_loss, plan={"cnn": mf.Exact()}), grad(models.cnn_loss),
                 limit, (cnn, *models.cnn_data(batch)), "backprop step")
+    compile_targets(compare, (mlp, *mlp_xy), (cnn, *cnn2))
     return rows
+
+
+def compile_targets(compare: Callable, mlp_args: tuple, cnn_args: tuple) -> None:
+    """Issue 11, target 4: torch.compile(step) vs the same step eager (inductor; first calls are warm-up)."""
+    cases = (("MLP", models.whole_mlp_loss, "mlp", mf.Random(1, "rademacher", seeding="kept"), mlp_args),
+             ("MLP", models.whole_mlp_loss, "mlp", mf.Random(16, "gaussian"), mlp_args),
+             ("CNN b2", models.whole_cnn_loss, "cnn", mf.Exact(), cnn_args))
+    for i, (model, loss, segment, strategy, args) in enumerate(cases):
+        torch._dynamo.reset()  # one code object for every case's step: its cache must start empty
+        grad_fn = mf.mixed_grad(loss, plan={segment: strategy})
+
+        def step(params: tuple, *data: torch.Tensor, grad_fn: Callable = grad_fn) -> tuple:
+            return tuple(p - 0.01 * g for p, g in zip(params, grad_fn(params, *data), strict=True))
+
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a new seed must not recompile: it raises
+            compare(f"6{'abc'[i]}", f"torch.compile(step), {model}, {strategy!r}", torch.compile(step), step, 1.0,
+                    args, "the same step eager")
 
 
 # -- memory, in child processes ------------------------------------------------------------------

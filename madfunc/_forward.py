@@ -53,20 +53,27 @@ class _ForwardSegment(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:  # type: ignore[override]
-        engine: Engine = ctx.engine
-        _refuse_higher_order(engine.name)
-        strategy = engine.strategy
-        s = strategy.contract(engine, ctx.saved_tensors, [grads[i] for i in engine.diff_out])
-        dp = ctx.data_parallel  # parameters take s reduced over ranks, activation inputs this rank's s
-        if dp is None:
-            diff_grads = strategy.combine(engine, s, ctx.meta)
-        else:
-            s_shared = dp.reduce(engine.name, s, engine.seed, strategy.k)
-            diff_grads = strategy.combine(engine, s, ctx.meta, s_shared, dp.params)
-        result: list[torch.Tensor | None] = [None] * ctx.n_tensors
-        for i, g in zip(engine.diff, diff_grads, strict=True):
-            result[i] = g
-        return (None, *result)
+        return _backward(ctx, grads)
+
+
+# Eager even when the autograd engine calls it from inside a torch.compile'd step (loss.backward() under
+# use_plan): traced, it guarded on the tangents' seed and recompiled every step (see _transforms._eager).
+@torch.compiler.disable
+def _backward(ctx: Any, grads: tuple) -> tuple:
+    engine: Engine = ctx.engine
+    _refuse_higher_order(engine.name)
+    strategy = engine.strategy
+    s = strategy.contract(engine, ctx.saved_tensors, [grads[i] for i in engine.diff_out])
+    dp = ctx.data_parallel  # parameters take s reduced over ranks, activation inputs this rank's s
+    if dp is None:
+        diff_grads = strategy.combine(engine, s, ctx.meta)
+    else:
+        s_shared = dp.reduce(engine.name, s, engine.seed, strategy.k)
+        diff_grads = strategy.combine(engine, s, ctx.meta, s_shared, dp.params)
+    result: list[torch.Tensor | None] = [None] * ctx.n_tensors
+    for i, g in zip(engine.diff, diff_grads, strict=True):
+        result[i] = g
+    return (None, *result)
 
 
 def run_forward(

@@ -19,6 +19,7 @@ __all__ = ["Segment", "ModuleSegment", "fwd", "rev"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@torch.compiler.disable  # eager inside torch.compile: see _transforms._eager
 def _dispatch(
     seg_name: str,
     default: Strategy,

@@ -48,6 +48,17 @@ def _planned(
     return inner
 
 
+def _eager(transformed: Callable[..., Any]) -> Callable[..., Any]:
+    """``transformed`` run eagerly inside a ``torch.compile``d step (one graph break around it).
+
+    Dynamo cannot trace a forward segment (an autograd.Function with a custom ``jvp``, torch's RNG state,
+    ContextVars): traced, the call broke into ~130 frames that ran slower than eager, and the tangent
+    seed, a Python int, was specialised into guards, so each new seed recompiled. Left to eager, the
+    code around the call still compiles, and nothing in madfunc is ever guarded on.
+    """
+    return functools.wraps(transformed)(torch.compiler.disable(transformed, recursive=True))
+
+
 def _check_generator(where: str, generator: Any) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
@@ -106,9 +117,9 @@ def mixed_grad_and_value(
         _planned(fn, plan, "mixed_grad_and_value", generator, allow_unused, argnums), argnums, has_aux
     )
     if process_group is None:
-        return transformed
+        return _eager(transformed)
     grads = _distributed.split_grads(has_aux, with_value=True)
-    return _distributed.reducing(transformed, "mixed_grad_and_value", process_group, reduction, grads)
+    return _eager(_distributed.reducing(transformed, "mixed_grad_and_value", process_group, reduction, grads))
 
 
 def mixed_grad(
@@ -165,12 +176,11 @@ def mixed_grad(
     _distributed.check_options("mixed_grad", process_group, reduction)
     transformed = torch.func.grad(_planned(fn, plan, "mixed_grad", generator, allow_unused, argnums), argnums, has_aux)
     if process_group is None:
-        return transformed
+        return _eager(transformed)
     grads = _distributed.split_grads(has_aux, with_value=False)
-    return _distributed.reducing(transformed, "mixed_grad", process_group, reduction, grads)
+    return _eager(_distributed.reducing(transformed, "mixed_grad", process_group, reduction, grads))
 
 
-@contextlib.contextmanager
 def use_plan(
     plan: PlanLike = None,
     *,
@@ -178,7 +188,7 @@ def use_plan(
     allow_unused: bool = False,
     process_group: ProcessGroupLike = None,
     reduction: Reduction = "mean",
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager[None]:
     """Make segments honour ``plan`` under plain autograd (``loss.backward()``) inside the block.
 
     The strategy of each segment call is fixed when it runs in the block; ``backward`` may run later.
@@ -207,6 +217,26 @@ def use_plan(
     _check_generator("use_plan", generator)
     state = _context.CallState(as_plan(plan), "use_plan", generator=generator, allow_unused=allow_unused)
     state.replicas = _distributed.resolve("use_plan", process_group, reduction)
-    with _context.activate(state):
-        yield
-    state.check_plan_used()
+    return _PlanBlock(state)
+
+
+class _PlanBlock(contextlib.AbstractContextManager):
+    """A ``use_plan`` block. Entry and exit run eagerly inside a ``torch.compile``d step (see ``_eager``):
+    Dynamo guarded on the tangents' base seed read at exit, so every step recompiled; the block's body
+    (the user's model) still compiles, with a graph break at each segment."""
+
+    def __init__(self, state: _context.CallState) -> None:
+        self.state = state
+        self.block: contextlib.AbstractContextManager | None = None
+
+    @torch.compiler.disable
+    def __enter__(self) -> None:
+        self.block = _context.activate(self.state)
+        self.block.__enter__()
+
+    @torch.compiler.disable
+    def __exit__(self, *exc: object) -> None:
+        assert self.block is not None
+        self.block.__exit__(*exc)
+        if exc[0] is None:
+            self.state.check_plan_used()
