@@ -108,13 +108,19 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="op / module names to run (default: all)")
     parser.add_argument("--samples", type=int, default=3, help="samples per op / module (default 3)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per sample (default 60)")
+    parser.add_argument("--replay", action="store_true",
+                        help="check recorded-and-replayed passes: each case's second call runs from its recording")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: tiny samples)")
     parser.add_argument("--json", default=os.path.join(HERE, "out", "sweep.json"))
     parser.add_argument("--quiet", action="store_true", help="no per-op progress on stderr")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.replay:
+        from madfunc import _replay
+
+        H.REPLAY, _replay.RECORD_AFTER = True, 1
     kinds = [k for k, wanted in (("ops", args.ops), ("modules", args.modules)) if wanted] or ["ops", "modules"]
-    report = {"torch": torch.__version__, "samples": args.samples, "threads": args.threads}
+    report = {"torch": torch.__version__, "samples": args.samples, "threads": args.threads, "replay": args.replay}
     sections = []
     for kind in kinds:
         names = list(H.ops_by_name()) if kind == "ops" else H.all_module_names()
@@ -132,7 +138,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"# madfunc op_db / module_db sweep (torch {torch.__version__}, {args.samples} samples each)\n")
+    replay = ", replayed from recordings" if args.replay else ""
+    print(f"# madfunc op_db / module_db sweep (torch {torch.__version__}, {args.samples} samples each{replay})\n")
     print("\n\n".join(sections))
 
 

@@ -86,11 +86,13 @@ def run_forward(
     measure: bool = False,
     own_module: torch.nn.Module | None = None,
     owner: Any = None,
+    record_passes: bool = True,
 ) -> Any:
     """Run segment ``fn`` in forward mode under ``strategy`` and return its output pytree.
 
     ``owner`` is what the user marked (the function or module, searched for captured tensors);
-    ``own_module`` a module segment's module. With ``measure`` (diagnostics), also record the
+    ``own_module`` a module segment's module; ``record_passes`` whether its passes may be recorded and
+    replayed (``_replay``). With ``measure`` (diagnostics), also record the
     differentiated sizes per argument.
     """
     leaves, spec = optree.tree_flatten((args, kwargs))
@@ -120,5 +122,6 @@ def run_forward(
     if seed is not None and strategy.per_rank_tangents:
         seed = _distributed.rank_seed(seed)
     engine = Engine(name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure)
+    engine.owner, engine.own_module, engine.record_passes = owner, own_module, record_passes
     outputs = _ForwardSegment.apply(engine, *tensors)
     return optree.tree_unflatten(engine.out_spec, list(outputs[: engine.n_out]))

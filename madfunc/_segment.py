@@ -29,6 +29,7 @@ def _dispatch(
     args: tuple,
     kwargs: dict,
     own_module: nn.Module | None = None,
+    record_passes: bool = True,
 ) -> Any:
     state = _context.active()
     if state is None:  # outside any madfunc transform: exactly the plain function
@@ -44,7 +45,8 @@ def _dispatch(
     if not strategy.is_forward:
         return run_reverse(seg_name, fn, args, kwargs, record if state.measure else None)
     return run_forward(
-        seg_name, strategy, fn, args, kwargs, record, state.measure, own_module=own_module, owner=owner
+        seg_name, strategy, fn, args, kwargs, record, state.measure, own_module=own_module, owner=owner,
+        record_passes=record_passes,
     )
 
 
@@ -81,17 +83,20 @@ class Segment:
     whether it runs in reverse mode (plain code) or forward mode.
     """
 
-    def __init__(self, fn: Callable[..., Any], name: str, default: Strategy, annotation: str) -> None:
+    def __init__(self, fn: Callable[..., Any], name: str, default: Strategy, annotation: str,
+                 record: bool = True) -> None:
         if not callable(fn):
             raise TypeError(f"{annotation}(fn): expected a callable, got {type(fn).__name__} {fn!r}.")
         self.fn = fn
         self.name = name
         self.default = default
         self.annotation = annotation
+        self.record = record
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _dispatch(self.name, self.default, self.fn, _identity(self.fn), self.fn, args, kwargs)
+        return _dispatch(self.name, self.default, self.fn, _identity(self.fn), self.fn, args, kwargs,
+                         record_passes=self.record)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # As a method decorator: bind like a function, keep one segment per method.
@@ -113,12 +118,13 @@ class ModuleSegment(nn.Module):
     enclosing model (under the prefix ``module.``).
     """
 
-    def __init__(self, module: nn.Module, name: str, default: Strategy, annotation: str) -> None:
+    def __init__(self, module: nn.Module, name: str, default: Strategy, annotation: str, record: bool = True) -> None:
         super().__init__()
         self.module = module
         self.name = name
         self.default = default
         self.annotation = annotation
+        self.record = record
 
     def _functional(self, params: Mapping[str, torch.Tensor], *inputs: Any, **kwargs: Any) -> Any:
         return torch.func.functional_call(self.module, dict(params), inputs, kwargs)
@@ -137,24 +143,31 @@ class ModuleSegment(nn.Module):
             (params, *inputs),
             kwargs,
             own_module=self.module,
+            record_passes=self.record,
         )
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, default={self.default!r}"
 
 
-def _make(fn: Any, name: str | None, default: Strategy, annotation: str) -> Any:
+def _make(fn: Any, name: str | None, default: Strategy, annotation: str, record: bool) -> Any:
     seg_name = _name_of(fn, name, annotation)
+    if not isinstance(record, bool):
+        raise TypeError(f"{annotation}(record=...): expected True or False, got {type(record).__name__} {record!r}.")
     if isinstance(fn, nn.Module):
-        return ModuleSegment(fn, seg_name, default, annotation)
-    return Segment(fn, seg_name, default, annotation)
+        return ModuleSegment(fn, seg_name, default, annotation, record)
+    return Segment(fn, seg_name, default, annotation, record)
 
 
 @overload
-def fwd(fn: F, /, *, name: str | None = None, strategy: StrategyLike | None = None) -> F: ...
+def fwd(fn: F, /, *, name: str | None = None, strategy: StrategyLike | None = None, record: bool = True) -> F: ...
 @overload
-def fwd(fn: None = None, /, *, name: str | None = None, strategy: StrategyLike | None = None) -> Callable[[F], F]: ...
-def fwd(fn: Any = None, /, *, name: str | None = None, strategy: StrategyLike | None = None) -> Any:
+def fwd(
+    fn: None = None, /, *, name: str | None = None, strategy: StrategyLike | None = None, record: bool = True
+) -> Callable[[F], F]: ...
+def fwd(
+    fn: Any = None, /, *, name: str | None = None, strategy: StrategyLike | None = None, record: bool = True
+) -> Any:
     """Mark ``fn`` as a forward-mode segment.
 
     Under :func:`mixed_grad` (or :func:`use_plan`) the segment is differentiated in forward mode by
@@ -168,6 +181,10 @@ def fwd(fn: Any = None, /, *, name: str | None = None, strategy: StrategyLike | 
             needs an explicit name).
         strategy: the strategy when the plan does not name the segment: a Strategy, ``"exact"`` or
             ``"rev"``. Default: ``Exact()``.
+        record: whether forward mode may record the segment's tangent passes once per input signature
+            and replay them (README, "Performance": no effect on values). Pass ``False`` for a body whose
+            ops depend on Python state other than its arguments and its modules' ``training`` flags, such
+            as a global flag or a module attribute reassigned between calls. Default: ``True``.
 
     Returns:
         The segment (a callable with ``fn``'s signature), or a decorator if ``fn`` was omitted.
@@ -185,21 +202,22 @@ def fwd(fn: Any = None, /, *, name: str | None = None, strategy: StrategyLike | 
     """
     default = Exact() if strategy is None else as_strategy(strategy, "fwd(strategy=...)")
     if fn is None:
-        return lambda f: _make(f, name, default, "fwd")
-    return _make(fn, name, default, "fwd")
+        return lambda f: _make(f, name, default, "fwd", record)
+    return _make(fn, name, default, "fwd", record)
 
 
 @overload
-def rev(fn: F, /, *, name: str | None = None) -> F: ...
+def rev(fn: F, /, *, name: str | None = None, record: bool = True) -> F: ...
 @overload
-def rev(fn: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
-def rev(fn: Any = None, /, *, name: str | None = None) -> Any:
+def rev(fn: None = None, /, *, name: str | None = None, record: bool = True) -> Callable[[F], F]: ...
+def rev(fn: Any = None, /, *, name: str | None = None, record: bool = True) -> Any:
     """Mark ``fn`` as a reverse-mode segment (ordinary backprop unless a plan says otherwise).
 
     Args:
         fn: a pure function of pytrees of tensors, or an ``nn.Module``. Omit it to use ``rev`` as a
             decorator factory.
         name: the segment's name in plans. Default: ``fn.__name__``.
+        record: as for :func:`fwd`, when a plan runs the segment in forward mode. Default: ``True``.
 
     Returns:
         The segment, or a decorator if ``fn`` was omitted.
@@ -212,5 +230,5 @@ def rev(fn: Any = None, /, *, name: str | None = None) -> Any:
         tensor([1., 2.])
     """
     if fn is None:
-        return lambda f: _make(f, name, Reverse(), "rev")
-    return _make(fn, name, Reverse(), "rev")
+        return lambda f: _make(f, name, Reverse(), "rev", record)
+    return _make(fn, name, Reverse(), "rev", record)

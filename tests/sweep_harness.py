@@ -6,7 +6,8 @@ two ways and compared with torch's own reverse mode:
 
 (a) ``mf.mixed_grad(loss, plan=...)`` against ``torch.func.grad(loss)`` (outside a madfunc transform a segment
     *is* the plain function, so the same ``loss`` is the reference);
-(b) ``loss(...).backward()`` under ``mf.use_plan(plan)`` against plain ``backward()``, on fresh leaves.
+(b) ``loss(...).backward()`` under ``mf.use_plan(plan)`` against plain ``backward()``, on fresh leaves;
+(a) again in ``REPLAY`` mode: the second call of each transform, from the passes recorded by the first.
 
 The loss contracts every floating (or complex, through ``view_as_real``) output leaf with a fixed random
 cotangent, so the whole vector-Jacobian product is checked, not one summary of it. Each case lands in one of
@@ -61,6 +62,10 @@ ATOL = 1e-9
 # Outputs in a lower precision (e.g. op ``half``) are rounded once in that precision on either side, in
 # possibly different places: allow a few of its ulps instead.
 LOW_PRECISION_ULPS = 16
+# Replay mode (benchmarks/sweep.py --replay): mode (a) calls each transform twice and keeps the second
+# result, with madfunc recording a pass on its first clean sighting, so every case that can be recorded is
+# checked as replayed from its recording (madfunc/_replay.py).
+REPLAY = False
 SEED = 0  # torch.manual_seed before every run, so random ops draw the same numbers in reference and madfunc
 
 
@@ -278,11 +283,11 @@ def _grad_run(case: Case, plan: dict | None) -> tuple[list[torch.Tensor], list[t
     loss = case.make_loss()
     argnums = tuple(range(len(case.diff)))
     leaves = [t.detach() for t in case.diff]
-    torch.manual_seed(SEED)
-    if plan is None:
-        grads = torch.func.grad(loss, argnums=argnums)(*leaves)
-    else:
-        grads = mf.mixed_grad(loss, plan=plan, argnums=argnums)(*leaves)
+    transform = torch.func.grad(loss, argnums=argnums) if plan is None else \
+        mf.mixed_grad(loss, plan=plan, argnums=argnums)
+    for _ in range(2 if REPLAY else 1):  # REPLAY: the second call runs the passes the first one recorded
+        torch.manual_seed(SEED)
+        grads = transform(*leaves)
     return _as_list(grads), case.state(loss)
 
 

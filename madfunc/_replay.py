@@ -1,0 +1,253 @@
+"""Record a forward segment's tangent pass once, replay it after (issue 11's record-and-replay engine).
+
+A tangent pass (``vmap(jvp(body))`` over a batch of tangents) costs, in eager mode, functorch's
+wrapping of every op (13-18 us each) plus the work forward-mode rules do on tangents known to be zero.
+For a pass that ran cleanly under the op seam once (no rule, no fallback, no dropped tangent), the second
+sighting of the same *key* traces it with ``make_fx`` in fake mode into an aten graph, ``_graphclean``
+drops the zero-tangent work, and every later sighting runs the graph: plain aten calls, no functorch.
+
+The key is what the recorded program may depend on: the function (and the module whose segment it is),
+which inputs are seeded, the shapes, dtypes, devices and requires-grad pattern of every tensor, the
+non-tensor arguments, grad mode, and the ``training`` flags of the modules involved, plus hashable
+scalars held by the function's closure. Python state outside those (a global flag, a module attribute
+reassigned between calls) is not seen: such a segment is marked ``fwd(..., record=False)``.
+
+A pass is never recorded (it stays on the eager engine, with the reason in ``REFUSED``) when its body
+branches on tensor values (fake tracing raises) or makes shapes from them (``nonzero``), draws random
+numbers (replay would need the RNG handling of ``_rng`` inside the graph), reads tensors that are not its
+inputs (they would be frozen into the graph) or the memory layout of its own (``as_strided``), mutates a
+tensor, or updates module buffers; when an op took a rule or the double-vjp fallback; or under an outer
+``vmap`` (per-example gradients). A trace that fails for any other reason is a refusal too.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.func import vmap
+
+from ._checks import _is_batched
+from ._graphclean import simplify
+
+__all__ = ["RECORD_AFTER", "REFUSED", "Replay", "clear", "key_of", "lookup", "note_clean", "replayed"]
+
+# key -> clean eager sightings so far (int) | Replay | a refusal reason (str). Least recently used first.
+_CACHE: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+_CAPACITY = 256
+# Clean eager sightings of a key before it is recorded: a pass seen once (one-off shapes, a closure made
+# per call) is not worth the tracing (0.1-0.5 s). The sweeps set 1 to replay every case on its second call.
+RECORD_AFTER = 2
+# Why passes were not recorded, by segment name (tests and inspection read it).
+REFUSED: dict[str, str] = {}
+# The scalar types a non-tensor argument may have for its pass to be recorded (keyed by value).
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def clear() -> None:
+    _CACHE.clear()
+    REFUSED.clear()
+
+
+def replayed(name: str) -> int:
+    """How many recorded passes of segment ``name`` are in the cache."""
+    return sum(isinstance(v, Replay) and v.name == name for v in _CACHE.values())
+
+
+def _scalars(fn: Any) -> tuple:
+    """Hashable scalars in the closure of ``fn`` (values the traced program may have baked in)."""
+    cells = getattr(getattr(fn, "__func__", fn), "__closure__", None) or ()
+    out = []
+    for cell in cells:
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, _SCALARS):
+            out.append(value)
+    return tuple(out)
+
+
+def key_of(engine: Any, tensors: Sequence[torch.Tensor], which: Sequence[int], tangents: Sequence[torch.Tensor]):
+    """The replay key of one pass, or None if the pass cannot be replayed at all (see the module docstring)."""
+    if engine.buffers or engine.measure or not getattr(engine, "record_passes", True):
+        return None
+    if any(_is_batched(t) for t in tensors) or any(t.requires_grad for t in tangents):
+        return None
+    others = []
+    for i, leaf in enumerate(engine.leaves):
+        if i in engine.positions_set:
+            continue
+        if not isinstance(leaf, _SCALARS):
+            return None  # a tensor outside the positions, or an object whose state we cannot key on
+        others.append(leaf)
+    modules = engine.modules()
+    try:
+        key = (
+            engine.fn, engine.owner, engine.spec, tuple(others), tuple(which), tuple(engine.diff),
+            tuple((t.shape, t.dtype, t.device, t.requires_grad, t.stride()) for t in tensors),
+            tuple((t.shape, t.dtype) for t in tangents), engine.grad_mode,
+            tuple(m.training for m in modules), _scalars(engine.fn), _scalars(engine.owner),
+            # what creation ops and casts inside the body read from torch's global state at trace time
+            torch.get_default_dtype(), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
+        )
+        hash(key)
+    except TypeError:  # an unhashable non-tensor argument: nothing to key on
+        return None
+    return key
+
+
+class Replay:
+    """One recorded pass: ``run(tensors, tangents) -> (ys, ydots)``."""
+
+    def __init__(self, name: str, gm: torch.fx.GraphModule, n_out: int, out_spec: Any) -> None:
+        self.name = name
+        self.gm = gm
+        self.n_out = n_out
+        self.out_spec = out_spec
+
+    def run(self, tensors: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor]) -> tuple[tuple, list]:
+        out = self.gm(*tensors, *tangents)
+        return tuple(out[: self.n_out]), list(out[self.n_out :])
+
+
+def lookup(key: tuple | None) -> Replay | None:
+    if key is None:
+        return None
+    entry = _CACHE.get(key)
+    if isinstance(entry, Replay):
+        _CACHE.move_to_end(key)
+        return entry
+    return None
+
+
+def note_clean(engine: Any, key: tuple | None, tensors: Sequence[torch.Tensor], which: Sequence[int],
+               tangents: Sequence[torch.Tensor]) -> None:
+    """A pass with this key ran eagerly and cleanly: the first time, remember it; the second, record it."""
+    if key is None:
+        return
+    seen = _CACHE.get(key, 0)
+    if not isinstance(seen, int):
+        return
+    if seen + 1 < RECORD_AFTER:
+        _CACHE[key] = seen + 1
+        while len(_CACHE) > _CAPACITY:
+            _CACHE.popitem(last=False)
+        return
+    with _restored_state():
+        try:
+            _CACHE[key] = _record(engine, tensors, which, tangents)
+        except _Refused as refusal:
+            _CACHE[key] = REFUSED[engine.name] = str(refusal)
+        except Exception as error:  # noqa: BLE001 - any tracing failure: the eager engine stays, never a wrong graph
+            data = "DataDependent" in type(error).__name__ or "data-dependent" in str(error).lower()
+            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+            failed = f"tracing failed: {type(error).__name__}: {first}"
+            reason = "its body branches on tensor values" if data else failed
+            _CACHE[key] = REFUSED[engine.name] = reason
+
+
+@contextlib.contextmanager
+def _restored_state() -> Iterator[None]:
+    """Thread-local state as it was before tracing, even when tracing fails half-way.
+
+    A trace that raises inside functorch's transforms can leave dispatch keys excluded (seen with
+    layer_norm's reference under fake tensors in torch 2.13), after which every forward-mode op in the
+    process fails an internal assertion; torch's RNG state is restored too, whatever tracing did to it.
+    """
+    keys = list(torch._C.DispatchKey.__members__.values())
+    included = torch._C._dispatch_tls_is_dispatch_key_included
+    excluded = torch._C._dispatch_tls_is_dispatch_key_excluded
+    tls = [(k, included(k), excluded(k)) for k in keys]
+    depth = torch._C._functorch.get_dynamic_layer_stack_depth()
+    rng, fwd_grad, grad = torch.get_rng_state(), torch._C._is_fwd_grad_enabled(), torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        if torch._C._functorch.get_dynamic_layer_stack_depth() != depth:
+            torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(depth)
+        for k, was_included, was_excluded in tls:
+            if included(k) != was_included:
+                torch._C._dispatch_tls_set_dispatch_key_included(k, was_included)
+            if excluded(k) != was_excluded:
+                torch._C._dispatch_tls_set_dispatch_key_excluded(k, was_excluded)
+        torch._C._set_fwd_grad_enabled(fwd_grad)
+        torch.set_grad_enabled(grad)
+        torch.set_rng_state(rng)
+
+
+# Ops whose result depends on storage, offsets or strides, which the clean-up passes may change (a view
+# that becomes a copy) and the key does not fully pin (the storage's size).
+_LAYOUT_READERS = frozenset(
+    getattr(torch.ops.aten, name).default for name in ("as_strided", "as_strided_", "as_strided_scatter", "set_")
+    if hasattr(getattr(torch.ops.aten, name, None), "default")
+)
+
+
+class _Refused(Exception):  # noqa: N818 - a reason, not an error
+    pass
+
+
+def _record(engine: Any, tensors: Sequence[torch.Tensor], which: Sequence[int], tangents: Sequence[torch.Tensor]):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    n = len(tensors)
+    count = tangents[0].shape[0]
+    out_spec: list[Any] = [None]
+
+    def traced(*flat: torch.Tensor) -> tuple:
+        ts, tans = flat[:n], flat[n:]
+
+        def single(*tangent: torch.Tensor) -> tuple:
+            def body(*seeded: torch.Tensor, passed: list) -> tuple:
+                outs = engine.seeded_call(ts, which, seeded, passed)
+                out_spec[0] = engine.out_spec
+                return outs
+
+            return engine._jvp(body, tuple(ts[i] for i in which), tangent, [])
+
+        if count == 1:
+            ys, ydots = single(*(t[0] for t in tans))
+            return (*ys, *(d.unsqueeze(0) for d in ydots))
+        ys, ydots = vmap(single, in_dims=0, out_dims=0, randomness="same")(*tans)
+        return (*(y[0] for y in ys), *ydots)
+
+    # Quiet: the eager pass already reported vmap's warnings (as PerformanceWarning), and a trace that fails
+    # is a refusal, not an error worth the fake-tensor logger's traceback.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = make_fx(traced, tracing_mode="fake", _allow_non_fake_inputs=True)(*tensors, *tangents)
+    finally:
+        fake_log.setLevel(level)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            raise _Refused("it reads tensors that are not its inputs (they would be frozen into the recording)")
+        if node.op != "call_function":
+            continue
+        tags = getattr(node.target, "tags", ())
+        if torch.Tag.nondeterministic_seeded in tags:
+            raise _Refused(f"it draws random numbers ({node.target})")
+        if node.target in _LAYOUT_READERS:
+            raise _Refused(f"it reads the memory layout of its tensors ({node.target})")
+        if torch.Tag.dynamic_output_shape in tags or torch.Tag.data_dependent_output in tags:
+            raise _Refused(f"its shapes or Python values depend on tensor values ({node.target})")
+    simplify(gm)
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable:
+            raise _Refused(f"it mutates a tensor ({node.target})")
+    # Flat tensors in, a flat tuple out: plain code generation, without make_fx's pytree (un)flattening
+    # of inputs and outputs on every call (~0.2 ms a call).
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm.recompile()
+    outputs = next(iter(reversed(gm.graph.nodes))).args[0]
+    return Replay(engine.name, gm, len(outputs) // 2, out_spec[0])  # one tangent batch per output

@@ -1,0 +1,235 @@
+"""Record-and-replay of forward segments' tangent passes (madfunc/_replay.py, _graphclean.py).
+
+Every gradient is compared with torch.func.grad in float64. A replayed pass must give the eager engine's
+values; a key that changes (shapes, dtypes, differentiated arguments, non-tensor arguments, closure scalars,
+modules' training flags) must never replay a stale recording; and each reason a pass is not recorded has
+a test that it falls back to the eager engine, with the gradient still right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import grad
+
+import madfunc as mf
+from madfunc import _replay
+from madfunc._graphclean import pool_by_slices
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def record_at_once() -> Iterator[None]:
+    """Record on a pass's first clean sighting (the library waits for the second), from an empty cache."""
+    before = _replay.RECORD_AFTER
+    _replay.RECORD_AFTER = 1
+    _replay.clear()
+    yield
+    _replay.RECORD_AFTER = before
+    _replay.clear()
+
+
+def _close(got, want) -> None:
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _cnn(params: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    w1, b1, w2, b2, w3, b3 = params
+    h = torch.tanh(F.conv2d(x, w1, b1))
+    h = torch.relu(F.conv2d(h, w2, b2))
+    h = F.max_pool2d(F.avg_pool2d(h, 2), 2)
+    return F.mse_loss(F.linear(h.flatten(1), w3, b3), y)
+
+
+CNN = mf.fwd(_cnn, name="cnn")
+
+
+def _cnn_args(batch: int, dtype: torch.dtype = torch.float64) -> tuple:
+    g = torch.Generator().manual_seed(batch)
+    shapes = ((4, 3, 3, 3), (4,), (5, 4, 3, 3), (5,), (7, 45), (7,))
+    params = tuple(torch.randn(*s, generator=g, dtype=dtype) * 0.3 for s in shapes)
+    return params, torch.randn(batch, 3, 16, 16, generator=g, dtype=dtype), torch.randn(batch, 7, generator=g,
+                                                                                          dtype=dtype)
+
+
+@pytest.mark.parametrize("strategy", [mf.Exact(), mf.Exact(chunk_size=50)], ids=repr)
+def test_replayed_passes_give_the_exact_gradient(strategy: mf.Strategy) -> None:
+    g = mf.mixed_grad(lambda p, x, y: CNN(p, x, y), {"cnn": strategy})
+    args = _cnn_args(2)
+    want = grad(_cnn)(*args)
+    for _ in range(3):  # eager (and recorded), then replayed twice
+        _close(g(*args), want)
+    assert _replay.replayed("cnn") > 0
+    # a big tangent batch takes the strided-slice pooling, still exact
+    args = _cnn_args(64)
+    for _ in range(2):
+        _close(g(*args), grad(_cnn)(*args))
+
+
+def test_changed_shapes_dtypes_and_differentiated_arguments_are_new_recordings() -> None:
+    for batch, dtype, argnums in ((2, torch.float64, 0), (3, torch.float64, 0), (3, torch.float32, 0),
+                                  (3, torch.float64, (0, 1)), (2, torch.float64, 0)):
+        g = mf.mixed_grad(lambda p, x, y: CNN(p, x, y), {"cnn": "exact"}, argnums=argnums)
+        args = _cnn_args(batch, dtype)
+        want = grad(_cnn, argnums=argnums)(*args)
+        for _ in range(2):
+            got = g(*args)
+            if dtype == torch.float32:
+                for a, b in zip(got, want, strict=True):
+                    torch.testing.assert_close(a, b)
+            else:
+                _close(got, want)
+
+
+def test_non_tensor_arguments_and_closure_scalars_are_part_of_the_key() -> None:
+    def make():
+        shift = 1.0
+
+        def body(w: torch.Tensor, x: torch.Tensor, power: int) -> torch.Tensor:
+            return torch.tanh(x @ w + shift) ** power
+
+        def set_shift(value: float) -> None:
+            nonlocal shift
+            shift = value
+
+        return body, set_shift
+
+    body, set_shift = make()
+    seg = mf.fwd(body, name="body")
+    w, x = torch.randn(3, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    for power, shift in ((2, 1.0), (2, 1.0), (3, 1.0), (3, -2.0), (3, -2.0)):
+        set_shift(shift)
+        got = mf.mixed_grad(lambda w, x, p=power: seg(w, x, p).sum())(w, x)
+        _close(got, grad(lambda w, x, p=power: body(w, x, p).sum())(w, x))
+    assert _replay.replayed("body") > 0
+
+
+class _Scaled(torch.nn.Module):
+    """Its output depends on the training flag, without randomness or buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x))
+        return h * 3.0 if self.training else h
+
+
+def test_training_flags_are_part_of_the_key() -> None:
+    torch.manual_seed(0)
+    net = _Scaled()
+    seg = mf.fwd(net, name="scaled")
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = dict(net.named_parameters())
+    for training in (True, True, False, False, True):
+        net.train(training)
+        got = mf.mixed_grad(lambda p: seg(p, x).pow(2).sum())(params)
+        want = grad(lambda p: torch.func.functional_call(net, p, (x,)).pow(2).sum())(params)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
+    assert _replay.replayed("scaled") > 0
+
+
+C = torch.randn(3, dtype=torch.float64)  # a tensor the body reads from outside its arguments
+
+
+def _branches(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    h = x @ w
+    return torch.tanh(h) if h.sum() > 0 else torch.sin(h)
+
+
+def _constant(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x @ w) * C.sum()
+
+
+def _mutates(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    h = x @ w
+    h.add_(1.0)
+    return torch.tanh(h)
+
+
+def _dropout(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.dropout(torch.tanh(x @ w), 0.5, training=True)
+
+
+def _value_shapes(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x @ w) * (x > 0).nonzero().shape[0]
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (_branches, "branches on tensor values"),
+    (_constant, "reads tensors that are not its inputs"),
+    (_mutates, "mutates a tensor"),
+    (_dropout, "draws random numbers"),
+    (_value_shapes, "depend on tensor values"),
+], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_passes_that_cannot_be_recorded_stay_eager_and_right(body, reason: str | None) -> None:
+    global C
+    seg = mf.fwd(body, name="seg")
+    w = torch.randn(3, 3, dtype=torch.float64)
+    xs = [torch.randn(4, 3, dtype=torch.float64) + shift for shift in (2.0, 2.0, -2.0, -2.0)]  # the branch flips
+    for i, x in enumerate(xs):
+        C = torch.randn(3, dtype=torch.float64)  # a new constant every call
+        torch.manual_seed(i)
+        got = mf.mixed_grad(lambda w, x: seg(w, x).sum())(w, x)
+        torch.manual_seed(i)
+        _close(got, grad(lambda w, x: body(w, x).sum())(w, x))
+    assert reason in _replay.REFUSED["seg"]
+    assert _replay.replayed("seg") == 0
+
+
+def test_a_failed_recording_leaves_forward_mode_working() -> None:
+    """A trace that fails inside functorch can leave dispatch keys excluded for the whole thread (torch
+    2.13, layer_norm under fake tensors): every later jvp then fails an internal assertion."""
+    w = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="half-way"), _replay._restored_state():
+        torch._C._dispatch_tls_set_dispatch_key_excluded(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode, True)
+        raise RuntimeError("a trace failing half-way")
+    torch.testing.assert_close(torch.func.jvp(torch.sin, (w,), (w,))[1], torch.cos(w) * w)
+
+
+def test_segments_that_are_never_recorded() -> None:
+    """Buffers (BatchNorm in training mode), an outer vmap, an op on the double-vjp fallback, and
+    record=False all stay on the eager engine, with the right gradient."""
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Linear(3, 4, dtype=torch.float64), torch.nn.BatchNorm1d(4, dtype=torch.float64))
+    seg_bn = mf.fwd(bn, name="bn")
+    x = torch.randn(6, 3, dtype=torch.float64)
+    params = dict(bn.named_parameters())
+    for _ in range(3):
+        mf.mixed_grad(lambda p: seg_bn(p, x).pow(2).sum())(params)
+
+    w = torch.randn(3, 2, dtype=torch.float64)
+    per_example = mf.fwd(lambda w, x: torch.tanh(x @ w), name="per_example")
+    fallback = mf.fwd(lambda w, x: torch.logcumsumexp(x @ w, dim=0), name="fallback")
+    opted_out = mf.fwd(lambda w, x: torch.tanh(x @ w), name="opted_out", record=False)
+    for _ in range(3):
+        got = torch.func.vmap(mf.mixed_grad(lambda w, x: per_example(w, x).sum()), in_dims=(None, 0))(w, x)
+        _close(got, torch.func.vmap(grad(lambda w, x: torch.tanh(x @ w).sum()), in_dims=(None, 0))(w, x))
+        _close(mf.mixed_grad(lambda w, x: fallback(w, x).sum())(w, x),
+               grad(lambda w, x: torch.logcumsumexp(x @ w, dim=0).sum())(w, x))
+        _close(mf.mixed_grad(lambda w, x: opted_out(w, x).sum())(w, x),
+               grad(lambda w, x: torch.tanh(x @ w).sum())(w, x))
+    for name in ("bn", "per_example", "fallback", "opted_out"):
+        assert _replay.replayed(name) == 0, name
+
+
+def test_record_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match=r"fwd\(record=...\): expected True or False"):
+        mf.fwd(torch.sin, record="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("size", [(7, 3, 12, 12), (5, 2, 13, 11)])
+def test_pooling_by_slices_is_avg_pool2d(k: int, size: tuple) -> None:
+    x = torch.randn(*size, dtype=torch.float64)
+    torch.testing.assert_close(pool_by_slices(x, k), F.avg_pool2d(x, k), rtol=1e-14, atol=1e-14)
+    strided = x.transpose(0, 1)  # a tangent batch's layout is often permuted
+    torch.testing.assert_close(pool_by_slices(strided, k), F.avg_pool2d(strided, k), rtol=1e-14, atol=1e-14)
