@@ -138,7 +138,7 @@ class Engine:
 
     def push(
         self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], watch: bool = False, diagnose=(),
-        check: bool = True,
+        check: bool = True, record: bool = True,
     ):
         """Primal outputs and output tangents for tangent batches ``tangents`` seeded on leaves ``which``.
 
@@ -147,21 +147,33 @@ class Engine:
         Every pass of one call runs the same primal program (same inputs, same RNG state), so once a pass
         under the op seam (OpRules) met no op that needed it, the call's later passes run without it: the
         seam's dispatch costs ~25 us per torch call. An op without a forward rule fails only once a seeded
-        input reaches it, so a bare pass that fails runs again under the seam.
+        input reaches it, so a bare pass that fails runs again under the seam. With ``record``, a clean pass
+        is remembered for ``_replay`` (a caller that records several passes as one passes False).
         """
         key = None
-        if not watch and not diagnose:
-            key = _replay.key_of(self, tensors, which, tangents)
-            replay = _replay.lookup(key)
-            if replay is not None:
-                ys, ydots = replay.run(tensors, tangents)
-                self.out_spec = replay.out_spec
-                if not (check and all_zero_tangents(self._zero_key(which), ys, ydots)):
-                    return ys, ydots, self.buffers
+        if not watch and not diagnose and record:
+            passes = [(which, tangents)]
+            key = _replay.key_of(self, tensors, passes)
+            replayed = self.replay(key, tensors, passes, check)
+            if replayed is not None:
+                return (*replayed, self.buffers)
         result = self._push_eager(tensors, which, tangents, watch, diagnose, check)
         if key is not None and self.clean:
-            _replay.note_clean(self, key, tensors, which, tangents)
+            _replay.note_clean(self, key, tensors, passes)
         return result
+
+    def replay(self, key, tensors, passes, check: bool = True) -> tuple[tuple, list] | None:
+        """``(ys, ydots)`` of ``passes`` from the recording under ``key``, or None (no recording, or its
+        outputs came back with all-zero tangents: then the eager passes look closer)."""
+        recording = _replay.lookup(key)
+        if recording is None:
+            return None
+        ys, ydots = recording.run(tensors, passes)
+        self.out_spec = recording.out_spec
+        which = [j for w, _ in passes for j in w]
+        if check and all_zero_tangents(self._zero_key(which), ys, ydots):
+            return None
+        return ys, ydots
 
     def _push_eager(self, tensors, which, tangents, watch: bool, diagnose, check: bool):
         self.clean = False

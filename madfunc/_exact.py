@@ -9,11 +9,15 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import _replay
 from ._guards import EXACT_WARN_TANGENTS, check_basis_size, warn_exact_cost
 from ._strategy import Strategy, positive_int, zeros
 from ._tangents import basis_block, group_leaves
 
 __all__ = ["Exact"]
+
+# Up to this many bytes of basis tangents, all of a segment's leaf groups are seeded at once (see push).
+MERGED_BASIS_BYTES = 32 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,16 +65,36 @@ class Exact(Strategy, kind="exact"):
             # inspect() only needs the sizes: one plain pass, and what n tangents would keep, predicted.
             stats["predicted"] = True
             return engine.plain_pass(tensors)
-        per_leaf: list[list[torch.Tensor]] = []
         # Lazy seeding: one group of leaves at a time, so forward AD does no tangent work before the
         # group's first use; small leaves (biases) ride along with their neighbour (see group_leaves).
+        groups = []
         for group in group_leaves([t.numel() for t in diff_tensors], self.chunk_size):
             which = [engine.diff[g] for g, _, _ in group]
             count = sum(stop - start for _, start, stop in group)
             check_basis_size(engine.name, tensors, which, count)
+            groups.append((which, group, count))
+        basis_bytes = sum(count * tensors[j].numel() * tensors[j].element_size() for which, _, count in groups
+                          for j in which)
+        # Small bases are all built at once, so that the groups' passes replay as one recording (their
+        # common primal work done once); big ones (chunk_size exists to bound memory) one group at a time.
+        passes = None
+        if len(groups) > 1 and basis_bytes <= MERGED_BASIS_BYTES:
+            passes = [(which, basis_block(tensors, which, group, count)) for which, group, count in groups]
+        key = _replay.key_of(engine, tensors, passes) if passes else None
+        replayed = engine.replay(key, tensors, passes) if key is not None else None
+        if replayed is not None:
+            warn_exact_cost(engine.name, n)
+            return (*replayed, engine.buffers)
+        per_leaf: list[list[torch.Tensor]] = []
+        clean = True
+        for i, (which, group, count) in enumerate(groups):
             engine.begin_pass()
-            ys, ydots, buffers = engine.push(tensors, which, basis_block(tensors, which, group, count))
+            basis = passes[i][1] if passes else basis_block(tensors, which, group, count)
+            ys, ydots, buffers = engine.push(tensors, which, basis, record=key is None)
+            clean = clean and engine.clean
             per_leaf.append(ydots)
+        if key is not None and clean:
+            _replay.note_clean(engine, key, tensors, passes)
         ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf, strict=True)]
         warn_exact_cost(engine.name, n)  # after the passes: a refusal (check_basis_size) says more
         return ys, ydots, buffers

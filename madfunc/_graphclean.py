@@ -110,6 +110,9 @@ def simplify(gm: fx.GraphModule) -> int:
         if node.op != "call_function":
             continue
         target = node.target
+        if target is aten.alias.default:  # a view with the same values: read the source (CSE sees through it)
+            node.replace_all_uses_with(node.args[0])
+            continue
         if _is_layout_fixup(node):
             node.replace_all_uses_with(node.args[1])  # the copy has the source's values
             graph.erase_node(node)

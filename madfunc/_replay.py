@@ -73,10 +73,16 @@ def _scalars(fn: Any) -> tuple:
     return tuple(out)
 
 
-def key_of(engine: Any, tensors: Sequence[torch.Tensor], which: Sequence[int], tangents: Sequence[torch.Tensor]):
-    """The replay key of one pass, or None if the pass cannot be replayed at all (see the module docstring)."""
-    if engine.buffers or engine.measure or not getattr(engine, "record_passes", True):
+# One tangent pass: the inputs it seeds (indices into the engine's tensors) and their tangent batches.
+Pass = tuple[Sequence[int], Sequence[torch.Tensor]]
+
+
+def key_of(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]):
+    """The replay key of ``passes`` (one recording: ``Exact`` records its leaf groups' passes as one
+    graph, so that their common primal work is done once), or None if they cannot be replayed at all."""
+    if engine.buffers or engine.measure or not engine.record_passes:
         return None
+    tangents = [t for _, ts in passes for t in ts]
     if any(_is_batched(t) for t in tensors) or any(t.requires_grad for t in tangents):
         return None
     others = []
@@ -89,9 +95,9 @@ def key_of(engine: Any, tensors: Sequence[torch.Tensor], which: Sequence[int], t
     modules = engine.modules()
     try:
         key = (
-            engine.fn, engine.owner, engine.spec, tuple(others), tuple(which), tuple(engine.diff),
+            engine.fn, engine.owner, engine.spec, tuple(others), tuple(engine.diff),
             tuple((t.shape, t.dtype, t.device, t.requires_grad, t.stride()) for t in tensors),
-            tuple((t.shape, t.dtype) for t in tangents), engine.grad_mode,
+            tuple((tuple(which), tuple((t.shape, t.dtype) for t in ts)) for which, ts in passes), engine.grad_mode,
             tuple(m.training for m in modules), _scalars(engine.fn), _scalars(engine.owner),
             # what creation ops and casts inside the body read from torch's global state at trace time
             torch.get_default_dtype(), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
@@ -103,7 +109,7 @@ def key_of(engine: Any, tensors: Sequence[torch.Tensor], which: Sequence[int], t
 
 
 class Replay:
-    """One recorded pass: ``run(tensors, tangents) -> (ys, ydots)``."""
+    """One recording: ``run(tensors, passes) -> (ys, ydots)``, each ydot the passes' batches concatenated."""
 
     def __init__(self, name: str, gm: torch.fx.GraphModule, n_out: int, out_spec: Any) -> None:
         self.name = name
@@ -111,8 +117,8 @@ class Replay:
         self.n_out = n_out
         self.out_spec = out_spec
 
-    def run(self, tensors: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor]) -> tuple[tuple, list]:
-        out = self.gm(*tensors, *tangents)
+    def run(self, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> tuple[tuple, list]:
+        out = self.gm(*tensors, *(t for _, ts in passes for t in ts))
         return tuple(out[: self.n_out]), list(out[self.n_out :])
 
 
@@ -126,8 +132,7 @@ def lookup(key: tuple | None) -> Replay | None:
     return None
 
 
-def note_clean(engine: Any, key: tuple | None, tensors: Sequence[torch.Tensor], which: Sequence[int],
-               tangents: Sequence[torch.Tensor]) -> None:
+def note_clean(engine: Any, key: tuple | None, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> None:
     """A pass with this key ran eagerly and cleanly: the first time, remember it; the second, record it."""
     if key is None:
         return
@@ -141,7 +146,7 @@ def note_clean(engine: Any, key: tuple | None, tensors: Sequence[torch.Tensor], 
         return
     with _restored_state():
         try:
-            _CACHE[key] = _record(engine, tensors, which, tangents)
+            _CACHE[key] = _record(engine, tensors, passes)
         except _Refused as refusal:
             _CACHE[key] = REFUSED[engine.name] = str(refusal)
         except Exception as error:  # noqa: BLE001 - any tracing failure: the eager engine stays, never a wrong graph
@@ -193,16 +198,14 @@ class _Refused(Exception):  # noqa: N818 - a reason, not an error
     pass
 
 
-def _record(engine: Any, tensors: Sequence[torch.Tensor], which: Sequence[int], tangents: Sequence[torch.Tensor]):
+def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> Replay:
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
     n = len(tensors)
-    count = tangents[0].shape[0]
     out_spec: list[Any] = [None]
 
-    def traced(*flat: torch.Tensor) -> tuple:
-        ts, tans = flat[:n], flat[n:]
-
+    def one_pass(ts: Sequence[torch.Tensor], which: Sequence[int], tans: Sequence[torch.Tensor]) -> tuple:
         def single(*tangent: torch.Tensor) -> tuple:
             def body(*seeded: torch.Tensor, passed: list) -> tuple:
                 outs = engine.seeded_call(ts, which, seeded, passed)
@@ -211,11 +214,20 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], which: Sequence[int], 
 
             return engine._jvp(body, tuple(ts[i] for i in which), tangent, [])
 
-        if count == 1:
+        if tans[0].shape[0] == 1:
             ys, ydots = single(*(t[0] for t in tans))
-            return (*ys, *(d.unsqueeze(0) for d in ydots))
+            return ys, [d.unsqueeze(0) for d in ydots]
         ys, ydots = vmap(single, in_dims=0, out_dims=0, randomness="same")(*tans)
-        return (*(y[0] for y in ys), *ydots)
+        return [y[0] for y in ys], ydots
+
+    def traced(*flat: torch.Tensor) -> tuple:
+        ts, rest, parts = flat[:n], list(flat[n:]), []
+        for which, tans in passes:
+            ys, ydots = one_pass(ts, which, rest[: len(tans)])
+            rest = rest[len(tans) :]
+            parts.append(ydots)
+        ydots = [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts, strict=True)]
+        return (*ys, *ydots)
 
     # Quiet: the eager pass already reported vmap's warnings (as PerformanceWarning), and a trace that fails
     # is a refusal, not an error worth the fake-tensor logger's traceback.
@@ -225,7 +237,8 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], which: Sequence[int], 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gm = make_fx(traced, tracing_mode="fake", _allow_non_fake_inputs=True)(*tensors, *tangents)
+            flat = (*tensors, *(t for _, ts in passes for t in ts))
+            gm = make_fx(traced, tracing_mode="fake", _allow_non_fake_inputs=True)(*flat)
     finally:
         fake_log.setLevel(level)
     for node in gm.graph.nodes:
@@ -245,6 +258,9 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], which: Sequence[int], 
         schema = getattr(node.target, "_schema", None)
         if node.op == "call_function" and schema is not None and schema.is_mutable:
             raise _Refused(f"it mutates a tensor ({node.target})")
+    # The passes of one recording share their primal work (each pass computes the same primal values):
+    # common subexpressions are computed once. Safe here: no mutation, no random op is left.
+    gm = CSEPass()(gm).graph_module
     # Flat tensors in, a flat tuple out: plain code generation, without make_fx's pytree (un)flattening
     # of inputs and outputs on every call (~0.2 ms a call).
     gm.graph._codegen = torch.fx.graph.CodeGen()
