@@ -23,6 +23,7 @@ exits. Not a test.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -43,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=21, help="timed rounds per batch size (default 21)")
     parser.add_argument("--quick", action="store_true", help="7 rounds")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--json", metavar="PATH", help="also write the madfunc / AutoMAD rows as JSON to PATH")
     parser.add_argument("--malloc-default", action="store_true",
                         help=f"run with glibc's allocator defaults instead of pinning {', '.join(PINNED)}")
     return parser.parse_args()
@@ -133,10 +135,11 @@ def page_faults(fn: Callable[[], object], calls: int = 5) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
-def print_row(target: str, what: str, ours: list[float], ref: list[float], ref_name: str) -> None:
+def print_row(target: str, what: str, ours: list[float], ref: list[float], ref_name: str) -> float:
     ratio = statistics.median(a / b for a, b in zip(ours, ref, strict=True))
     print(f"{target:<7} {what:<44} {statistics.median(ours) * 1e3:8.2f} ms vs {statistics.median(ref) * 1e3:8.2f} ms"
           f" ({ref_name:<8})  ratio {ratio:6.3f}", flush=True)
+    return ratio
 
 
 def main() -> None:
@@ -154,6 +157,7 @@ def main() -> None:
         print(f"gradients differ (relative max abs diff {worst:.2e} > 1e-5): not timing.")
         sys.exit(1)
     net = AutoMADNet(automad, params)
+    rows = []
     for batch in (2, 32):
         x, y = models.cnn_data(batch)
         candidates = {"madfunc": lambda x=x, y=y: madfunc_step(params, x, y),
@@ -161,11 +165,17 @@ def main() -> None:
                       "backprop": lambda x=x, y=y: backprop_step(params, x, y)}
         t = timeit(candidates, rounds, warmup)
         faults = {name: page_faults(fn) for name, fn in candidates.items()}
-        print_row(f"1 (b{batch})", f"Exact() CNN b{batch}, madfunc / AutoMAD", t["madfunc"], t["AutoMAD"], "AutoMAD")
+        ratio = print_row(f"1 (b{batch})", f"Exact() CNN b{batch}, madfunc / AutoMAD", t["madfunc"], t["AutoMAD"],
+                          "AutoMAD")
+        rows.append(dict(batch=batch, ratio=ratio, ours_ms=statistics.median(t["madfunc"]) * 1e3,
+                         reference_ms=statistics.median(t["AutoMAD"]) * 1e3))
         print_row(f"  (b{batch})", "AutoMAD / backprop", t["AutoMAD"], t["backprop"], "backprop")
         print_row(f"  (b{batch})", "madfunc / backprop", t["madfunc"], t["backprop"], "backprop")
         print("        minor page faults per call: " + ", ".join(f"{k} {v:.0f}" for k, v in faults.items()))
     print(f"load average now {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(malloc=pinned, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
