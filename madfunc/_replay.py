@@ -10,7 +10,8 @@ The key is what the recorded program may depend on: the function (and the module
 which inputs are seeded, the shapes, dtypes, devices and requires-grad pattern of every tensor, the
 non-tensor arguments, grad mode, and the ``training`` flags of the modules involved, plus hashable
 scalars held by the function's closure. Python state outside those (a global flag, a module attribute
-reassigned between calls) is not seen: such a segment is marked ``fwd(..., record=False)``.
+reassigned between calls) is not seen: such a segment is marked ``fwd(..., record=False)``. Functions
+and modules are keyed weakly: a recording goes when the model it was made for is dropped.
 
 A pass is never recorded (it stays on the eager engine, with the reason in ``REFUSED``) when its body
 branches on tensor values (fake tracing raises) or makes shapes from them (``nonzero``), draws random
@@ -24,8 +25,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import logging
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -77,6 +80,34 @@ def _scalars(fn: Any) -> tuple:
 Pass = tuple[Sequence[int], Sequence[torch.Tensor]]
 
 
+# Finalizers of the functions and modules that recordings are keyed on, by id: recordings name them weakly,
+# so a model dropped by the user is not kept alive by its recordings, which go with it.
+_WATCHED: dict[int, weakref.finalize] = {}
+
+
+def _identity(*objects: Any) -> tuple:
+    """Weak identities of ``objects`` (a bound method: of its object and function), for the key."""
+    out: list[Any] = []
+    for obj in objects:
+        if inspect.ismethod(obj):
+            out += _identity(obj.__self__, obj.__func__)
+            continue
+        try:
+            if id(obj) not in _WATCHED:
+                _WATCHED[id(obj)] = weakref.finalize(obj, _forget, id(obj))
+        except TypeError:  # None and builtins cannot be weakly referenced (and live as long as the process)
+            out.append(("object", obj))
+            continue
+        out.append(("weak", id(obj)))
+    return tuple(out)
+
+
+def _forget(ident: int) -> None:
+    _WATCHED.pop(ident, None)
+    for key in [k for k in _CACHE if ("weak", ident) in k[0]]:
+        del _CACHE[key]
+
+
 def key_of(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]):
     """The replay key of ``passes`` (one recording: ``Exact`` records its leaf groups' passes as one
     graph, so that their common primal work is done once), or None if they cannot be replayed at all."""
@@ -95,7 +126,7 @@ def key_of(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass])
     modules = engine.modules()
     try:
         key = (
-            engine.fn, engine.owner, engine.spec, tuple(others), tuple(engine.diff),
+            _identity(engine.fn, engine.owner), engine.spec, tuple(others), tuple(engine.diff),
             tuple((t.shape, t.dtype, t.device, t.requires_grad, t.stride()) for t in tensors),
             tuple((tuple(which), tuple((t.shape, t.dtype) for t in ts)) for which, ts in passes), engine.grad_mode,
             tuple(m.training for m in modules), _scalars(engine.fn), _scalars(engine.owner),

@@ -8,6 +8,8 @@ a test that it falls back to the eager engine, with the gradient still right.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -219,6 +221,22 @@ def test_segments_that_are_never_recorded() -> None:
                grad(lambda w, x: torch.tanh(x @ w).sum())(w, x))
     for name in ("bn", "per_example", "fallback", "opted_out"):
         assert _replay.replayed(name) == 0, name
+
+
+def test_recordings_do_not_keep_a_dropped_model_alive() -> None:
+    def train() -> weakref.ref:
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4, dtype=torch.float64), torch.nn.Tanh())
+        seg = mf.fwd(net, name="dropped")
+        x = torch.randn(5, 3, dtype=torch.float64)
+        for _ in range(3):
+            mf.mixed_grad(lambda p: seg(p, x).sum())(dict(net.named_parameters()))
+        assert _replay.replayed("dropped") == 1
+        return weakref.ref(net)
+
+    alive = train()
+    gc.collect()
+    assert alive() is None
+    assert _replay.replayed("dropped") == 0
 
 
 def test_record_must_be_a_bool() -> None:
