@@ -16,8 +16,9 @@ and modules are keyed weakly: a recording goes when the model it was made for is
 A pass is never recorded (it stays on the eager engine, with the reason in ``REFUSED``) when its body
 branches on tensor values (fake tracing raises) or makes shapes from them (``nonzero``), draws random
 numbers (replay would need the RNG handling of ``_rng`` inside the graph), reads tensors that are not its
-inputs (they would be frozen into the graph) or the memory layout of its own (``as_strided``), mutates a
-tensor, or updates module buffers; when an op took a rule or the double-vjp fallback; or under an outer
+inputs other than its modules' buffers (they would be frozen into the graph; buffers are read at each
+run) or the memory layout of its own (``as_strided``), writes to
+an input in place, or updates module buffers; when an op took a rule or the double-vjp fallback; or under an outer
 ``vmap`` (per-example gradients). A trace that fails for any other reason is a refusal too.
 """
 
@@ -142,14 +143,23 @@ def key_of(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass])
 class Replay:
     """One recording: ``run(tensors, passes) -> (ys, ydots)``, each ydot the passes' batches concatenated."""
 
-    def __init__(self, name: str, gm: torch.fx.GraphModule, n_out: int, out_spec: Any) -> None:
+    def __init__(self, name: str, gm: torch.fx.GraphModule, n_out: int, out_spec: Any, buffers: list) -> None:
         self.name = name
         self.gm = gm
         self.n_out = n_out
         self.out_spec = out_spec
+        self.buffers = buffers  # (module weakref, buffer name, shape, dtype, device): read at each run
 
-    def run(self, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> tuple[tuple, list]:
-        out = self.gm(*tensors, *(t for _, ts in passes for t in ts))
+    def run(self, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> tuple[tuple, list] | None:
+        """The recorded pass on these tensors; None if a buffer it reads is gone or changed its kind."""
+        extra = []
+        for ref, name, shape, dtype, device in self.buffers:
+            module = ref()
+            b = None if module is None else module._buffers.get(name)
+            if b is None or b.shape != shape or b.dtype != dtype or b.device != device:
+                return None
+            extra.append(b)
+        out = self.gm(*tensors, *(t for _, ts in passes for t in ts), *extra)
         return tuple(out[: self.n_out]), list(out[self.n_out :])
 
 
@@ -225,6 +235,33 @@ _LAYOUT_READERS = frozenset(
 )
 
 
+def _schema_mutates(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def _mutated_inputs(gm: torch.fx.GraphModule) -> str:
+    """The first in-place op that writes to an input (or a view of one), or ''. In-place ops on the pass's
+    own intermediates (forward-mode rules use them: layer_norm's ``div_``) replay as recorded."""
+    of_inputs: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            of_inputs.add(node)
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        args = dict(zip((a.name for a in schema.arguments), node.args, strict=False)) | dict(node.kwargs)
+        if any(args.get(name) in of_inputs for name in written):
+            return str(node.target)
+        # a view of an input (its result aliases an argument) is an input too
+        aliases = schema.returns and schema.returns[0].alias_info is not None
+        if aliases and any(a in of_inputs for a in node.args if isinstance(a, torch.fx.Node)):
+            of_inputs.add(node)
+    return ""
+
+
 class _Refused(Exception):  # noqa: N818 - a reason, not an error
     pass
 
@@ -272,6 +309,7 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
             gm = make_fx(traced, tracing_mode="fake", _allow_non_fake_inputs=True)(*flat)
     finally:
         fake_log.setLevel(level)
+    buffers = _lift_buffers(gm, engine.modules())
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             raise _Refused("it reads tensors that are not its inputs (they would be frozen into the recording)")
@@ -284,17 +322,38 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
             raise _Refused(f"it reads the memory layout of its tensors ({node.target})")
         if torch.Tag.dynamic_output_shape in tags or torch.Tag.data_dependent_output in tags:
             raise _Refused(f"its shapes or Python values depend on tensor values ({node.target})")
-    simplify(gm)
-    for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op == "call_function" and schema is not None and schema.is_mutable:
-            raise _Refused(f"it mutates a tensor ({node.target})")
-    # The passes of one recording share their primal work (each pass computes the same primal values):
-    # common subexpressions are computed once. Safe here: no mutation, no random op is left.
-    gm = CSEPass()(gm).graph_module
+    mutated = _mutated_inputs(gm)
+    if mutated:
+        raise _Refused(f"it mutates an input in place ({mutated})")
+    if simplify(gm) or not any(_schema_mutates(node) for node in gm.graph.nodes):
+        # The passes of one recording share their primal work (each pass computes the same primal values):
+        # common subexpressions are computed once. Only without in-place ops (simplify leaves a graph with
+        # them as it is), and no random op is left.
+        gm = CSEPass()(gm).graph_module
     # Flat tensors in, a flat tuple out: plain code generation, without make_fx's pytree (un)flattening
     # of inputs and outputs on every call (~0.2 ms a call).
     gm.graph._codegen = torch.fx.graph.CodeGen()
     gm.recompile()
     outputs = next(iter(reversed(gm.graph.nodes))).args[0]
-    return Replay(engine.name, gm, len(outputs) // 2, out_spec[0])  # one tangent batch per output
+    return Replay(engine.name, gm, len(outputs) // 2, out_spec[0], buffers)  # one tangent batch per output
+
+
+def _lift_buffers(gm: torch.fx.GraphModule, modules: Sequence[torch.nn.Module]) -> list:
+    """Turn the constants that are buffers of the segment's modules (eval-mode BatchNorm's running
+    statistics) into graph inputs read from their module at every run, so that the recording follows
+    updates and reassignments of them; other constants stay (and are refused)."""
+    owners = {id(b): (m, name) for m in modules for name, b in m._buffers.items() if b is not None}
+    lifted = []
+    last = next(n for n in reversed(gm.graph.nodes) if n.op == "placeholder")
+    for node in list(gm.graph.nodes):
+        value = getattr(gm, node.target, None) if node.op == "get_attr" else None
+        if not isinstance(value, torch.Tensor) or id(value) not in owners:
+            continue
+        module, name = owners[id(value)]
+        with gm.graph.inserting_after(last):
+            last = gm.graph.placeholder(f"buffer_{len(lifted)}")
+        last.meta = dict(node.meta)
+        node.replace_all_uses_with(last)
+        gm.graph.erase_node(node)
+        lifted.append((weakref.ref(module), name, value.shape, value.dtype, value.device))
+    return lifted
