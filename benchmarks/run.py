@@ -240,11 +240,14 @@ def main() -> None:
     started = time.perf_counter()
     rows: list[dict] = []
     memory: dict = {}
-    if args.only != "memory":
-        rows += time_targets(args.quick)
+    # Memory first, while this process is small: Linux carries a process's peak RSS into the child it
+    # spawns (vfork + exec records the parent's high-water mark as the child's ru_maxrss), so children
+    # spawned after the timing rows (and torch.compile's) started from this process's peak, not their own.
     if args.only != "time":
         mem_rows, memory = measure_memory()
         rows += mem_rows
+    if args.only != "memory":
+        rows += time_targets(args.quick)
     print(f"({time.perf_counter() - started:.0f} s, load average now {os.getloadavg()[0]:.1f})")
     if args.json:
         with open(args.json, "w") as f:
