@@ -215,28 +215,37 @@ def use_plan(
         torch.Size([1, 3])
     """
     _check_generator("use_plan", generator)
-    state = _context.CallState(as_plan(plan), "use_plan", generator=generator, allow_unused=allow_unused)
-    state.replicas = _distributed.resolve("use_plan", process_group, reduction)
+    checked = as_plan(plan)
+    replicas = _distributed.resolve("use_plan", process_group, reduction)
+
+    def state() -> _context.CallState:
+        new = _context.CallState(checked, "use_plan", generator=generator, allow_unused=allow_unused)
+        new.replicas = replicas
+        return new
+
     return _PlanBlock(state)
 
 
 class _PlanBlock(contextlib.AbstractContextManager):
     """A ``use_plan`` block. Entry and exit run eagerly inside a ``torch.compile``d step (see ``_eager``):
     Dynamo guarded on the tangents' base seed read at exit, so every step recompiled; the block's body
-    (the user's model) still compiles, with a graph break at each segment."""
+    (the user's model) still compiles, with a graph break at each segment. Each entry makes a fresh call
+    state (the tangents' seed comes from torch's generator *at entry*), so one block object can be reused."""
 
-    def __init__(self, state: _context.CallState) -> None:
-        self.state = state
-        self.block: contextlib.AbstractContextManager | None = None
+    def __init__(self, make_state: Callable[[], _context.CallState]) -> None:
+        self.make_state = make_state
+        self.entered: list[tuple[_context.CallState, contextlib.AbstractContextManager]] = []
 
     @torch.compiler.disable
     def __enter__(self) -> None:
-        self.block = _context.activate(self.state)
-        self.block.__enter__()
+        state = self.make_state()
+        block = _context.activate(state)
+        block.__enter__()
+        self.entered.append((state, block))
 
     @torch.compiler.disable
     def __exit__(self, *exc: object) -> None:
-        assert self.block is not None
-        self.block.__exit__(*exc)
+        state, block = self.entered.pop()
+        block.__exit__(*exc)
         if exc[0] is None:
-            self.state.check_plan_used()
+            state.check_plan_used()

@@ -190,3 +190,25 @@ def test_batchnorm_in_training_mode_inside_a_forward_segment() -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(module[1].running_mean, reference[1].running_mean)
     torch.testing.assert_close(module[1].running_var, reference[1].running_var)
+
+
+def test_a_use_plan_block_takes_its_tangents_seed_at_entry_and_can_be_reused() -> None:
+    """The tangents come from torch's generator as it is when the block is entered (README, "Randomness"),
+    not when use_plan() was called; entering one block object twice draws fresh tangents."""
+    layer = mf.fwd(nn.Linear(3, 1, dtype=torch.float64), name="layer")
+    x = torch.ones(2, 3, dtype=torch.float64)
+
+    def weight_grad(block) -> torch.Tensor:
+        with block:
+            layer(x).sum().backward()
+        g, layer.module.weight.grad = layer.module.weight.grad, None
+        return g
+
+    torch.manual_seed(0)
+    block = mf.use_plan({"layer": mf.Random(k=2)})
+    torch.randn(5)  # between the call and the entry
+    early = weight_grad(block)
+    torch.manual_seed(0)
+    torch.randn(5)
+    assert torch.equal(early, weight_grad(mf.use_plan({"layer": mf.Random(k=2)})))
+    assert not torch.equal(weight_grad(block), weight_grad(block))
