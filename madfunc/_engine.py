@@ -159,7 +159,7 @@ class Engine:
                 return (*replayed, self.buffers)
         result = self._push_eager(tensors, which, tangents, watch, diagnose, check)
         if key is not None and self.clean:
-            _replay.note_clean(self, key, tensors, passes)
+            _replay.note_clean(self, key, tensors, passes, result[:2])
         return result
 
     def replay(self, key, tensors, passes, check: bool = True) -> tuple[tuple, list] | None:

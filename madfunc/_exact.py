@@ -112,9 +112,9 @@ class Exact(Strategy, kind="exact"):
             ys, ydots, buffers = engine.push(tensors, which, basis, record=key is None)
             clean = clean and engine.clean
             per_leaf.append(ydots)
-        if key is not None and clean:
-            _replay.note_clean(engine, key, tensors, passes)
         ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf, strict=True)]
+        if key is not None and clean:
+            _replay.note_clean(engine, key, tensors, passes, (ys, ydots))
         warn_exact_cost(engine.name, n)  # after the passes: a refusal (check_basis_size) says more
         return ys, ydots, buffers
 

@@ -6,9 +6,9 @@ tangent enters forward-mode rules as an all-zero tensor (``zeros([]).expand(shap
 adds the result, ``mse_loss``'s rule runs its backward on a zero grad, and vmap's layout fix-ups
 (``_new_zeros_with_same_feature_meta`` + ``copy_``) copy whole tangent batches. ``simplify`` removes that:
 
-1. **zero propagation**: a node is *zero* when it is created as zeros or when every input an op is linear
-   in is zero (``LINEAR_IN``), or it is a view of a zero node; ``x + 0`` and ``x - 0`` become ``x`` where
-   the shapes and dtypes already agree (no broadcast or promotion hidden in the add);
+1. **zero propagation**: a node is *zero* when it is created as zeros or when the input an op is linear
+   in is zero (``_ZERO_IN_FIRST``, ``_ZERO_IF_ANY``), or it is a view of a zero node; ``x + 0`` and
+   ``x - 0`` become ``x`` where the shapes and dtypes already agree (no broadcast or promotion in the add);
 2. **layout fix-ups**: ``copy_(_new_zeros_with_same_feature_meta(x, ...), x)`` becomes ``x`` (same values,
    only the strides differ; the graph's ``view`` calls, which assumed the fixed-up strides, become
    ``reshape``: a view where the strides allow, a copy where not);
@@ -28,7 +28,7 @@ import operator
 import torch
 from torch import fx
 
-__all__ = ["simplify"]
+__all__ = ["mutates", "pool_by_slices", "simplify"]
 
 aten = torch.ops.aten
 
@@ -56,7 +56,6 @@ _ZERO_IF_ANY = {
     aten.mul.Tensor: (0, 1), aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.matmul.default: (0, 1),
     aten.convolution.default: (0, 1),  # only without bias (argument 2 None), checked below
 }
-LINEAR_IN = (_ZERO_IN_FIRST, _ZERO_IF_ANY)
 
 
 def _meta(node: object):
@@ -84,7 +83,8 @@ def _is_zero(node: fx.Node, zero: set[fx.Node]) -> bool:
     return False
 
 
-def _mutates(node: fx.Node) -> bool:
+def mutates(node: fx.Node) -> bool:
+    """Whether ``node`` is an op that writes to one of its arguments."""
     schema = getattr(node.target, "_schema", None)
     return node.op == "call_function" and schema is not None and schema.is_mutable
 
@@ -102,7 +102,7 @@ def simplify(gm: fx.GraphModule) -> int:
     """Remove work on zero tangents from ``gm`` in place (see the module docstring); returns nodes removed."""
     graph = gm.graph
     before = len(graph.nodes)
-    if any(_mutates(node) for node in graph.nodes if not _is_layout_fixup(node)):
+    if any(mutates(node) for node in graph.nodes if not _is_layout_fixup(node)):
         return 0  # an in-place op could turn a zero node into something else: leave the graph as recorded
     zero: set[fx.Node] = set()
     fixups = 0
@@ -135,6 +135,8 @@ def simplify(gm: fx.GraphModule) -> int:
     for node in list(graph.nodes):
         if node not in zero or node.target in _ZEROS:
             continue
+        if node.target is aten.expand.default and node.args[0].target in _ZEROS:
+            continue  # a broadcast scalar zero: already free, a fresh zeros would fill memory
         if all(user in zero for user in node.users):
             continue
         val = _meta(node)

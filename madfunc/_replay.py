@@ -37,7 +37,7 @@ import torch
 from torch.func import vmap
 
 from ._checks import _is_batched
-from ._graphclean import simplify
+from ._graphclean import mutates, simplify
 
 __all__ = ["RECORD_AFTER", "REFUSED", "Replay", "clear", "key_of", "lookup", "note_clean", "replayed"]
 
@@ -173,21 +173,25 @@ def lookup(key: tuple | None) -> Replay | None:
     return None
 
 
-def note_clean(engine: Any, key: tuple | None, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> None:
-    """A pass with this key ran eagerly and cleanly: the first time, remember it; the second, record it."""
+def note_clean(engine: Any, key: tuple | None, tensors: Sequence[torch.Tensor], passes: Sequence[Pass],
+               expected: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]) -> None:
+    """Passes with this key ran eagerly and cleanly, giving ``expected`` (ys, ydots): after ``RECORD_AFTER``
+    such sightings, record them, and keep the recording only if it reproduces ``expected``."""
     if key is None:
         return
     seen = _CACHE.get(key, 0)
     if not isinstance(seen, int):
         return
+    _CACHE[key] = seen + 1
+    while len(_CACHE) > _CAPACITY:
+        _CACHE.popitem(last=False)
     if seen + 1 < RECORD_AFTER:
-        _CACHE[key] = seen + 1
-        while len(_CACHE) > _CAPACITY:
-            _CACHE.popitem(last=False)
         return
     with _restored_state():
         try:
-            _CACHE[key] = _record(engine, tensors, passes)
+            recording = _record(engine, tensors, passes)
+            _verify(recording, tensors, passes, expected)
+            _CACHE[key] = recording
         except _Refused as refusal:
             _CACHE[key] = REFUSED[engine.name] = str(refusal)
         except Exception as error:  # noqa: BLE001 - any tracing failure: the eager engine stays, never a wrong graph
@@ -235,11 +239,6 @@ _LAYOUT_READERS = frozenset(
 )
 
 
-def _schema_mutates(node: torch.fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return node.op == "call_function" and schema is not None and schema.is_mutable
-
-
 def _mutated_inputs(gm: torch.fx.GraphModule) -> str:
     """The first in-place op that writes to an input (or a view of one), or ''. In-place ops on the pass's
     own intermediates (forward-mode rules use them: layer_norm's ``div_``) replay as recorded."""
@@ -264,6 +263,24 @@ def _mutated_inputs(gm: torch.fx.GraphModule) -> str:
 
 class _Refused(Exception):  # noqa: N818 - a reason, not an error
     pass
+
+
+def _verify(recording: Replay, tensors: Sequence[torch.Tensor], passes: Sequence[Pass], expected: tuple) -> None:
+    """The recording, run once on the inputs the eager passes just had, must give their values (up to the
+    rounding of reordered sums: pooling by slices, CSE). A safety net under the clean-up passes: any
+    disagreement keeps the segment on the eager engine."""
+    got = recording.run(tensors, passes)
+    if got is None:
+        raise _Refused("its recording could not run on the inputs it was made from")
+    for a, b in zip((*got[0], *got[1]), (*expected[0], *expected[1]), strict=True):
+        if not (a.is_floating_point() or a.is_complex()):
+            same = a.shape == b.shape and torch.equal(a, b)
+        else:
+            tol = 1e-9 if a.dtype == torch.float64 else 1e-4
+            scale = float(b.abs().max()) if b.numel() else 0.0
+            same = a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol * (1.0 + scale), equal_nan=True)
+        if not same:
+            raise _Refused("its recording disagreed with the eager pass (please report this; it stays eager)")
 
 
 def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> Replay:
@@ -325,7 +342,7 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
     mutated = _mutated_inputs(gm)
     if mutated:
         raise _Refused(f"it mutates an input in place ({mutated})")
-    if simplify(gm) or not any(_schema_mutates(node) for node in gm.graph.nodes):
+    if simplify(gm) or not any(mutates(node) for node in gm.graph.nodes):
         # The passes of one recording share their primal work (each pass computes the same primal values):
         # common subexpressions are computed once. Only without in-place ops (simplify leaves a graph with
         # them as it is), and no random op is left.

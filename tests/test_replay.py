@@ -193,6 +193,28 @@ def test_in_place_ops_on_intermediates_replay_and_writes_to_inputs_are_refused()
     assert _replay._mutated_inputs(make_fx(lambda x: (x * 2).add_(1))(torch.randn(3))) == ""
 
 
+def test_a_recording_that_disagrees_with_the_eager_pass_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recording is checked against the eager values it was made beside: a clean-up pass gone wrong
+    (here: one that doubles the first output) leaves the segment eager, with the right gradient."""
+
+    def broken(gm: torch.fx.GraphModule) -> int:
+        out = next(iter(reversed(gm.graph.nodes)))
+        first = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            doubled = gm.graph.call_function(torch.ops.aten.mul.Scalar, (first, 2.0))
+        out.args = ((doubled, *out.args[0][1:]),)
+        gm.recompile()
+        return 0
+
+    monkeypatch.setattr(_replay, "simplify", broken)
+    g = mf.mixed_grad(lambda p, x, y: CNN(p, x, y), {"cnn": "exact"})
+    args = _cnn_args(2)
+    for _ in range(3):
+        _close(g(*args), grad(_cnn)(*args))
+    assert "disagreed with the eager pass" in _replay.REFUSED["cnn"]
+    assert _replay.replayed("cnn") == 0
+
+
 def test_a_failed_recording_leaves_forward_mode_working() -> None:
     """A trace that fails inside functorch can leave dispatch keys excluded for the whole thread (torch
     2.13, layer_norm under fake tensors): every later jvp then fails an internal assertion."""
