@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import optree
 import torch
@@ -102,16 +104,44 @@ class Distribution:
     draw: Callable[..., torch.Tensor] | None
     variance: Callable[[int, int], float]
     law: str  # the variance law as written in docs and reports
+    chunk: int | None = None
+    draw_into: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
 
 DISTRIBUTIONS: dict[str, Distribution] = {
     d.name: d
     for d in (
-        Distribution("gaussian", _gaussian, lambda n, k: (n + 1) / k, "(n+1)/k"),
+        # mt19937 and Box-Muller cost ~8 ns per entry on one thread: chunks of 2^17 halve that on two
+        # (2^16 or 2^18 was slower for a 512 x 512 leaf, and for 16 of them).
+        Distribution("gaussian", _gaussian, lambda n, k: (n + 1) / k, "(n+1)/k", chunk=2**17,
+                     draw_into=lambda out, gen: out.normal_(generator=gen)),
         Distribution("rademacher", _rademacher, lambda n, k: (n - 1) / k, "(n-1)/k"),
         Distribution("orthogonal", None, lambda n, k: n / k - 1, "n/k - 1"),
     )
 }
+
+
+# On CPU, a leaf of a distribution with a ``chunk`` is drawn in chunks, chunk c from its own generator
+# (seeded from the leaf's), so that chunks can be drawn on several threads at once: torch's CPU generator
+# (mt19937) is serial, and Gaussian tangents cost half a backprop step of the MLP in benchmarks/RESULTS.md.
+# The values depend on the chunk size, never on the number of threads.
+_POOL: list = [None, 0]  # the drawing threads and their number, made on first use
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if _POOL[1] != workers:
+        if _POOL[0] is not None:
+            _POOL[0].shutdown(wait=False)
+        _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="madfunc-draw"), workers]
+    return _POOL[0]
+
+
+def _forget_pool() -> None:  # a forked child has none of its parent's threads: it makes its own
+    _POOL[:] = [None, 0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def draw_leaf(
@@ -121,9 +151,26 @@ def draw_leaf(
 
     Not for ``"orthogonal"``, whose directions are orthogonal jointly over all leaves.
     """
-    draw = DISTRIBUTIONS[distribution].draw
-    assert draw is not None, distribution  # joint distributions are drawn by draw_tangents
-    return draw((k, *shape), dtype, device, _generator(device, leaf_seed(seed, index)))
+    law = DISTRIBUTIONS[distribution]
+    assert law.draw is not None, distribution  # joint distributions are drawn by draw_tangents
+    own = leaf_seed(seed, index)
+    full = (k, *shape)
+    count, size = math.prod(full), law.chunk
+    if size is None or device.type != "cpu" or count <= size:  # (accelerators draw in parallel already)
+        return law.draw(full, dtype, device, _generator(device, own))
+    out = torch.empty(count, dtype=dtype, device=device)
+
+    def fill(chunk: int) -> None:
+        law.draw_into(out[chunk * size : (chunk + 1) * size], _generator(device, leaf_seed(own, chunk)))
+
+    chunks = range((count + size - 1) // size)
+    workers = min(torch.get_num_threads(), len(chunks))
+    if workers > 1:
+        list(_pool(workers).map(fill, chunks))  # torch releases the GIL while it draws
+    else:
+        for chunk in chunks:
+            fill(chunk)
+    return out.view(full)
 
 
 def draw_tangents(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import madfunc as mf
 from madfunc._rng import TangentStream
-from madfunc._tangents import SMALL_LEAF, draw_leaf, draw_tangents, group_leaves, leaf_seed
+from madfunc._tangents import DISTRIBUTIONS, SMALL_LEAF, draw_leaf, draw_tangents, group_leaves, leaf_seed
 
 CPU = torch.device("cpu")
 
@@ -102,6 +102,33 @@ def test_gaussian_leaves_are_standard_normal_and_regenerable() -> None:
     flat = v.reshape(50_000, 6)
     assert flat.mean(0).abs().max() < 6 / math.sqrt(50_000)
     assert (flat.var(0) - 1).abs().max() < 6 * math.sqrt(2 / 50_000)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_large_leaves_are_drawn_in_independent_chunks_whatever_the_threads(distribution: str) -> None:
+    """A large Gaussian leaf is drawn chunk by chunk (in parallel on CPU): the values must not depend on
+    the number of threads, and the chunks must be independent streams, not copies of one."""
+    CHUNK = DISTRIBUTIONS["gaussian"].chunk  # noqa: N806 - (Rademacher leaves are not chunked: same checks)
+    k, shape = 2, (CHUNK + 37,)  # 3 chunks, the last a partial one (not whole Rademacher words)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = draw_leaf(distribution, k, shape, torch.float64, CPU, seed=11, index=4)
+        torch.set_num_threads(3)
+        parallel = draw_leaf(distribution, k, shape, torch.float64, CPU, seed=11, index=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel) and serial.shape == (k, *shape)
+    flat = serial.reshape(-1)
+    n = flat.numel()
+    # mean 0 and variance 1 over 2^19 entries: 6 sd bounds each (false-failure rate below 1e-8)
+    assert flat.mean().abs() < 6 / math.sqrt(n)
+    assert (flat.var() - 1).abs() < 6 * math.sqrt(2 / n)  # (var of v^2 is 2 for Gaussian, 0 for signs)
+    first, second, third = flat[:CHUNK], flat[CHUNK : 2 * CHUNK], flat[2 * CHUNK :]
+    assert (first @ second / CHUNK).abs() < 6 / math.sqrt(CHUNK)  # independent chunks: mean 0, sd 1/sqrt(CHUNK)
+    assert (first[: third.numel()] @ third / third.numel()).abs() < 6 / math.sqrt(third.numel())
+    if distribution == "rademacher":
+        assert set(flat.unique().tolist()) == {-1.0, 1.0}
 
 
 def test_draw_tangents_is_draw_leaf_per_leaf() -> None:
