@@ -343,11 +343,13 @@ class Engine:
         self.diff_out = [i for i, y in enumerate(ys) if y.is_floating_point() or y.is_complex()]
         ydots = [ydots[i] for i in self.diff_out]
         check_finite(self.name, [ys[i] for i in self.diff_out], ydots, self.diff_out)
+        self.strategy.finish(self, ydots)
         stats = self.record.stats
         stats["output_numel"] = sum(ys[i].numel() for i in self.diff_out)
         stats["saved_bytes"] = sum(t.numel() * t.element_size() for t in ydots)
         # ... plus input tangents a strategy keeps for backward instead of regenerating them
-        stats["saved_bytes"] += sum(t.numel() * t.element_size() for t in self.notes.get("tangents") or ())
+        kept = [*(self.notes.get("tangents") or ()), *(self.notes.get("contracted") or ())]
+        stats["saved_bytes"] += sum(t.numel() * t.element_size() for t in kept if t is not None)
         if stats.get("predicted"):
             stats["saved_bytes"] = stats["tangents"] * sum(ys[i].numel() * ys[i].element_size() for i in self.diff_out)
         if self.fallbacks:

@@ -4,13 +4,15 @@ perturbation, Baydin et al. 2022), regenerated from one seed in backward instead
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
+from . import _context
 from ._checks import _common_device
-from ._contract import combine_tangents
+from ._contract import accumulation_dtype, combine_tangents
 from ._strategy import Strategy, positive_int, zeros
 from ._tangents import DISTRIBUTIONS, draw_leaf, draw_tangents
 
@@ -54,9 +56,11 @@ def parse_random_fields(fields: list[str], where: str, kind: str) -> tuple[int, 
     return k, distribution, seeding
 
 
-def push_random(strategy: Any, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor]):
+def push_random(strategy: Any, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor],
+                keep_drawn: bool = False):
     """The passes of ``k`` random tangents on every differentiated input: lazily seeded when they are
-    large (and the distribution can be drawn leaf by leaf), else drawn up front."""
+    large (and the distribution can be drawn leaf by leaf), else drawn up front (and, with ``keep_drawn``,
+    left in ``engine.notes["drawn"]`` for ``Random.finish``)."""
     k, distribution = strategy.k, strategy.distribution
     engine.record.stats["tangents"] = k
     device = _common_device(engine.name, diff_tensors)
@@ -75,6 +79,8 @@ def push_random(strategy: Any, engine: Any, tensors: Sequence[torch.Tensor], dif
     tangents = draw_tangents(distribution, k, shapes, dtypes, device, engine.seed)
     if seeding == "kept":  # backward reuses them instead of drawing them again
         engine.notes["tangents"] = tangents
+    if keep_drawn:
+        engine.notes["drawn"] = tangents
     engine.begin_pass()
     return engine.push(tensors, engine.diff, tangents, watch=True)
 
@@ -120,7 +126,11 @@ class Random(Strategy, kind="random"):
             them again from the seed (fastest, for small segments: it keeps ``k x n`` scalars, which
             ``inspect`` counts). ``"auto"`` is lazy when the ``k`` tangents of all leaves exceed 32 MiB,
             else eager. ``"orthogonal"`` tangents are always drawn eagerly (they are orthogonal jointly
-            over all leaves). The gradient estimate is the same either way. Default: ``"auto"``.
+            over all leaves). The gradient estimate is the same either way (up to float rounding).
+            Default: ``"auto"``. Tangents drawn up front (``"eager"``, ``"kept"``, ``"orthogonal"``) of a
+            segment with at most ``k`` output entries (a loss) are contracted with the output tangents
+            at the end of its forward pass, keeping ``n x m`` numbers for backward instead of drawing
+            them again (or keeping ``k x n``).
 
     Examples:
         >>> import madfunc as mf
@@ -156,9 +166,53 @@ class Random(Strategy, kind="random"):
                 f"segment {engine.name!r}: Random(k={self.k}, distribution={self.distribution!r}) needs k <= n, "
                 f"the number of differentiated scalars, which is {n}; use k <= {n} (k == {n} is exact)."
             )
-        return push_random(self, engine, tensors, diff_tensors)
+        return push_random(self, engine, tensors, diff_tensors, keep_drawn=True)
+
+    def finish(self, engine: Any, ydots: Sequence[torch.Tensor]) -> None:
+        """Contract the tangents drawn up front with the output tangents now, when that keeps no more than
+        they take: then backward needs neither the tangents nor to draw them again.
+
+        With ``m`` differentiated output entries (1 for a loss), ``U = V^T Ydot`` (``n x m``) gives the
+        estimate ``(1/k) V^T (Ydot ybar) = (1/k) U ybar`` in backward. Done when ``m <= k`` (U is no larger
+        than the ``k x n`` tangents that existed during the pass), and not under torch.distributed, whose
+        backward rebuilds the parameters' gradient from coefficients reduced over ranks.
+        """
+        drawn = engine.notes.pop("drawn", None)
+        state = _context.active()
+        if drawn is None or (state is not None and state.replicas is not None) or not ydots:
+            return
+        if self.k == 1 and "tangents" in engine.notes:  # kept, k = 1: U would cost what the kept tangent costs
+            return
+        if any(d.is_complex() for d in ydots) or sum(d[0].numel() for d in ydots) > self.k:
+            return
+        acc = accumulation_dtype(functools.reduce(torch.promote_types, [d.dtype for d in ydots]))
+        engine.notes["acc"] = acc
+        rows = torch.cat([d.reshape(d.shape[0], -1).to(acc) for d in ydots], dim=1)  # Ydot: (k, m)
+        engine.notes["contracted"] = [
+            None if not used  # (m, *leaf shape); k = m = 1: a scaled tangent, without tensordot's (1 x 1) mm
+            else v.to(acc) * rows[0, 0] if rows.shape == (1, 1) else torch.tensordot(rows.T, v.to(acc), dims=1)
+            for v, used in zip(drawn, engine.used, strict=True)
+        ]
+        engine.notes.pop("tangents", None)  # kept ones are no longer needed
+
+    def contract(self, engine: Any, ydots: Sequence[torch.Tensor], ybars: Sequence[torch.Tensor | None]):
+        if "contracted" in engine.notes:  # (finish) combine needs the cotangent itself: ybar, m entries
+            acc = engine.notes["acc"]
+            engine.notes["ybar"] = torch.cat([
+                torch.zeros(d[0].numel(), dtype=acc, device=d.device) if b is None else b.reshape(-1).to(acc)
+                for d, b in zip(ydots, ybars, strict=True)
+            ])
+        return super().contract(engine, ydots, ybars)
 
     def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
+        contracted = engine.notes.get("contracted")
+        if contracted is not None and s_shared is None and s is not None and s.numel():
+            coef = engine.notes.pop("ybar") * (1.0 / self.k)
+            return [
+                combine_tangents(coef, u, dtype, reuse=False) if u is not None
+                else torch.zeros(shape, dtype=dtype, device=coef.device)
+                for u, (shape, dtype, _) in zip(contracted, meta, strict=True)
+            ]
         if s_shared is not None:
             s = torch.zeros_like(s_shared) if s is None else s
         elif s is None or s.numel() == 0:  # no cotangent reached the outputs

@@ -68,6 +68,10 @@ class Strategy:
         """Run the segment's passes (``engine.push``/``engine.push_lazy``) and return ``(ys, ydots, buffers)``."""
         raise NotImplementedError(f"{type(self).__name__} is not a forward strategy")
 
+    def finish(self, engine: Any, ydots: Sequence[torch.Tensor]) -> None:
+        """After the forward passes, with the differentiated outputs' tangents: keep what backward needs in
+        ``engine.notes`` (default: nothing)."""
+
     def contract(self, engine: Any, ydots: Sequence[torch.Tensor], ybars: Sequence[torch.Tensor | None]):
         """The coefficients ``s`` (one per tangent) of the output tangents against the cotangents."""
         return contract(ydots, ybars)

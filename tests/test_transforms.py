@@ -187,7 +187,9 @@ def test_lazy_seeding_matches_eager_whatever_the_segment_does_with_its_input(bod
     for seeding in ("lazy", "eager"):
         torch.manual_seed(0)
         grads.append(mf.mixed_grad(loss, {"v": mf.Random(k=4, distribution="rademacher", seeding=seeding)})(w, x))
-    assert torch.equal(*grads)
+    # The same tangents and sums, but an eager segment with at most k output entries ("index": 3) contracts
+    # its tangents in forward (Random.finish), in another order than lazy seeding's backward: equal to rounding.
+    torch.testing.assert_close(*grads, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize(
