@@ -151,22 +151,24 @@ class Engine:
         is remembered for ``_replay`` (a caller that records several passes as one passes False).
         """
         key = None
-        if not watch and not diagnose and record:
+        if not diagnose and record:
             passes = [(which, tangents)]
-            key = _replay.key_of(self, tensors, passes)
-            replayed = self.replay(key, tensors, passes, check)
+            key = _replay.key_of(self, tensors, passes, watch)
+            replayed = self.replay(key, tensors, passes, check, which if watch else None)
             if replayed is not None:
                 return (*replayed, self.buffers)
         result = self._push_eager(tensors, which, tangents, watch, diagnose, check)
         if key is not None and self.clean:
-            _replay.note_clean(self, key, tensors, passes, result[:2])
+            used = [self.used[self.diff.index(j)] for j in which] if watch else None
+            _replay.note_clean(self, key, tensors, passes, result[:2], used)
         return result
 
-    def replay(self, key, tensors, passes, check: bool = True) -> tuple[tuple, list] | None:
+    def replay(self, key, tensors, passes, check: bool = True, watched=None) -> tuple[tuple, list] | None:
         """``(ys, ydots)`` of ``passes`` from the recording under ``key``, or None (no recording, or its
-        outputs came back with all-zero tangents: then the eager passes look closer)."""
+        outputs came back with all-zero tangents: then the eager passes look closer). ``watched``: the
+        seeded inputs whose use the recording reports (into ``self.used``)."""
         recording = _replay.lookup(key)
-        if recording is None:
+        if recording is None or (watched is not None and recording.used is None):
             return None
         replayed = recording.run(tensors, passes)
         if replayed is None:
@@ -176,6 +178,9 @@ class Engine:
         which = [j for w, _ in passes for j in w]
         if check and all_zero_tangents(self._zero_key(which), ys, ydots):
             return None
+        for j, used in zip(watched or (), recording.used or (), strict=True):
+            if not used:
+                self.used[self.diff.index(j)] = False
         return ys, ydots
 
     def _push_eager(self, tensors, which, tangents, watch: bool, diagnose, check: bool):

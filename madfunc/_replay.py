@@ -109,9 +109,11 @@ def _forget(ident: int) -> None:
         del _CACHE[key]
 
 
-def key_of(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]):
+def key_of(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass], watch: bool = False):
     """The replay key of ``passes`` (one recording: ``Exact`` records its leaf groups' passes as one
-    graph, so that their common primal work is done once), or None if they cannot be replayed at all."""
+    graph, so that their common primal work is done once), or None if they cannot be replayed at all.
+    ``watch``: the pass must also say which seeded inputs the body read (``Random``), so its recording
+    keeps that, and is another recording than an unwatched one."""
     if engine.buffers or engine.measure or not engine.record_passes:
         return None
     tangents = [t for _, ts in passes for t in ts]
@@ -132,7 +134,7 @@ def key_of(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass])
             tuple((tuple(which), tuple((t.shape, t.dtype) for t in ts)) for which, ts in passes), engine.grad_mode,
             tuple(m.training for m in modules), _scalars(engine.fn), _scalars(engine.owner),
             # what creation ops and casts inside the body read from torch's global state at trace time
-            torch.get_default_dtype(), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
+            torch.get_default_dtype(), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"), watch,
         )
         hash(key)
     except TypeError:  # an unhashable non-tensor argument: nothing to key on
@@ -149,6 +151,7 @@ class Replay:
         self.n_out = n_out
         self.out_spec = out_spec
         self.buffers = buffers  # (module weakref, buffer name, shape, dtype, device): read at each run
+        self.used: list[bool] | None = None  # a watched pass's: which seeded inputs the body read
 
     def run(self, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> tuple[tuple, list] | None:
         """The recorded pass on these tensors; None if a buffer it reads is gone or changed its kind."""
@@ -174,9 +177,10 @@ def lookup(key: tuple | None) -> Replay | None:
 
 
 def note_clean(engine: Any, key: tuple | None, tensors: Sequence[torch.Tensor], passes: Sequence[Pass],
-               expected: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]) -> None:
-    """Passes with this key ran eagerly and cleanly, giving ``expected`` (ys, ydots): after ``RECORD_AFTER``
-    such sightings, record them, and keep the recording only if it reproduces ``expected``."""
+               expected: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]], used: list[bool] | None = None) -> None:
+    """Passes with this key ran eagerly and cleanly, giving ``expected`` (ys, ydots) and, when watched,
+    ``used``: after ``RECORD_AFTER`` such sightings, record them, and keep the recording only if it
+    reproduces ``expected``."""
     if key is None:
         return
     seen = _CACHE.get(key, 0)
@@ -190,6 +194,7 @@ def note_clean(engine: Any, key: tuple | None, tensors: Sequence[torch.Tensor], 
     with _restored_state():
         try:
             recording = _record(engine, tensors, passes)
+            recording.used = used
             _verify(recording, tensors, passes, expected)
             _CACHE[key] = recording
         except _Refused as refusal:

@@ -69,6 +69,24 @@ def test_replayed_passes_give_the_exact_gradient(strategy: mf.Strategy) -> None:
         _close(g(*args), grad(_cnn)(*args))
 
 
+@pytest.mark.parametrize("k,seeding", [(1, "kept"), (4, "eager"), (3, "auto")])
+def test_random_passes_replay_with_the_same_estimate_and_unused_inputs(k: int, seeding: str) -> None:
+    """A Random pass replays too, giving its eager pass's estimate under the same seed; an input the body
+    never reads still gets an exact zero (the recording keeps which seeded inputs its pass read)."""
+    gen = torch.Generator().manual_seed(0)
+    w, unused, x = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((3, 2), (5,), (6, 3)))
+    seg = mf.fwd(lambda w, u, x: torch.tanh(x @ w).pow(2).sum(), name="rand")
+    g = mf.mixed_grad(lambda w, u: seg(w, u, x), {"rand": mf.Random(k, seeding=seeding)}, argnums=(0, 1))
+    estimates = []
+    for _ in range(3):  # eager (and recorded), then replayed twice
+        torch.manual_seed(7)
+        estimates.append(g(w, unused))
+    assert _replay.replayed("rand") == 1
+    for estimate in estimates[1:]:
+        _close(estimate, estimates[0])
+    assert torch.equal(estimates[-1][1], torch.zeros(5, dtype=torch.float64))
+
+
 def test_changed_shapes_dtypes_and_differentiated_arguments_are_new_recordings() -> None:
     for batch, dtype, argnums in ((2, torch.float64, 0), (3, torch.float64, 0), (3, torch.float32, 0),
                                   (3, torch.float64, (0, 1)), (2, torch.float64, 0)):
