@@ -46,10 +46,12 @@ def main() -> None:
     other = load_other(args.other)
     mlp, mlp_xy = models.mlp_params(8, 512), models.mlp_data(128, 512)
     cnn = models.cnn_params()
-    cases = []
+    cases = [("1  all-Reverse plan, MLP a segment per layer", "segmented_mlp_loss", "layer", lambda m: m.Reverse(),
+              (mlp, *mlp_xy))]
     for dist in ("gaussian", "rademacher"):
-        cases.append((f"2  Random(k=1, {dist}) MLP 8x512 b128", "whole_mlp_loss", "mlp",
-                      lambda m, d=dist: m.Random(k=1, distribution=d), (mlp, *mlp_xy)))
+        for seeding in ("auto", "kept"):
+            cases.append((f"2  Random(k=1, {dist}, {seeding}) MLP 8x512 b128", "whole_mlp_loss", "mlp",
+                          lambda m, d=dist, s=seeding: m.Random(k=1, distribution=d, seeding=s), (mlp, *mlp_xy)))
     for dist in ("gaussian", "rademacher"):
         for seeding in ("auto", "eager"):
             cases.append((f"3  Random(k=16, {dist}, {seeding}) MLP", "whole_mlp_loss", "mlp",
@@ -70,6 +72,16 @@ def main() -> None:
 
 def _loss(loss_name: str, package):
     """The benchmark model's loss as one segment made by ``package`` (models.py's segments are madfunc's)."""
+    if loss_name == "segmented_mlp_loss":
+        layer = package.fwd(models._layer, name="layer")
+
+        def segmented(params, x, y):
+            h = x
+            for w, b in zip(params[::2], params[1::2], strict=False):
+                h = layer(w, b, h)
+            return models.F.mse_loss(h, y)
+
+        return segmented
     if loss_name == "whole_mlp_loss":
         seg = package.fwd(models.mlp_loss, name="mlp")
         return lambda params, x, y: seg(params, x, y)
