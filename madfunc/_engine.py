@@ -57,6 +57,9 @@ class Engine:
         self.seed = seed
         self.measure = measure  # inspect: report a costly Exact segment's size instead of computing it
         self.grad_mode = torch.is_grad_enabled()
+        # Called outside torch.func's transforms (use_plan, plain autograd): the plain code it wraps draws
+        # random numbers as eager kernels do (see _dropout).
+        self.plain_call = torch._C._functorch.peek_interpreter_stack() is None
         self.out_spec: Any = None
         self.n_out = 0
         self.diff_out: list[int] = []
@@ -199,7 +202,8 @@ class Engine:
 
         def single(*tangent):
             def body(*seeded, passed):
-                mode = BARE if bare else OpRules(self.name, seeded if watch else (), strict=bool(diagnose))
+                mode = BARE if bare else OpRules(self.name, seeded if watch else (), strict=bool(diagnose),
+                                                 plain_rng=self.plain_call)
                 rules.append(mode)
                 with mode:
                     outs = self.seeded_call(tensors, which, seeded, passed)
@@ -279,7 +283,8 @@ class Engine:
 
         def single(pick: torch.Tensor | None) -> tuple:
             def body(_anchor: torch.Tensor, passed) -> tuple:
-                mode, rule = LazySeeds(values, pick, lambda i: make(i, values[i])), OpRules(self.name)
+                mode = LazySeeds(values, pick, lambda i: make(i, values[i]))
+                rule = OpRules(self.name, plain_rng=self.plain_call)
                 modes.append(mode)
                 rules.append(rule)
                 with mode, rule:

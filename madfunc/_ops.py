@@ -26,6 +26,7 @@ from torch.autograd.forward_ad import unpack_dual
 from torch.overrides import TorchFunctionMode
 
 from ._checks import ForwardModeError, missing_forward_rule
+from ._dropout import PLAIN_RNG_RULES
 from ._fallback import NoForwardRuleError, function_with_fallback, has_jvp, jvp_by_double_vjp
 
 
@@ -174,9 +175,13 @@ class OpFailed(RuntimeError):
 class OpRules(TorchFunctionMode):
     """Active around a forward segment's body in every tangent pass; see the module docstring."""
 
-    def __init__(self, segment: str, watched: Sequence[torch.Tensor] = (), strict: bool = False) -> None:
+    def __init__(self, segment: str, watched: Sequence[torch.Tensor] = (), strict: bool = False,
+                 plain_rng: bool = False) -> None:
         super().__init__()
         self.segment = segment
+        # The segment was called outside torch.func's transforms (use_plan): random ops whose plain kernel
+        # draws in another order than under the transforms run as the plain kernel does (_dropout).
+        self.plain_rng = plain_rng
         self.watched = {id(t): i for i, t in enumerate(watched)}
         self.used: set[int] = set()
         self.fallbacks: set[str] = set()  # ops that ran by the double-vjp fallback (inspect lists them)
@@ -200,7 +205,7 @@ class OpRules(TorchFunctionMode):
         if self.watched and func not in _METADATA:
             self._record(args)
             self._record(kwargs.values())
-        rule = RULES.get(func)
+        rule = RULES.get(func) or (PLAIN_RNG_RULES.get(func) if self.plain_rng else None)
         if rule is not None:
             self.touched = True
             return rule(self, _name(func), func, args, kwargs)

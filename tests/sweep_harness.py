@@ -313,9 +313,9 @@ def _torch_disagrees(
       (one basis tangent per scalar, like Exact; randomness="same": every tangent sees the one set of random
       numbers a plain call draws). Where jacfwd cannot run, the directional derivative along a random ``u``
       stands in: ``jvp(loss, u)`` against ``<expected, u>`` and ``<actual, u>``.
-    - mode (b) only: torch.func.grad and plain autograd disagree with each other (e.g. scaled-dot-product attention
-      picks a fused kernel, with its own dropout random numbers, under plain autograd and the math kernel under
-      torch.func), and madfunc agrees with torch.func.grad.
+    - mode (b) only: torch.func.grad and plain autograd disagree with each other (e.g. a fused kernel with its own
+      random numbers under plain autograd, a decomposition under torch.func), and madfunc agrees with
+      torch.func.grad.
     """
     if mode == "backward":
         functional, _ = _grad_run(case, None)
