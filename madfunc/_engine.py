@@ -57,8 +57,7 @@ class Engine:
         self.seed = seed
         self.measure = measure  # inspect: report a costly Exact segment's size instead of computing it
         self.grad_mode = torch.is_grad_enabled()
-        # Called outside torch.func's transforms (use_plan, plain autograd): the plain code it wraps draws
-        # random numbers as eager kernels do (see _dropout).
+        # Called outside torch.func's transforms (use_plan): its random ops draw as eager kernels do (_dropout).
         self.plain_call = torch._C._functorch.peek_interpreter_stack() is None
         self.out_spec: Any = None
         self.n_out = 0

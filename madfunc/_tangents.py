@@ -4,7 +4,8 @@ at a time, from one saved integer instead of keeping them in memory.
 Each Random segment call gets one 62-bit seed from the transform call's tangent stream (``_rng``, so
 ``torch.manual_seed`` reproduces it); leaf ``i`` gets its own generator, seeded by a SplitMix64 hash of
 ``(seed, i)``. Leaves are thus independent streams: backward can regenerate any one leaf's tangents
-without drawing the others.
+without drawing the others. A large Gaussian leaf on CPU is drawn in chunks, each from a generator seeded
+from the leaf's, on several threads at once (``draw_leaf``).
 """
 
 from __future__ import annotations
