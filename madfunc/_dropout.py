@@ -59,8 +59,8 @@ def _rule(names: tuple[str, ...], defaults: tuple, alpha: bool, inplace: bool | 
         input, p, train = values[0], values[1], values[2]
         in_place = values[3] if inplace is None else inplace
         if (
-            not isinstance(input, torch.Tensor) or input.device.type != "cpu" or not (0.0 <= p <= 1.0)
-            or not input.is_floating_point()
+            not isinstance(input, torch.Tensor) or input.device.type != "cpu" or not input.is_floating_point()
+            or isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p <= 1.0)
         ):
             return func(*args, **kwargs)  # (accelerators use fused kernels; invalid arguments raise there)
         return _noisy(input, float(p), bool(train), bool(in_place), alpha)

@@ -58,7 +58,8 @@ class Engine:
         self.measure = measure  # inspect: report a costly Exact segment's size instead of computing it
         self.grad_mode = torch.is_grad_enabled()
         # Called outside torch.func's transforms (use_plan): its random ops draw as eager kernels do (_dropout).
-        self.plain_call = torch._C._functorch.peek_interpreter_stack() is None
+        peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)  # (torch >= 2.1; else: as before)
+        self.plain_call = peek is not None and peek() is None
         self.out_spec: Any = None
         self.n_out = 0
         self.diff_out: list[int] = []
