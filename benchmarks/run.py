@@ -152,6 +152,17 @@ def compile_targets(compare: Callable, mlp_args: tuple, cnn_args: tuple) -> None
         with torch._dynamo.config.patch(error_on_recompile=True):  # a new seed must not recompile: it raises
             compare(f"6{'abc'[i]}", f"torch.compile(step), {model}, {strategy!r}", torch.compile(step), step, 1.0,
                     args, "the same step eager")
+    # One full graph (fullgraph=True raises on any break): mixed_grad(traceable=True), whose segments are plain
+    # torch code, vs the default engine's step eagerly. Small MLP (overhead-bound: the case) and the 8x512.
+    small = (models.mlp_params(3, 32), *models.mlp_data(16, 32))
+    for target, what, args in (("6d", "MLP 3x32 b16", small), ("6e", "MLP 8x512 b128", mlp_args)):
+        torch._dynamo.reset()
+        plan = {"mlp": mf.Random(1)}
+        traced = mf.mixed_grad(models.whole_mlp_loss, plan=plan, traceable=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compare(target, f"torch.compile(mixed_grad(traceable=True), fullgraph=True), {what}, Random(k=1)",
+                    torch.compile(traced, fullgraph=True), mf.mixed_grad(models.whole_mlp_loss, plan=plan), None,
+                    args, "default engine, eager")
 
 
 # -- memory, in child processes ------------------------------------------------------------------

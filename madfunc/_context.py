@@ -15,7 +15,7 @@ from ._rng import TangentStream
 if TYPE_CHECKING:  # (_plan's strategies import the engine's helpers, which import this module)
     from ._plan import Plan, Strategy
 
-__all__ = ["CallState", "SegmentCall", "active", "activate", "nested_in"]
+__all__ = ["CallState", "SegmentCall", "active", "activate", "check_plan_used", "nested_in"]
 
 
 @dataclasses.dataclass
@@ -70,24 +70,33 @@ class CallState:
             return
         top = list(dict.fromkeys(c.name for c in self.calls if c.nested_in is None))
         nested = {c.name: c.nested_in for c in self.calls if c.nested_in is not None}
-        for key in self.plan:
-            if any(key in self.plan.matching_keys(n) for n in top):
-                continue
-            hidden = [n for n in nested if key in self.plan.matching_keys(n)]
-            if hidden:
-                inner = hidden[0]
-                raise ValueError(
-                    f"{self.where}: plan key {key!r} matches only segment {inner!r}, which ran inside forward "
-                    f"segment {nested[inner]!r} and is differentiated as part of it, so the key has no effect. "
-                    f"Drop the key, or give {nested[inner]!r} the strategy Reverse() so that {inner!r} runs "
-                    "on its own."
-                )
-            listed = ", ".join(repr(n) for n in top) if top else "none"
+        check_plan_used(self.plan, self.where, top, nested)
+
+
+def check_plan_used(plan: Plan, where: str, top: list[str], nested: dict[str, str]) -> None:
+    """Raise if a key of ``plan`` matches none of the segments ``top`` that ran on their own.
+
+    ``nested`` maps segments that ran only inside a forward segment to it: a key matching only those has
+    no effect either (it is differentiated as part of the outer segment), and gets its own message.
+    """
+    for key in plan:
+        if any(key in plan.matching_keys(n) for n in top):
+            continue
+        hidden = [n for n in nested if key in plan.matching_keys(n)]
+        if hidden:
+            inner = hidden[0]
             raise ValueError(
-                f"{self.where}: plan key {key!r} matched no segment that ran. Segments that ran: {listed}. "
-                "Fix the name or pattern, or drop the key (or pass allow_unused=True if that segment runs only on "
-                "some steps)."
+                f"{where}: plan key {key!r} matches only segment {inner!r}, which ran inside forward "
+                f"segment {nested[inner]!r} and is differentiated as part of it, so the key has no effect. "
+                f"Drop the key, or give {nested[inner]!r} the strategy Reverse() so that {inner!r} runs "
+                "on its own."
             )
+        listed = ", ".join(repr(n) for n in top) if top else "none"
+        raise ValueError(
+            f"{where}: plan key {key!r} matched no segment that ran. Segments that ran: {listed}. "
+            "Fix the name or pattern, or drop the key (or pass allow_unused=True if that segment runs only on "
+            "some steps)."
+        )
 
 
 def _describe(fn: Any) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 from ._activity import Activity
 from ._exact import Exact
@@ -220,9 +220,7 @@ class Plan(Mapping):
 
     def matching_keys(self, name: str) -> list[str]:
         """The keys that apply to segment ``name``: its exact key alone if present, else every matching pattern."""
-        if name in self._entries:
-            return [name]
-        return [key for key in self._entries if fnmatch.fnmatchcase(name, key)]
+        return matching_keys(self._entries, name)
 
     def lookup(self, name: str) -> Strategy | None:
         """The strategy the plan gives segment ``name``, or ``None`` if no key applies."""
@@ -240,6 +238,13 @@ class Plan(Mapping):
 
 
 PlanLike = Plan | Mapping[str, StrategyLike] | None
+
+
+def matching_keys(keys: Collection[str], name: str) -> list[str]:
+    """Of plan ``keys``, those that apply to segment ``name``: its exact key alone, else every matching pattern."""
+    if name in keys:
+        return [name]
+    return [key for key in keys if fnmatch.fnmatchcase(name, key)]
 
 
 def as_plan(plan: PlanLike) -> Plan:

@@ -9,7 +9,7 @@ from typing import Any, TypeVar, overload
 import torch
 from torch import nn
 
-from . import _context
+from . import _context, _traced
 from ._checks import run_reverse
 from ._forward import run_forward
 from ._plan import Exact, Reverse, Strategy, StrategyLike, as_strategy
@@ -95,6 +95,9 @@ class Segment:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        traced = _traced.active()
+        if traced is not None:  # under mixed_grad(traceable=True): plain torch code, traced by torch.compile
+            return _traced.dispatch(traced, self.name, self.default, _identity(self.fn), self.fn, args, kwargs)
         return _dispatch(self.name, self.default, self.fn, _identity(self.fn), self.fn, args, kwargs,
                          record_passes=self.record)
 
@@ -134,6 +137,10 @@ class ModuleSegment(nn.Module):
             params, inputs = dict(args[0]), args[1:]
         else:
             params, inputs = dict(self.module.named_parameters()), args
+        traced = _traced.active()
+        if traced is not None:
+            return _traced.dispatch(traced, self.name, self.default, ("object", id(self.module)), self._functional,
+                                    (params, *inputs), kwargs)
         return _dispatch(
             self.name,
             self.default,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import _context, _distributed
+from . import _context, _distributed, _traced
 from ._distributed import Reduction
 from ._plan import PlanLike, as_plan
 
@@ -40,8 +40,12 @@ def _planned(
         if call is not None:
             call.bind(args, argnums)  # the differentiated arguments as torch.func.grad wrapped them
             state.replicas, state.functional = call.replicas, call
-        with _context.activate(state):
-            out = fn(*args, **kwargs)
+        _traced.push_untraced()
+        try:
+            with _context.activate(state):
+                out = fn(*args, **kwargs)
+        finally:
+            _traced.pop_untraced()
         state.check_plan_used()
         return out
 
@@ -57,6 +61,36 @@ def _eager(transformed: Callable[..., Any]) -> Callable[..., Any]:
     code around the call still compiles, and nothing in madfunc is ever guarded on.
     """
     return functools.wraps(transformed)(torch.compiler.disable(transformed, recursive=True))
+
+
+def _traceable(where: str, traceable: Any, generator: Any, process_group: Any) -> bool:
+    """Validate ``traceable=`` and the options it excludes; True for the traceable form (``_traced``)."""
+    if not isinstance(traceable, bool):
+        raise TypeError(
+            f"{where}(traceable=...): expected True or False, got {type(traceable).__name__} {traceable!r}."
+        )
+    if traceable and generator is not None:
+        raise ValueError(
+            f"{where}(traceable=True, generator=...): a traceable transform draws its tangents inside the graph "
+            "from torch's default generator; drop generator= (seed with torch.manual_seed), or use traceable=False."
+        )
+    if traceable and process_group is not None:
+        raise ValueError(
+            f"{where}(traceable=True, process_group=...): data parallelism needs the default engine; "
+            "use traceable=False."
+        )
+    return traceable
+
+
+def _checked_plan(fn: Any, plan: PlanLike, where: str) -> Any:
+    """The plan of a traceable transform, its strategies checked now rather than at the first call."""
+    checked = as_plan(plan)
+    if not callable(fn):
+        raise TypeError(f"{where}(fn, ...): expected a callable, got {type(fn).__name__} {fn!r}.")
+    entries = {key: checked[key] for key in checked}
+    for key, strategy in entries.items():
+        _traced.check_strategy(key, strategy)
+    return entries
 
 
 def _check_generator(where: str, generator: Any) -> None:
@@ -77,6 +111,7 @@ def mixed_grad_and_value(
     allow_unused: bool = False,
     process_group: ProcessGroupLike = None,
     reduction: Reduction = "mean",
+    traceable: bool = False,
 ) -> Callable[..., Any]:
     """Like ``torch.func.grad_and_value``, with each segment differentiated as ``plan`` says.
 
@@ -100,6 +135,12 @@ def mixed_grad_and_value(
             Default: ``None`` (one process, no communication).
         reduction: ``"mean"`` (the gradient of the mean of the ranks' losses, as DDP) or ``"sum"``.
             Default: ``"mean"``.
+        traceable: if True, forward segments run as plain torch code with the same estimator (README,
+            "torch.compile"), which ``torch.compile`` traces into the step's graph (``fullgraph=True``
+            works). Tangents are then drawn in the graph from torch's default generator (other numbers than
+            the default engine's) and kept for backward; segments take ``Reverse``, ``Exact`` or ``Random``
+            with Gaussian or Rademacher tangents; ``generator`` and ``process_group`` are unavailable.
+            Default: ``False``.
 
     Returns:
         A function returning ``(grad, value)``; with ``has_aux``, ``(grad, (value, aux))``. ``grad``
@@ -113,6 +154,10 @@ def mixed_grad_and_value(
         (tensor([2., 4.]), tensor(5.))
     """
     _distributed.check_options("mixed_grad_and_value", process_group, reduction)
+    if _traceable("mixed_grad_and_value", traceable, generator, process_group):
+        planned = _traced.planned(fn, _checked_plan(fn, plan, "mixed_grad_and_value"), "mixed_grad_and_value",
+                                  allow_unused)
+        return torch.func.grad_and_value(planned, argnums, has_aux)
     transformed = torch.func.grad_and_value(
         _planned(fn, plan, "mixed_grad_and_value", generator, allow_unused, argnums), argnums, has_aux
     )
@@ -132,6 +177,7 @@ def mixed_grad(
     allow_unused: bool = False,
     process_group: ProcessGroupLike = None,
     reduction: Reduction = "mean",
+    traceable: bool = False,
 ) -> Callable[..., Any]:
     """Like ``torch.func.grad``, with each segment differentiated as ``plan`` says.
 
@@ -154,6 +200,12 @@ def mixed_grad(
             Default: ``None`` (one process, no communication).
         reduction: ``"mean"`` (the gradient of the mean of the ranks' losses, as DDP) or ``"sum"``.
             Default: ``"mean"``.
+        traceable: if True, forward segments run as plain torch code with the same estimator (README,
+            "torch.compile"), which ``torch.compile`` traces into the step's graph (``fullgraph=True``
+            works). Tangents are then drawn in the graph from torch's default generator (other numbers than
+            the default engine's) and kept for backward; segments take ``Reverse``, ``Exact`` or ``Random``
+            with Gaussian or Rademacher tangents; ``generator`` and ``process_group`` are unavailable.
+            Default: ``False``.
 
     Returns:
         A function returning the gradient (structured like argument ``argnums``, a tuple for a tuple
@@ -172,8 +224,14 @@ def mixed_grad(
         >>> estimate = mf.mixed_grad(loss, plan={"layer": mf.Random(k=4)})(w, x)   # unbiased estimate
         >>> estimate.shape
         torch.Size([3, 2])
+        >>> step = torch.compile(mf.mixed_grad(loss, plan={"layer": mf.Random(k=4)}, traceable=True), fullgraph=True)
+        >>> step(w, x).shape                                        # one graph, no break around the segment
+        torch.Size([3, 2])
     """
     _distributed.check_options("mixed_grad", process_group, reduction)
+    if _traceable("mixed_grad", traceable, generator, process_group):
+        return torch.func.grad(_traced.planned(fn, _checked_plan(fn, plan, "mixed_grad"), "mixed_grad", allow_unused),
+                               argnums, has_aux)
     transformed = torch.func.grad(_planned(fn, plan, "mixed_grad", generator, allow_unused, argnums), argnums, has_aux)
     if process_group is None:
         return _eager(transformed)

@@ -1,0 +1,249 @@
+"""Forward segments as plain torch code that ``torch.compile`` can trace: ``mixed_grad(..., traceable=True)``.
+
+The default engine (``_forward``) runs a forward segment as an ``autograd.Function`` that regenerates its
+tangents from a seed, replays recorded passes and checks its inputs at run time: fast eagerly, but Dynamo
+cannot trace it, so a compiled step breaks its graph around each segment. With ``traceable=True`` a forward
+segment is instead written as ordinary differentiable code with the same gradient,
+
+    out = y + (1/k) * sum_j c_j * ydot_j,    c_j = sum_leaves <v_j, leaf - leaf.detach()>,
+
+where ``(y, ydot_j) = jvp(segment, leaves.detach(), v_j)``. ``c_j`` is zero, so ``out`` is ``y``; its
+gradient is ``<ydot_j, ybar>`` per ``j``, and the chain rule through ``c_j`` gives every leaf
+``(1/k) sum_j <ydot_j, ybar> v_j``: the forward-gradient estimate (basis tangents and scale 1: ``Exact``).
+Everything is torch ops, so Dynamo traces a whole training step into one graph, and inductor draws the
+tangents with its counter-based generator (benchmarks/RESULTS.md: 8x eager on a small MLP).
+
+Bookkeeping lives in a module-level stack, not the ContextVars of the default path: Dynamo traces list
+and attribute mutation, not ``ContextVar.set``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.overrides import TorchFunctionMode
+
+from ._context import check_plan_used
+from ._exact import Exact
+from ._plan import matching_keys
+from ._random import Random
+from ._strategy import Strategy
+from ._tangents import _METADATA
+
+__all__ = ["TracedState", "active", "check_strategy", "dispatch", "planned", "run_segment"]
+
+# Distributions whose tangents are plain elementwise draws (E[v v^T] = I), which inductor can generate.
+_DISTRIBUTIONS = ("gaussian", "rademacher")
+
+
+@dataclasses.dataclass
+class TracedState:
+    """Plan and bookkeeping of one traceable transform call."""
+
+    plan: dict  # plan key -> Strategy (a dict: Dynamo traces it, and not a Plan made inside the traced step)
+    where: str
+    names: list = dataclasses.field(default_factory=list)  # segments that ran, in order (plan checks)
+    owners: dict = dataclasses.field(default_factory=dict)  # segment name -> identity of its function
+    nested: list = dataclasses.field(default_factory=list)  # (inner, outer) pairs: segments inside a forward one
+    inside: str | None = None  # the forward segment whose body is running now
+
+
+_STACK: list[TracedState | None] = []
+
+
+def active() -> TracedState | None:
+    """The innermost traceable call, or None (also None while its forward segment's body runs)."""
+    return _STACK[-1] if _STACK else None
+
+
+class _Watch(TorchFunctionMode):
+    """Records which of ``leaves`` an op reads (metadata queries aside) into ``used``."""
+
+    def __init__(self, leaves: tuple, used: list[bool]) -> None:
+        super().__init__()
+        self.leaves, self.used = leaves, used
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func not in _METADATA:
+            for arg in pytree.tree_leaves((args, kwargs)):
+                for i, leaf in enumerate(self.leaves):
+                    if arg is leaf:
+                        self.used[i] = True
+        return func(*args, **kwargs)
+
+
+def _needs_grad(t: Any) -> bool:
+    # Dynamo (torch 2.13) reads an argument of torch.func.grad as not requiring grad (the requires_grad it had
+    # before grad set it), while tensors computed from it read True; a view is computed from it.
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and (t.requires_grad or t.view_as(t).requires_grad)
+
+
+def check_strategy(name: str, strategy: Strategy) -> None:
+    """Only strategies with a traceable form run traced; the others are refused by name, before any work."""
+    if not strategy.is_forward:
+        return
+    if type(strategy) is Exact:
+        return
+    if type(strategy) is Random and strategy.distribution in _DISTRIBUTIONS:
+        return
+    raise ValueError(
+        f"mixed_grad(traceable=True): segment {name!r} has strategy {strategy!r}, which has no traceable form. "
+        "Traceable forward segments take Exact() or Random(distribution='gaussian' or 'rademacher'); use "
+        "another strategy for this segment, or traceable=False (the default engine, which runs segments "
+        "eagerly inside a compiled step)."
+    )
+
+
+def _tangents(strategy: Strategy, leaves: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    """Tangents ``(k, *leaf.shape)`` per leaf and ``k``: random draws, or one-hot basis vectors over all leaves."""
+    if type(strategy) is Random:
+        k = strategy.k
+        if strategy.distribution == "gaussian":
+            return [torch.randn((k, *t.shape), dtype=t.dtype, device=t.device) for t in leaves], k
+        # randint, not bernoulli_: 2x faster eagerly and under inductor on CPU (benchmarks/RESULTS.md)
+        return [torch.randint(0, 2, (k, *t.shape), dtype=t.dtype, device=t.device) * 2 - 1 for t in leaves], k
+    sizes = [t.numel() for t in leaves]
+    n = sum(sizes)
+    eye = torch.eye(n, dtype=leaves[0].dtype, device=leaves[0].device)
+    blocks = torch.split(eye, sizes, dim=1)
+    return [b.reshape(n, *t.shape) for b, t in zip(blocks, leaves, strict=True)], n
+
+
+def run_segment(state: TracedState, name: str, strategy: Strategy, fn: Callable[..., Any], args: tuple,
+                kwargs: dict) -> Any:
+    """Segment ``name`` under ``strategy``, written as traceable code with the forward-mode gradient."""
+    check_strategy(name, strategy)
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    if any(isinstance(t, torch.Tensor) and t.is_complex() and t.requires_grad for t in flat):
+        raise TypeError(
+            f"segment {name!r}: complex inputs that need gradients are not supported in forward mode; pass real "
+            "and imaginary parts as separate real tensors, or mark the segment rev()."
+        )
+    diff = [i for i, leaf in enumerate(flat) if _needs_grad(leaf)] if torch.is_grad_enabled() else []
+    if not strategy.is_forward or not diff:
+        return fn(*args, **kwargs)
+    leaves = [flat[i] for i in diff]
+    detached = [t.detach() for t in leaves]
+    tangents, k = _tangents(strategy, detached)
+
+    used = [False] * len(diff)
+
+    def body(*primals: torch.Tensor) -> Any:
+        inputs = list(flat)
+        for i, p in zip(diff, primals, strict=True):
+            inputs[i] = p
+        a, kw = pytree.tree_unflatten(inputs, spec)
+        with _Watch(primals, used):
+            return fn(*a, **kw)
+
+    def one(*v: torch.Tensor) -> Any:
+        return torch.func.jvp(body, tuple(detached), v)
+
+    state.inside = name
+    try:
+        if k == 1:
+            y, ydot = one(*(v[0] for v in tangents))
+            ydot = pytree.tree_map(lambda d: d.unsqueeze(0), ydot)
+        else:
+            ys, ydot = torch.func.vmap(one, randomness="same")(*tangents)
+            y = pytree.tree_map(lambda t: t[0], ys)
+    finally:
+        state.inside = None
+    scale = 1.0 / k if type(strategy) is Random else 1.0
+    if not any(used):  # the output does not depend on the differentiated inputs: zero gradients, as eagerly
+        return y
+    # Inputs no op read get exact zeros, as in the default engine (their tangents would add only noise).
+    c = sum((v * (t - d).unsqueeze(0)).flatten(1).sum(1)
+            for v, t, d, u in zip(tangents, leaves, detached, used, strict=True) if u)
+
+    def attach(out: Any, dots: Any) -> Any:
+        if not (isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex())):
+            return out  # integer outputs have no gradient
+        coef = (c * scale).to(dots.dtype).reshape(k, *([1] * out.dim()))
+        return out + (coef * dots).sum(0)
+
+    return pytree.tree_map(attach, y, ydot)
+
+
+# Plan matching (fnmatch, compiled regexes) is Python that Dynamo cannot trace. Its results depend only on the
+# plan's keys and the segment names, strings that Dynamo treats as constants, so it runs once while tracing.
+_constant = getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
+
+
+class _Keys(tuple):
+    """A plan's keys, with the plan's matching rule (what ``check_plan_used`` reads of a plan)."""
+
+    def matching_keys(self, name: str) -> list[str]:
+        return matching_keys(self, name)
+
+
+@_constant
+def _matching(keys: tuple, name: str) -> tuple:
+    return tuple(matching_keys(keys, name))
+
+
+@_constant
+def _unused_keys(keys: tuple, where: str, names: tuple, nested: tuple) -> str:
+    """The error for a plan key that matched no segment that ran, or "" (see ``_context.check_plan_used``)."""
+    try:
+        check_plan_used(_Keys(keys), where, list(dict.fromkeys(names)), dict(nested))
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def dispatch(state: TracedState, name: str, default: Strategy, identity: Any, fn: Callable[..., Any], args: tuple,
+             kwargs: dict) -> Any:
+    """A segment call under a traceable transform: plain inside a forward segment, else as the plan says."""
+    if state.owners.setdefault(name, identity) != identity:
+        raise ValueError(
+            f"{state.where}: two different functions ran under the segment name {name!r} in one call. Give each "
+            "segment its own name, e.g. fwd(fn, name='block1'); a plan pattern such as 'block*' can still address "
+            "them together."
+        )
+    if state.inside is not None:  # part of the enclosing forward segment's computation
+        state.nested.append((name, state.inside))
+        return fn(*args, **kwargs)
+    state.names.append(name)
+    keys = _matching(tuple(state.plan), name)
+    strategy = state.plan[keys[0]] if keys else default
+    if any(state.plan[key] != strategy for key in keys):
+        listed = ", ".join(f"{key!r} -> {state.plan[key]!r}" for key in keys)
+        raise ValueError(
+            f"plan: segment {name!r} is matched by several patterns with different strategies ({listed}); add an "
+            f"exact entry for {name!r} or make the patterns disjoint."
+        )
+    return run_segment(state, name, strategy, fn, args, kwargs)
+
+
+def planned(fn: Callable[..., Any], plan: Any, where: str, allow_unused: bool) -> Callable[..., Any]:
+    """``fn`` run with ``plan`` active for traceable segments; every plan key must match a segment that ran."""
+
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        state = TracedState(plan, where)
+        _STACK.append(state)
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            _STACK.pop()
+        if not allow_unused:
+            problem = _unused_keys(tuple(plan), where, tuple(state.names), tuple(state.nested))
+            if problem:
+                raise ValueError(problem)
+        return out
+
+    return inner
+
+
+def push_untraced() -> None:
+    """The default engine's calls shadow an enclosing traceable one (nested transforms)."""
+    _STACK.append(None)
+
+
+def pop_untraced() -> None:
+    _STACK.pop()
