@@ -28,6 +28,11 @@ import models  # noqa: E402
 import madfunc as mf  # noqa: E402
 
 THREADS = 2
+# The memory children pin glibc's mmap threshold at its initial value (128 KiB). By default glibc raises it
+# to the size of the largest block freed so far, after which large tensors come from the heap and freed
+# ones stay in the process: the peak RSS then depends on the order of earlier frees, not on what is alive
+# (the same code read 109-127 MB or 184-201 MB with another but equivalent seeding order; pinned, both 76 MB).
+MALLOC_FIXED = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def timeit(candidates: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
@@ -192,7 +197,7 @@ def measure_memory() -> tuple[list[dict], dict]:
     def child(kind: str, depth: int) -> dict:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", kind, str(depth),
                               "--threads", str(torch.get_num_threads())],
-                             check=True, capture_output=True, text=True)
+                             check=True, capture_output=True, text=True, env={**os.environ, **MALLOC_FIXED})
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     runs = {(kind, depth): child(kind, depth) for kind, depth in (("forward", 16), ("forward", 64), ("backprop", 64))}

@@ -275,14 +275,15 @@ class Engine:
         values = [tensors[i] for i in self.diff]
         buffers = self._pass_buffers()
 
-        token = torch.zeros(k, device=device)
+        # The jvp needs a primal of its own; the seeded leaves become duals at its level inside the body.
+        anchor = torch.zeros(1, device=device)
         modes: list[LazySeeds] = []
         rules: list[OpRules] = []
         returned_leaf = [False]
 
-        def single(direction: torch.Tensor) -> tuple:
-            def body(tok: torch.Tensor, passed) -> tuple:
-                mode = LazySeeds(values, tok, lambda i: make(i, values[i]))
+        def single(pick: torch.Tensor | None) -> tuple:
+            def body(_anchor: torch.Tensor, passed) -> tuple:
+                mode = LazySeeds(values, pick, lambda i: make(i, values[i]))
                 rule = OpRules(self.name, plain_rng=self.plain_call)
                 modes.append(mode)
                 rules.append(rule)
@@ -292,15 +293,15 @@ class Engine:
                 returned_leaf[0] |= any(o is v for o in outs for v in values)
                 return outs
 
-            return self._jvp(body, (token,), (direction,), buffers)
+            return self._jvp(body, (anchor,), (torch.zeros_like(anchor),), buffers)
 
         if k == 1:
-            ys, ydots = single(torch.ones(1, device=device))
+            ys, ydots = single(None)
             ydots = tuple(d.unsqueeze(0) for d in ydots)
         else:  # randomness="same": tangents (and the body's own draws) once, outside the batch of k directions
             try:
                 with batching_warnings(self.name):
-                    ys, ydots = vmap(single, out_dims=0, randomness="same")(torch.eye(k, device=device))
+                    ys, ydots = vmap(single, out_dims=0, randomness="same")(torch.arange(k, device=device))
             except (RuntimeError, NotImplementedError) as error:
                 if not _vmap_may_be_at_fault(error):
                     raise

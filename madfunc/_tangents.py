@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import optree
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
@@ -211,23 +212,24 @@ _METADATA = frozenset(
 class LazySeeds(TorchFunctionMode):
     """Seeds each leaf's tangents where an op first uses it, instead of on entry: lazy seeding.
 
-    Inside a ``jvp`` whose only primal is ``token`` (zeros of shape ``(k,)``, tangent ``e_j`` in slice
-    ``j`` of a vmap), every op argument that *is* one of ``leaves`` is replaced by
-    ``leaf + token . V`` with ``V = make(index)`` of shape ``(k, *leaf.shape)``: the same values, with
-    tangent ``V[j]``. ``V`` is drawn on the spot and dropped after the op, so no leaf's tangents outlive
-    its use (memory no longer grows with the number of leaves), and none are drawn for unused leaves.
-    ``seeded`` records which leaves were reached; the caller must check that all were.
+    Inside a ``jvp`` (vmapped over ``pick``, the tangent's index ``j``; None: one tangent, no vmap), every
+    op argument that *is* one of ``leaves`` is replaced by the dual ``make_dual(leaf, V[j])`` with
+    ``V = make(index)`` of shape ``(k, *leaf.shape)``: the leaf itself as primal (so the primal work is
+    done once, not per tangent), with tangent ``V[j]``. ``V`` is drawn on the spot and dropped after the
+    op, so no leaf's tangents outlive its use (memory no longer grows with the number of leaves), and none
+    are drawn for unused leaves. ``seeded`` records which leaves were reached; the caller must check that
+    all were. (An earlier version seeded ``leaf + token @ V`` from a token of one-hot tangents: a (k x k)
+    by (k x numel) product per use, 3x the cost of the gather ``V[j]``.)
 
-    An in-place op (``x.add_``, ``x[i] = v``, ``out=``) on a *seeded copy* would change the copy, not the
-    input, so the segment would silently compute something else than its plain call (and its
-    purity check would not fire). ``saw_inplace`` records any in-place op; the caller then seeds
-    eagerly, where in-place ops act on the real tensors.
+    An in-place op (``x.add_``, ``x[i] = v``, ``out=``) under lazy seeding would act on the dual view
+    instead of the eager path's own tensors; ``saw_inplace`` records any in-place op, and the caller then
+    seeds eagerly, where in-place ops act on the real tensors.
     """
 
-    def __init__(self, leaves: Sequence[torch.Tensor], token: torch.Tensor, make) -> None:
+    def __init__(self, leaves: Sequence[torch.Tensor], pick: torch.Tensor | None, make) -> None:
         super().__init__()
         self.by_id = {id(t): (index, t) for index, t in enumerate(leaves)}
-        self.token = token
+        self.pick = pick
         self.make = make
         self.seeded: set[int] = set()
         self.saw_inplace = False
@@ -250,8 +252,7 @@ class LazySeeds(TorchFunctionMode):
             if entry is None or entry[1] is not arg or (pos == 0 and keep_first):
                 continue
             v = self.make(entry[0])
-            # token @ V as a (1, k) x (k, numel) product: under vmap a plain (k, k) x (k, numel) matmul.
-            flat[pos] = arg + (self.token.to(v.dtype) @ v.reshape(v.shape[0], -1)).view(arg.shape)
+            flat[pos] = fwAD.make_dual(arg, v[0] if self.pick is None else v[self.pick])
             self.seeded.add(entry[0])
             hit = True
         if hit:
