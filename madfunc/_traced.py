@@ -139,7 +139,13 @@ def run_segment(state: TracedState, name: str, strategy: Strategy, fn: Callable[
             inputs[i] = p
         a, kw = pytree.tree_unflatten(inputs, spec)
         with _Watch(primals, used):
-            return fn(*a, **kw)
+            out = fn(*a, **kw)
+        if out is None or not all(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
+            raise TypeError(
+                f"segment {name!r} returned {type(out).__name__}; a forward segment must return a tensor or a "
+                "pytree (tuple, list, dict) of tensors. Did its function miss a `return`?"
+            )
+        return out
 
     def one(*v: torch.Tensor) -> Any:
         return torch.func.jvp(body, tuple(detached), v)

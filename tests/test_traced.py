@@ -210,6 +210,9 @@ def test_bad_input_is_refused_by_name() -> None:
     twin = mf.fwd(lambda p, x: x @ p["w1"], name="stem")
     with pytest.raises(ValueError, match="two different functions ran under the segment name 'stem'"):
         mf.mixed_grad(lambda p, x: (STEM(p, x) + twin(p, x)).sum(), traceable=True)(P, XS)
+    silent = mf.fwd(lambda p, x: None, name="silent")
+    with pytest.raises(TypeError, match="segment 'silent' returned NoneType; a forward segment must return a tensor"):
+        mf.mixed_grad(lambda p, x: silent(p, x), traceable=True)(P, XS)
     cseg = mf.fwd(lambda z, x: (x.to(z.dtype) @ z).abs(), name="cseg")
     with pytest.raises(TypeError, match="segment 'cseg': complex inputs that need gradients"):
         mf.mixed_grad(lambda z, x: cseg(z, x).sum(), traceable=True)(torch.ones(4, 5, dtype=torch.complex128), XS)
