@@ -26,7 +26,7 @@ from torch.autograd.forward_ad import unpack_dual
 from torch.overrides import TorchFunctionMode
 
 from ._checks import ForwardModeError, missing_forward_rule
-from ._dropout import PLAIN_RNG_RULES
+from ._dropout import RNG_RULES
 from ._fallback import NoForwardRuleError, function_with_fallback, has_jvp, jvp_by_double_vjp
 
 
@@ -205,7 +205,14 @@ class OpRules(TorchFunctionMode):
         if self.watched and func not in _METADATA:
             self._record(args)
             self._record(kwargs.values())
-        rule = RULES.get(func) or (PLAIN_RNG_RULES.get(func) if self.plain_rng else None)
+        rule = RULES.get(func)
+        if rule is None and func in RNG_RULES:
+            # Dropout whose own draw inside the passes is not the plain code's: drawn as that (_dropout). None:
+            # it is (CPU under torch.func), and the op runs as any other, leaving later passes free to go bare.
+            out = RNG_RULES[func](self, args, kwargs)
+            if out is not None:
+                self.touched = True
+                return out
         if rule is not None:
             self.touched = True
             return rule(self, _name(func), func, args, kwargs)

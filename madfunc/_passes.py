@@ -50,8 +50,14 @@ def all_zero_tangents(key: tuple, ys: Sequence[torch.Tensor], ydots: Sequence[to
         i
         for i, (y, d) in enumerate(zip(ys, ydots, strict=True))
         if _differentiable(y) and d.numel() and (key, i) not in _INDEPENDENT
-        and not _is_batched(d) and not bool(d.any())
+        and not _is_batched(d) and not _any_nonzero(d)
     ]
+
+
+def _any_nonzero(d: torch.Tensor) -> bool:
+    # any() has no CUDA kernel for complex32 ("or_cuda" not implemented for 'ComplexHalf'); != 0 has one for
+    # every dtype (and, unlike view_as_real, takes conjugated views). Real tangents keep the one-kernel any().
+    return bool((d != 0).any()) if d.is_complex() else bool(d.any())
 
 
 def diagnosed(key: tuple, suspicious: Sequence[int], learned: set[str]) -> None:
