@@ -111,16 +111,21 @@ def main() -> None:
     parser.add_argument("--replay", action="store_true",
                         help="check recorded-and-replayed passes: each case's second call runs from its recording")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: tiny samples)")
+    parser.add_argument("--device", default="cpu", help="where samples and modules live, e.g. cuda (default cpu)")
     parser.add_argument("--json", default=os.path.join(HERE, "out", "sweep.json"))
     parser.add_argument("--quiet", action="store_true", help="no per-op progress on stderr")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    H.DEVICE = args.device
     if args.replay:
         from madfunc import _replay
 
         H.REPLAY, _replay.RECORD_AFTER = True, 1
     kinds = [k for k, wanted in (("ops", args.ops), ("modules", args.modules)) if wanted] or ["ops", "modules"]
-    report = {"torch": torch.__version__, "samples": args.samples, "threads": args.threads, "replay": args.replay}
+    report = {
+        "torch": torch.__version__, "device": args.device, "samples": args.samples, "threads": args.threads,
+        "replay": args.replay,
+    }
     sections = []
     for kind in kinds:
         names = list(H.ops_by_name()) if kind == "ops" else H.all_module_names()
@@ -138,8 +143,9 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
-    replay = ", replayed from recordings" if args.replay else ""
-    print(f"# madfunc op_db / module_db sweep (torch {torch.__version__}, {args.samples} samples each{replay})\n")
+    notes = ", replayed from recordings" if args.replay else ""
+    notes += f", on {args.device}" if args.device != "cpu" else ""
+    print(f"# madfunc op_db / module_db sweep (torch {torch.__version__}, {args.samples} samples each{notes})\n")
     print("\n\n".join(sections))
 
 
