@@ -5,7 +5,9 @@
    ``k == n``), on ordinary models in train and eval mode. Each transform is called three times (eager; records;
    replays the recording) and every call is checked: the gradient, the model's output and its buffers after the
    call (BatchNorm's running statistics).
-2. ``Random(k=4)`` with Gaussian and Rademacher tangents: the mean of independent estimates against the gradient.
+2. ``Random(k=4)`` with Gaussian and Rademacher tangents: the mean of independent estimates against the gradient,
+   under mixed_grad, use_plan and mixed_grad(traceable=True), eagerly and compiled into one graph.
+3. ``mixed_grad(traceable=True)`` with ``Exact``, eagerly and compiled, against ``torch.func.grad``.
 
 One line per case with its error relative to the reference's scale and PASS/FAIL; exit status 1 on any FAIL.
 Not a test (CI has no GPU); madfunc was developed and tested on CPU only.
@@ -233,14 +235,17 @@ def check_random(distribution: str, transform: str, draws: int, device: str, k: 
 
     truth = torch.cat([g.flatten() for g in leaves(torch.func.grad(loss)({"w": w, "b": b}, x, y))])
     plan = {"lin": mf.Random(k=k, distribution=distribution)}
-    grad = mf.mixed_grad(loss, plan=plan)
+    grad = mf.mixed_grad(loss, plan=plan, traceable=transform.startswith("traceable"))
+    if transform == "traceable compiled":  # one graph: inductor draws the tangents (other numbers, same law)
+        torch._dynamo.reset()
+        grad = torch.compile(grad, fullgraph=True)
     own = {"w": w.clone().requires_grad_(), "b": b.clone().requires_grad_()}
 
     def estimate(seed: int) -> torch.Tensor:
         # README, "Randomness": a call's tangents derive from torch's generator state on entry, so distinct
         # seeds give independent tangents and the same seed gives the same estimate bit for bit.
         torch.manual_seed(seed)
-        if transform == "mixed_grad":
+        if transform != "use_plan":
             g = grad({"w": w, "b": b}, x, y)
         else:
             for t in own.values():
@@ -268,10 +273,31 @@ def check_random(distribution: str, transform: str, draws: int, device: str, k: 
            f"max|z| {worst:.2f} <= {threshold:.2f}; rel. variance {measured:.3f} vs theory {theory:.3f}")
 
 
+def check_traced(device: str) -> None:
+    """mixed_grad(traceable=True) with Exact, eagerly and compiled into one graph, against torch.func.grad."""
+    gen = torch.Generator().manual_seed(2)
+    p = {name: torch.randn(*shape, dtype=torch.float64, generator=gen).to(device)
+         for name, shape in (("w1", (6, 8)), ("b1", (8,)), ("w2", (8, 3)))}
+    x, y = (torch.randn(10, n, dtype=torch.float64, generator=gen).to(device) for n in (6, 3))
+    stem = mf.fwd(lambda p, x: torch.tanh(x @ p["w1"] + p["b1"]), name="stem")
+
+    def loss(p, x, y):
+        return ((stem(p, x) @ p["w2"] - y) ** 2).mean()
+
+    truth = torch.func.grad(loss)(p, x, y)
+    traced = mf.mixed_grad(loss, traceable=True)
+    torch._dynamo.reset()
+    for label, fn in (("eager", traced), ("compiled", torch.compile(traced, fullgraph=True))):
+        for call in range(2):
+            err = rel_err(fn(p, x, y), truth)
+            report(f"traceable Exact, MLP, {label}, call {call + 1}", err, err <= TOL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", nargs="*", default=None, help="model names (prefixes) to check; 'random' too")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="model names (prefixes) to check; 'random', 'traced' too")
     parser.add_argument("--draws", type=int, default=4000, help="estimates per statistical check (default 4000)")
     args = parser.parse_args()
     wanted = lambda name: args.only is None or any(name.startswith(o) for o in args.only)  # noqa: E731
@@ -283,9 +309,11 @@ def main() -> None:
         for training in (True, False):
             for strategy in ("exact", "orthogonal"):
                 check_model(name, factory, x, y, crit, training, strategy, args.device)
+    if wanted("traced"):
+        check_traced(args.device)
     if wanted("random"):
         for distribution in ("gaussian", "rademacher"):
-            for transform in ("mixed_grad", "use_plan"):
+            for transform in ("mixed_grad", "use_plan", "traceable", "traceable compiled"):
                 check_random(distribution, transform, args.draws, args.device)
     if REFUSED:
         print(f"# {len(REFUSED)} refused as known (not failures): " + ", ".join(REFUSED))
