@@ -40,7 +40,7 @@ FAILED: list[str] = []
 REFUSED: list[str] = []
 # Known limitations: a model (name prefix) madfunc may refuse, with the reason printed instead of FAIL, provided
 # its error names the segment (a refusal the user can act on); any other error, or a wrong result, still fails.
-KNOWN_REFUSALS = {"lstm": "known: cuDNN RNN under functorch"}
+KNOWN_REFUSALS: dict[str, str] = {}  # (cuDNN RNNs were one until madfunc ran them with cuDNN off)
 
 
 def report(label: str, err: float, ok: bool, note: str = "") -> None:

@@ -96,14 +96,40 @@ def _cdist(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwar
 
 def _native_rnn(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     # The oneDNN RNN kernel (mkldnn_rnn_layer, float32 on CPU) has no forward rule; the native one does.
-    # Switched off for this op alone: oneDNN convolutions elsewhere in the segment keep their speed.
-    # (torch.backends.mkldnn.flags() would also touch the TF32 setting, which warns on CPU builds.)
-    enabled = torch._C._get_mkldnn_enabled()
+    # cuDNN's reads its weights' storage, which functorch's wrappers have none of: off too, on CUDA. Switched
+    # off for this op alone: convolutions elsewhere in the segment keep their kernels. (The backends' flags()
+    # context managers would also touch the TF32 setting, which warns on CPU builds.)
+    mkldnn, cudnn = torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_enabled()
     torch._C._set_mkldnn_enabled(False)
+    torch._C._set_cudnn_enabled(False)
     try:
         return func(*args, **kwargs)
+    except (NotImplementedError, RuntimeError) as error:
+        # CUDA's native cells (_thnn_fused_lstm_cell, ...) have no forward rule: their double backward has.
+        if missing_forward_rule(str(error)) is None:
+            raise
+        return _double_vjp(mode, name, func, args, kwargs)
     finally:
-        torch._C._set_mkldnn_enabled(enabled)
+        torch._C._set_mkldnn_enabled(mkldnn)
+        torch._C._set_cudnn_enabled(cudnn)
+
+
+def _storage_pointer(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    # torch raises for data_ptr() of functorch's wrappers (no storage of their own); the plain tensor under
+    # them holds the values. nn.LSTM/GRU/RNN.flatten_parameters reads it on CUDA before each call.
+    t = args[0]
+    while isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return func(t, *args[1:], **kwargs)
+
+
+def _skip_flatten(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    # flatten_parameters' copy of an RNN's weights into one cuDNN buffer (its result is unused): a speed-up for
+    # cuDNN, which runs with cuDNN off here (_native_rnn), and impossible on wrapped weights. Not done.
+    weights = args[0] if args else kwargs.get("weight_arr", ())
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(w) for w in weights):
+        return None
+    return func(*args, **kwargs)
 
 
 # op (torch function, or custom autograd.Function class) -> rule(mode, op name, func, args, kwargs).
@@ -125,6 +151,8 @@ RULES: dict[Any, Callable[..., Any]] = {
     torch.gru: _native_rnn,
     torch.rnn_tanh: _native_rnn,
     torch.rnn_relu: _native_rnn,
+    torch.Tensor.data_ptr: _storage_pointer,
+    torch._cudnn_rnn_flatten_weight: _skip_flatten,
 }
 
 
