@@ -218,7 +218,9 @@ def dispatch(state: TracedState, name: str, default: Strategy, identity: Any, fn
     state.names.append(name)
     keys = _matching(tuple(state.plan), name)
     strategy = state.plan[keys[0]] if keys else default
-    if any(state.plan[key] != strategy for key in keys):
+    # (Identity first: a strategy's int fields may be symbolic in a graph compiled for several values of k,
+    # and Dynamo cannot compare those as constants; only distinct objects from several patterns need ==.)
+    if any(state.plan[key] is not strategy and state.plan[key] != strategy for key in keys):
         listed = ", ".join(f"{key!r} -> {state.plan[key]!r}" for key in keys)
         raise ValueError(
             f"plan: segment {name!r} is matched by several patterns with different strategies ({listed}); add an "

@@ -224,8 +224,8 @@ def mixed_grad(
         >>> estimate = mf.mixed_grad(loss, plan={"layer": mf.Random(k=4)})(w, x)   # unbiased estimate
         >>> estimate.shape
         torch.Size([3, 2])
-        >>> step = torch.compile(mf.mixed_grad(loss, plan={"layer": mf.Random(k=4)}, traceable=True), fullgraph=True)
-        >>> step(w, x).shape                                        # one graph, no break around the segment
+        >>> traced = mf.mixed_grad(loss, plan={"layer": mf.Random(k=4)}, traceable=True)  # plain torch code:
+        >>> traced(w, x).shape                           # torch.compile(traced, fullgraph=True) makes one graph
         torch.Size([3, 2])
     """
     _distributed.check_options("mixed_grad", process_group, reduction)

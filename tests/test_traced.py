@@ -121,6 +121,21 @@ def test_random_is_the_forward_gradient_of_its_tangents(strategy: mf.Random) -> 
     _close(got, _regenerated_estimate(strategy, 7))
 
 
+def test_compiled_random_is_the_forward_gradient_for_each_k() -> None:
+    """aot_eager keeps torch's own draws, so the compiled estimate must be the formula's exactly. The steps share
+    their code with each other (and with other tests): after the first, Dynamo compiles k as a symbolic int."""
+
+    def model(p, x, y):
+        return _rest(p, STEM(p, x))
+
+    torch._dynamo.reset()
+    for strategy in (mf.Random(1), mf.Random(3, "rademacher"), mf.Random(2)):
+        step = torch.compile(mf.mixed_grad(model, {"stem": strategy}, traceable=True), backend="aot_eager",
+                             fullgraph=True)
+        torch.manual_seed(7)
+        _close(step(P, XS, YS), _regenerated_estimate(strategy, 7))
+
+
 def _draws_traced(strategy: mf.Random, n_draws: int, step=None) -> torch.Tensor:
     """Independent estimates of ``test_random_stats.LAYER``'s gradient: one traced call each."""
     from test_random_stats import LAYER
