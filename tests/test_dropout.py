@@ -59,16 +59,21 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("strategy", [mf.Exact(), mf.Random(3)], ids=str)
-@pytest.mark.parametrize("name", list(MODELS))
-def test_use_plan_draws_the_plain_models_dropout_mask(name: str, strategy: mf.Strategy) -> None:
+def _model_and_plain_output(name: str) -> tuple:
+    """MODELS[name] in training mode, an input, the model as segment "m", and its plain output from seed 5."""
     make, shape = MODELS[name]
     torch.manual_seed(0)
     model = make().train()
     x = torch.randn(*shape, dtype=DT)
     seg = mf.fwd(model, name="m")
     torch.manual_seed(5)
-    plain = model(x)
+    return model, x, seg, model(x)
+
+
+@pytest.mark.parametrize("strategy", [mf.Exact(), mf.Random(3)], ids=str)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_use_plan_draws_the_plain_models_dropout_mask(name: str, strategy: mf.Strategy) -> None:
+    model, x, seg, plain = _model_and_plain_output(name)
     torch.manual_seed(5)
     with mf.use_plan({"m": strategy}):
         out = seg(x)
@@ -373,13 +378,7 @@ def test_kernel_rules_reach_into_attention_on_cpu(monkeypatch: pytest.MonkeyPatc
     applied: list[str] = []
     for op in (F.dropout, F.scaled_dot_product_attention):
         monkeypatch.setitem(_dropout.RNG_RULES, op, _spy(_dropout.RNG_RULES[op], op.__name__, applied))
-    make, shape = MODELS[name]
-    torch.manual_seed(0)
-    model = make().train()
-    x = torch.randn(*shape, dtype=DT)
-    seg = mf.fwd(model, name="m")
-    torch.manual_seed(5)
-    plain = model(x)
+    model, x, seg, plain = _model_and_plain_output(name)
     plain.pow(2).sum().backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
