@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._context import check_plan_used
 from ._exact import Exact
+from ._guards import EXACT_BASIS_BYTES
 from ._plan import matching_keys
 from ._random import Random
 from ._strategy import Strategy
@@ -99,7 +100,7 @@ def check_strategy(name: str, strategy: Strategy) -> None:
     )
 
 
-def _tangents(strategy: Strategy, leaves: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+def _tangents(name: str, strategy: Strategy, leaves: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
     """Tangents ``(k, *leaf.shape)`` per leaf and ``k``: random draws, or one-hot basis vectors over all leaves."""
     if type(strategy) is Random:
         k = strategy.k
@@ -109,6 +110,13 @@ def _tangents(strategy: Strategy, leaves: list[torch.Tensor]) -> tuple[list[torc
         return [torch.randint(0, 2, (k, *t.shape), dtype=t.dtype, device=t.device) * 2 - 1 for t in leaves], k
     sizes = [t.numel() for t in leaves]
     n = sum(sizes)
+    nbytes = n * sum(t.numel() * t.element_size() for t in leaves)
+    if nbytes > EXACT_BASIS_BYTES:  # refused before allocating, as the default engine refuses (rather than OOM)
+        raise MemoryError(
+            f"segment {name!r}: traceable Exact() pushes all {n} basis tangents at once, {nbytes / 2**30:.1f} GiB "
+            "for the tangents alone. Use Random(k) or Reverse() for a segment this large, or traceable=False, "
+            "whose Exact() pushes them in chunks (Exact(chunk_size=...))."
+        )
     eye = torch.eye(n, dtype=leaves[0].dtype, device=leaves[0].device)
     blocks = torch.split(eye, sizes, dim=1)
     return [b.reshape(n, *t.shape) for b, t in zip(blocks, leaves, strict=True)], n
@@ -129,7 +137,7 @@ def run_segment(state: TracedState, name: str, strategy: Strategy, fn: Callable[
         return fn(*args, **kwargs)
     leaves = [flat[i] for i in diff]
     detached = [t.detach() for t in leaves]
-    tangents, k = _tangents(strategy, detached)
+    tangents, k = _tangents(name, strategy, detached)
 
     used = [False] * len(diff)
 

@@ -225,6 +225,9 @@ def test_bad_input_is_refused_by_name() -> None:
     twin = mf.fwd(lambda p, x: x @ p["w1"], name="stem")
     with pytest.raises(ValueError, match="two different functions ran under the segment name 'stem'"):
         mf.mixed_grad(lambda p, x: (STEM(p, x) + twin(p, x)).sum(), traceable=True)(P, XS)
+    big = mf.fwd(lambda w: w.sin(), name="big")
+    with pytest.raises(MemoryError, match="segment 'big': traceable Exact.* 24000 basis tangents"):
+        mf.mixed_grad(lambda w: big(w).sum(), traceable=True)(torch.zeros(24000))
     silent = mf.fwd(lambda p, x: None, name="silent")
     with pytest.raises(TypeError, match="segment 'silent' returned NoneType; a forward segment must return a tensor"):
         mf.mixed_grad(lambda p, x: silent(p, x), traceable=True)(P, XS)
