@@ -96,7 +96,9 @@ class Segment:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         traced = _traced.active()
-        if traced is not None:  # under mixed_grad(traceable=True): plain torch code, traced by torch.compile
+        # Under mixed_grad(traceable=True): plain torch code, traced by torch.compile. Checked here, not in
+        # _dispatch, which is compiler.disable'd (a graph break) and reads the default engine's ContextVars.
+        if traced is not None:
             return _traced.dispatch(traced, self.name, self.default, _identity(self.fn), self.fn, args, kwargs)
         return _dispatch(self.name, self.default, self.fn, _identity(self.fn), self.fn, args, kwargs,
                          record_passes=self.record)

@@ -57,7 +57,10 @@ _STACK: list[TracedState | None] = []
 
 
 def active() -> TracedState | None:
-    """The innermost traceable call, or None (also None while its forward segment's body runs)."""
+    """The innermost traceable call, or None (outside one, or inside a default-engine call nested in one).
+
+    While a forward segment's body runs, the state stays active with ``inside`` set: ``dispatch`` then runs
+    the segments the body calls as plain code."""
     return _STACK[-1] if _STACK else None
 
 
