@@ -14,7 +14,7 @@ from ._checks import run_reverse
 from ._forward import run_forward
 from ._plan import Exact, Reverse, Strategy, StrategyLike, as_strategy
 
-__all__ = ["Segment", "ModuleSegment", "fwd", "rev"]
+__all__ = ["Segment", "ModuleSegment", "call_segment", "fwd", "rev"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,6 +48,28 @@ def _dispatch(
         seg_name, strategy, fn, args, kwargs, record, state.measure, own_module=own_module, owner=owner,
         record_passes=record_passes,
     )
+
+
+def call_segment(
+    seg_name: str,
+    default: Strategy,
+    owner: Any,
+    identity: Any,
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    own_module: nn.Module | None = None,
+    record_passes: bool = True,
+) -> Any:
+    """One call of a segment, as every kind of segment makes it (``fwd``/``rev`` and ``mark_segments``).
+
+    Under ``mixed_grad(traceable=True)`` the segment is plain torch code that torch.compile traces. That is
+    checked here, not in ``_dispatch``, which is compiler.disable'd (a graph break) and reads the default
+    engine's ContextVars."""
+    traced = _traced.active()
+    if traced is not None:
+        return _traced.dispatch(traced, seg_name, default, identity, fn, args, kwargs)
+    return _dispatch(seg_name, default, owner, identity, fn, args, kwargs, own_module, record_passes)
 
 
 def _identity(fn: Any) -> Any:
@@ -95,13 +117,8 @@ class Segment:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        traced = _traced.active()
-        # Under mixed_grad(traceable=True): plain torch code, traced by torch.compile. Checked here, not in
-        # _dispatch, which is compiler.disable'd (a graph break) and reads the default engine's ContextVars.
-        if traced is not None:
-            return _traced.dispatch(traced, self.name, self.default, _identity(self.fn), self.fn, args, kwargs)
-        return _dispatch(self.name, self.default, self.fn, _identity(self.fn), self.fn, args, kwargs,
-                         record_passes=self.record)
+        return call_segment(self.name, self.default, self.fn, _identity(self.fn), self.fn, args, kwargs,
+                            record_passes=self.record)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # As a method decorator: bind like a function, keep one segment per method.
@@ -139,21 +156,8 @@ class ModuleSegment(nn.Module):
             params, inputs = dict(args[0]), args[1:]
         else:
             params, inputs = dict(self.module.named_parameters()), args
-        traced = _traced.active()
-        if traced is not None:
-            return _traced.dispatch(traced, self.name, self.default, ("object", id(self.module)), self._functional,
-                                    (params, *inputs), kwargs)
-        return _dispatch(
-            self.name,
-            self.default,
-            self.module,
-            ("object", id(self.module)),
-            self._functional,
-            (params, *inputs),
-            kwargs,
-            own_module=self.module,
-            record_passes=self.record,
-        )
+        return call_segment(self.name, self.default, self.module, ("object", id(self.module)), self._functional,
+                            (params, *inputs), kwargs, own_module=self.module, record_passes=self.record)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, default={self.default!r}"
