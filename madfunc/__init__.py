@@ -1,7 +1,8 @@
 """madfunc: mixed-mode automatic differentiation on torch.func.
 
-Mark parts of a model as segments (:func:`fwd`, :func:`rev`), then choose per segment, with a plan,
-between reverse mode, exact forward mode and randomized forward gradients.
+Mark parts of a model as segments (:func:`fwd`, :func:`rev`, or by module path: :func:`mark_segments`),
+then choose per segment, with a plan, between reverse mode, exact forward mode and randomized forward
+gradients.
 """
 
 from ._checks import ForwardModeError as ForwardModeError
@@ -9,6 +10,8 @@ from ._diagnostics import compare as compare
 from ._diagnostics import inspect as inspect
 from ._distributed import ddp_comm_hook as ddp_comm_hook
 from ._guards import PerformanceWarning as PerformanceWarning
+from ._marking import SegmentHandle as SegmentHandle
+from ._marking import mark_segments as mark_segments
 from ._ops import register_forward_rule as register_forward_rule
 from ._plan import Activity as Activity
 from ._plan import Exact as Exact
@@ -45,12 +48,14 @@ __all__ = [
     "Random",
     "Reverse",
     "Segment",
+    "SegmentHandle",
     "SegmentRow",
     "Strategy",
     "compare",
     "ddp_comm_hook",
     "fwd",
     "inspect",
+    "mark_segments",
     "mixed_grad",
     "mixed_grad_and_value",
     "register_forward_rule",
