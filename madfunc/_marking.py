@@ -167,18 +167,18 @@ def _no_match(model: nn.Module, key: str, names: list[str]) -> ValueError:
     hints = []
     prefixed = [n[: i + 1] for n in named for i, c in enumerate(n) if c == "." and _matches(key, n[i + 1 :])]
     if prefixed:
-        hints.append(f"the names here start with {min(prefixed, key=len)!r}: did you mean "
-                     f"{min(prefixed, key=len) + key!r}?")
-    for i, c in enumerate(key):
-        if c == "." and any(_matches(key[i + 1 :], n) for n in named):
-            hints.append(f"did you mean {key[i + 1 :]!r} (without the prefix {key[: i + 1]!r})?")
+        prefix = min(prefixed, key=len)
+        hints.append(f"Did you mean {prefix + key!r} (with the prefix {prefix!r})?")
+    for i, c in enumerate(key):  # (a remainder of wildcards alone, such as '*', would match anything)
+        if c == "." and key[i + 1 :].strip("*?.") and any(_matches(key[i + 1 :], n) for n in named):
+            hints.append(f"Did you mean {key[i + 1 :]!r} (without the prefix {key[: i + 1]!r})?")
             break
     close = difflib.get_close_matches(key, named, n=4, cutoff=0.6)
     if close:
-        hints.append("close module names: " + ", ".join(map(repr, close)) + ".")
+        hints.append("Close module names: " + ", ".join(map(repr, close)) + ".")
     else:
         top = [n for n in named if "." not in n][:8]
-        hints.append("its top-level modules: " + (", ".join(map(repr, top)) or "none") + ".")
+        hints.append("Its top-level modules: " + (", ".join(map(repr, top)) or "none") + ".")
     return ValueError(
         f"mark_segments: key {key!r} matched no module of {type(model).__name__} (keys are qualified module "
         "names or fnmatch patterns over them, as model.named_modules() lists them; '' is the model itself). "
