@@ -100,7 +100,9 @@ def _translate_error(name: str, error: BaseException) -> BaseException | None:
         return RuntimeError(
             f"segment {name!r} modified a tensor in place, which a segment must not do (it would change "
             "its own inputs or what its gradient is computed from). Use out-of-place ops (x = x + 1, not "
-            "x += 1 or x.add_(1)), or clone the input first.\n"
+            "x += 1 or x.add_(1)), or clone the input first. A tensor the body reaches outside its arguments "
+            "cannot be written in place either (the body runs several times per call); for a transformers cache "
+            "that preallocates (StaticCache), use the default DynamicCache or call the model with use_cache=False.\n"
             f"PyTorch said: {message.strip().splitlines()[0]}"
         )
     return None

@@ -32,6 +32,7 @@ from ._guards import check_finite, check_no_hidden_inputs, check_strided, hidden
 from ._ops import OpFailed, OpRules, reference_kernels
 from ._passes import BARE, Retry, all_zero_tangents, batching_warnings, diagnosed, warn_loop
 from ._rng import Snapshot
+from ._state import State
 from ._tangents import LazySeeds
 
 __all__ = ["Engine"]
@@ -44,7 +45,8 @@ class Engine:
     tensors it reads from outside its arguments (``captured``); ``diff`` indexes those that get tangents.
     """
 
-    def __init__(self, name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure) -> None:
+    def __init__(self, name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure,
+                 state: State | None = None, mutable_args: bool = False) -> None:
         self.name = name
         self.strategy = strategy
         self.fn = fn
@@ -84,6 +86,13 @@ class Engine:
         self.record_passes = True
         self.positions_set = frozenset(positions)
         self.clean = False  # the last eager pass met no rule, fallback or dropped tangent
+        # Side effects (_state): the Python objects the body reaches, restored before every pass, and whether
+        # a pass changed them or the argument containers it was given (a list it appends to); then the
+        # caller runs the body once more as plain code, so they end as one plain call leaves them.
+        self.state = state
+        self.mutable_args = mutable_args
+        self.args_changed = False
+        self.side_effects = False
 
     def modules(self) -> list[torch.nn.Module]:
         """The modules whose ``training`` flags the body may read: the segment's own and its parameters' owners."""
@@ -108,6 +117,9 @@ class Engine:
             self.captured.installed(values[len(self.positions) :], buffers),
         ):
             out = self.fn(*args, **kwargs)
+        if self.mutable_args and not self.args_changed:
+            after = optree.tree_leaves((args, kwargs))
+            self.args_changed = len(after) != len(leaves) or any(a is not b for a, b in zip(after, leaves, strict=True))
         out_leaves, out_spec = _flatten_output(self.name, out)
         self.out_spec = out_spec
         return tuple(out_leaves)
@@ -161,7 +173,7 @@ class Engine:
             if replayed is not None:
                 return (*replayed, self.buffers)
         result = self._push_eager(tensors, which, tangents, watch, diagnose, check)
-        if key is not None and self.clean:
+        if key is not None and self.clean and not self.had_effects():  # a replay would skip the effects
             used = [self.used[self.diff.index(j)] for j in which] if watch else None
             _replay.note_clean(self, key, tensors, passes, result[:2], used)
         return result
@@ -208,7 +220,7 @@ class Engine:
                 with mode:
                     outs = self.seeded_call(tensors, which, seeded, passed)
                 if diagnose:
-                    diagnosed(self._zero_key(which), diagnose, mode.learned)  # raises Retry
+                    diagnosed(self._zero_key(which), diagnose, mode.learned)  # Retry if it routed an op
                 return outs
 
             return self._jvp(body, tuple(tensors[i] for i in which), tangent, buffers)
@@ -233,6 +245,7 @@ class Engine:
             ys = tuple(y[0] for y in ys)
         suspicious = all_zero_tangents(self._zero_key(which), ys, ydots) if check else []
         if suspicious:  # a dropped tangent comes back as zeros: look closer, once
+            self.snapshot.restore()
             self.push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
         self.fallbacks.update(*(mode.fallbacks for mode in rules))
         if not bare:
@@ -321,7 +334,20 @@ class Engine:
         # work on the inputs (forward mode carries the derivative; recording would keep activations).
         tensors = [t.detach() for t in tensors]
         before = _versions(tensors)
-        self.snapshot = Snapshot({t.device for t in tensors})
+        self.snapshot = Snapshot({t.device for t in tensors}, self.state)
+        try:
+            ys, ydots, buffers = self._attempts(tensors)
+        finally:  # also after an error: the user's objects must not keep a failed pass's functorch wrappers
+            self.snapshot.restore_state()
+        self.side_effects = self.had_effects()
+        _check_not_mutated(self.name, tensors, before)
+        return self._finish(ys, ydots, buffers)
+
+    def had_effects(self) -> bool:
+        """Whether a pass so far changed the state it reaches or its argument containers."""
+        return self.args_changed or self.snapshot.dirty or (self.state is not None and self.state.changed())
+
+    def _attempts(self, tensors: Sequence[torch.Tensor]):
         try:
             for attempt in range(_ATTEMPTS):
                 self.passes = 0
@@ -344,7 +370,9 @@ class Engine:
             if translated is None:
                 raise  # ForwardModeError from the op seam, or an error that says what to do already
             raise translated from error
-        _check_not_mutated(self.name, tensors, before)
+        return ys, ydots, buffers
+
+    def _finish(self, ys, ydots, buffers) -> tuple:
         check_no_hidden_inputs(self.name, ys, self.grad_mode)
         for real, updated in zip(self.buffers, buffers, strict=True):
             if updated is not real and not updated.to(real.dtype).equal(real):

@@ -9,6 +9,7 @@ cotangents between segments in any order, so no glue layers are needed. The pass
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from . import _context, _distributed
 from ._captured import discover
 from ._checks import _differentiated_per_argument, _needs_grad, _refuse_higher_order, run_reverse
 from ._engine import Engine
+from ._state import State
 from ._strategy import Strategy
 
 __all__ = ["run_forward"]
@@ -121,7 +123,58 @@ def run_forward(
     seed = state.tangents.segment_seed(name) if strategy.stochastic and state is not None else None
     if seed is not None and strategy.per_rank_tangents:
         seed = _distributed.rank_seed(seed)
-    engine = Engine(name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure)
+    state = State(_reachable(fn, owner, own_module, leaves, positions))
+    engine = Engine(name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure, state,
+                    _has_containers((args, kwargs)))
     engine.owner, engine.own_module, engine.record_passes = owner, own_module, record_passes
     outputs = _ForwardSegment.apply(engine, *tensors)
+    if engine.side_effects:
+        _apply_side_effects(engine, fn, args, kwargs)
     return optree.tree_unflatten(engine.out_spec, list(outputs[: engine.n_out]))
+
+
+def _reachable(fn: Any, owner: Any, own_module: torch.nn.Module | None, leaves: list, positions: list[int]):
+    """The roots of what the body can change (see _state): non-tensor arguments (a KV cache), the segment's
+    module, a method's owner, a partial's arguments and closure cells."""
+    taken = set(positions)
+    roots = [leaf for i, leaf in enumerate(leaves) if i not in taken]
+    if own_module is not None:
+        roots.append(own_module)
+    functions = [fn] if owner is None or owner is fn else [fn, owner]
+    while functions:
+        f = functions.pop()
+        if isinstance(f, functools.partial):
+            roots += [*f.args, *f.keywords.values()]
+            functions.append(f.func)
+            continue
+        if getattr(f, "__self__", None) is not None:
+            roots.append(f.__self__)
+        for cell in getattr(f, "__closure__", None) or ():
+            try:
+                roots.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+    return roots
+
+
+def _has_containers(tree: Any) -> bool:
+    """Whether the arguments hold a list or dict the body could append to (rebuilt per pass, so watched)."""
+    if isinstance(tree, (list, dict)):
+        return True
+    return isinstance(tree, tuple) and any(_has_containers(x) for x in tree)
+
+
+def _apply_side_effects(engine: Engine, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    """Run the body once as plain code on the call's own arguments, from the state and RNG states of the call's
+    entry: its effects on Python objects (a KV cache's keys and values) are then those of one plain call, with
+    primal tensors, and the body sees the caller's grad mode as in every pass. What the effects hold is then
+    differentiated by reverse mode, as a plain call's would be (a later loss that reads a cached key gets
+    its gradient); the output is dropped, and with it the graph of everything the effects do not hold.
+    Module buffers keep the value the engine wrote (updated once)."""
+    engine.snapshot.restore()
+    buffers = [b.clone() for b in engine.buffers]
+    with _context.inside_forward_segment(engine.name):
+        fn(*args, **kwargs)
+    for real, value in zip(engine.buffers, buffers, strict=True):
+        if not value.equal(real):
+            real.copy_(value)

@@ -63,13 +63,17 @@ def _any_nonzero(d: torch.Tensor) -> bool:
 def diagnosed(key: tuple, suspicious: Sequence[int], learned: set[str]) -> None:
     """Inside the diagnostic pass (the body under ``OpRules(strict=True)``, at its jvp level): conclude.
 
-    If the strict mode routed ops that dropped tangents (``learned``), the segment must run again. If not,
-    the suspicious outputs' zeros are real (no tangent flows there, or a zero derivative): remembered, so
-    that later calls do not look again. Either way the diagnosis ran the body once more (its random
-    draws, its buffer updates), so the segment starts over: ``Retry``.
+    If the strict mode routed ops that dropped tangents (``learned``), the segment must run again: ``Retry``.
+    If not, the suspicious outputs' zeros are real (no tangent flows there, or a zero derivative, such as
+    T5's relative position bias for every leaf but its own table): remembered, so that later calls do not
+    look again, and the pass stands. (The diagnosis started from the RNG and Python state of the call's
+    entry and updated copies of the buffers, like every pass, so it changed nothing the next pass sees.)
+    Not a Retry: a segment with many leaf groups, each with its own real zeros, would otherwise run out of
+    attempts, and restart from its first group each time.
     """
     if not learned:
         _INDEPENDENT.update((key, i) for i in suspicious)
+        return
     raise Retry(key[0])
 
 

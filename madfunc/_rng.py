@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ._state import State
 from ._tangents import leaf_seed
 
 __all__ = ["Snapshot", "TangentStream"]
@@ -37,18 +38,28 @@ def _vmap_error(where: str) -> RuntimeError:
 
 
 class Snapshot:
-    """torch's RNG states (CPU, and each CUDA device in ``devices``) at one moment, restorable."""
+    """torch's RNG states (CPU, and each CUDA device in ``devices``) at one moment, restorable; with
+    ``state``, also the Python objects the body reaches (``_state.State``), so every pass starts from the
+    state before the call. ``dirty``: a restore found that a pass had changed that state."""
 
-    __slots__ = ("cpu", "cuda")
+    __slots__ = ("cpu", "cuda", "state", "dirty")
 
-    def __init__(self, devices: set[torch.device]) -> None:
+    def __init__(self, devices: set[torch.device], state: State | None = None) -> None:
         self.cpu = torch.get_rng_state()
         self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+        self.state = state
+        self.dirty = False
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         for device, state in self.cuda.items():
             torch.cuda.set_rng_state(state, device)
+        self.restore_state()
+
+    def restore_state(self) -> None:
+        if self.state is not None and self.state.changed():
+            self.dirty = True
+            self.state.restore()
 
 
 class TangentStream:
