@@ -215,14 +215,16 @@ def _choose(model: nn.Module, spec: Mapping[str, Any]) -> dict[str, tuple[nn.Mod
                 f"mark_segments: module {name!r} is matched by several keys with different values ({listed}); "
                 f"add an exact key {name!r} or make the patterns disjoint."
             )
-        module = modules[name]
+        module, kind = modules[name], kinds[keys[0]]
         other = by_module.setdefault(id(module), name)
-        if other != name:
-            raise ValueError(
-                f"mark_segments: modules {other!r} and {name!r} are one shared module; a module is one segment "
-                f"with one name: mark only {other!r}."
-            )
-        marks[name] = (module, kinds[keys[0]])
+        if other != name:  # one module under two paths is one segment, named by its first path
+            if marks[other][1] != kind:
+                raise ValueError(
+                    f"mark_segments: {other!r} and {name!r} are one shared module, marked with different values "
+                    f"({marks[other][1]!r} and {kind!r}); a module is one segment: mark it by {other!r} only."
+                )
+            continue
+        marks[name] = (module, kind)
     return marks
 
 
@@ -251,7 +253,8 @@ def mark_segments(model: nn.Module, spec: Mapping[str, str | Strategy], *, recor
     them run as part of them. Modules marked by different keys may nest (``"model.layers.*"`` and
     ``"model.layers.*.mlp"``): the inner one is a segment of its own when the outer one runs in reverse
     mode, and part of the outer one's computation when that runs in forward mode. A module that several
-    keys mark takes its exact key's value; patterns that give it different values are an error. Only the
+    keys mark takes its exact key's value; patterns that give it different values are an error. A module
+    registered under several paths is one segment, named by its first path. Only the
     exact key ``""`` marks ``model`` itself (a plan then addresses that segment, named ``""``, by a pattern
     such as ``"*"``).
 

@@ -167,6 +167,55 @@ def test_pattern_marks_outermost_matches_only() -> None:
     assert handle.segments == {"blocks.0": mf.Reverse(), "blocks.1": mf.Exact(), "blocks.1.inner": mf.Reverse()}
 
 
+class Tied(nn.Module):
+    """Tied weights (one Parameter in two slots, as an LM's embedding and head) and one module at two paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.dec.weight = self.enc.weight
+        self.act = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.again = self.act  # the same module, registered twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.again(self.act(self.enc(x))))
+
+
+def _tied() -> Tied:
+    torch.manual_seed(0)
+    return Tied().double()
+
+
+def _functional_loss(model: nn.Module):  # noqa: ANN202
+    def loss(params: dict, x: torch.Tensor) -> torch.Tensor:
+        return (torch.func.functional_call(model, params, (x,)) ** 2).mean()
+
+    return loss
+
+
+@pytest.mark.parametrize("spec", [{"": "fwd"}, {"*": "fwd"}, {"act": "fwd", "dec": "fwd"}], ids=["root", "all", "two"])
+def test_tied_weights_and_shared_modules(spec: dict) -> None:
+    x = _x()
+    model = _tied()
+    plain = _autograd(model, x)
+    handle = mf.mark_segments(model, spec)
+    assert "again" not in handle.segments  # a shared module is one segment, under its first path
+    _assert_close(_autograd(model, x, {"*": "exact"}), plain)
+    handle.remove()
+    with pytest.raises(ValueError, match=r"'act' and 'again' are one shared module, marked with different values"):
+        mf.mark_segments(model, {"act": "fwd", "again": "rev"})
+
+    # (Fresh models: torch.func.functional_call leaves its argument tensors in a module registered under two
+    # paths once it returns, torch 2.13.)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    assert "dec.weight" not in params  # it is "enc.weight"
+    reference = torch.func.grad(_functional_loss(_tied()))(params, x)
+    for traceable in (False, True):
+        model = _tied()
+        mf.mark_segments(model, spec)
+        _assert_close(mf.mixed_grad(_functional_loss(model), {"*": "exact"}, traceable=traceable)(params, x), reference)
+
+
 # -- the model is otherwise unchanged ------------------------------------------------------------------------
 
 
@@ -303,3 +352,147 @@ def test_already_marked_is_refused_by_path() -> None:
     first.remove()
     mf.mark_segments(model, {"blocks.*": "rev"})
     assert _marked(model) == {"blocks.0", "blocks.1"}
+
+
+# -- HuggingFace models -------------------------------------------------------------------------------------
+# Tiny configs, random init, float64, use_cache=False. GPT-2 (dropout on, train mode) is exact to rounding;
+# Llama's RMSNorm computes in float32 on purpose, so its gradients agree to ~1e-8 of their scale.
+
+LLAMA_TOL, GPT2_TOL = 1e-6, 1e-12
+
+
+def _llama() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=50, use_cache=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).double().train()
+
+
+def _gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, n_inner=32, vocab_size=50, n_positions=16, use_cache=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,  # dropout: 0.1 everywhere, GPT-2's default
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).double().train()
+
+
+MODELS = {"llama": (_llama, "model.layers.*", LLAMA_TOL), "gpt2": (_gpt2, "transformer.h.*", GPT2_TOL)}
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+def _hf_grads(model: nn.Module, plan: dict | None = None) -> dict[str, torch.Tensor]:
+    """Gradients of the LM loss (under ``use_plan(plan)`` if given), the same dropout masks every call."""
+    ids = _ids()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    if plan is None:
+        model(input_ids=ids, labels=ids).loss.backward()
+    else:
+        with mf.use_plan(plan):
+            model(input_ids=ids, labels=ids).loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _assert_relative(got: dict, expected: dict, tol: float) -> None:
+    """Every gradient within ``tol`` of the largest reference entry (Llama: float32 RMSNorm)."""
+    assert got.keys() == expected.keys() and expected
+    scale = max(g.abs().max() for g in expected.values())
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=tol * scale, msg=k)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hf_blocks_use_plan_matches_autograd(name: str) -> None:
+    build, blocks, tol = MODELS[name]
+    model = build()
+    reference = _hf_grads(model)
+    keys = list(model.state_dict())
+    handle = mf.mark_segments(model, {blocks: "fwd"})
+    assert len(handle.segments) == 2 and list(model.state_dict()) == keys
+    _assert_relative(_hf_grads(model, {blocks: "exact"}), reference, tol)
+    estimate = _hf_grads(model, {blocks: mf.Random(k=2)})  # forward mode really ran
+    assert any(not torch.allclose(estimate[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hf_blocks_mixed_grad_matches_torch_func_grad(name: str) -> None:
+    build, blocks, tol = MODELS[name]
+    model, ids = build(), _ids()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss(params: dict) -> torch.Tensor:
+        return torch.func.functional_call(model, params, (), {"input_ids": ids, "labels": ids}).loss
+
+    torch.manual_seed(2)
+    reference = torch.func.grad(loss)(params)
+    mf.mark_segments(model, {blocks: "fwd"})
+    torch.manual_seed(2)
+    _assert_relative(mf.mixed_grad(loss, {blocks: "exact"})(params), reference, tol)
+
+
+def test_hf_save_pretrained_and_generate_while_marked(tmp_path) -> None:
+    model = _llama().eval()
+    ids = _ids()
+    expected = model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
+    with mf.mark_segments(model, {"": "fwd", "model.layers.*": "fwd", "lm_head": "rev"}):
+        assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False), expected)
+        model.save_pretrained(tmp_path)
+        loaded = type(model).from_pretrained(tmp_path, dtype=torch.float64)
+        saved = model.state_dict()
+    assert loaded.state_dict().keys() == saved.keys()
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
+    assert not any("forward" in m.__dict__ for m in loaded.modules())
+
+
+def _lora(model: nn.Module) -> nn.Module:
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # lora_B starts at zero, which would make lora_A's gradient zero
+        for k, p in model.named_parameters():
+            if "lora_B" in k:
+                p.normal_(generator=torch.Generator().manual_seed(3))
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's own call
+@pytest.mark.parametrize("when", ["peft-then-mark", "mark-then-peft"])
+def test_hf_peft_lora_gradient_matches_autograd(when: str) -> None:
+    if when == "peft-then-mark":
+        model = _lora(_llama())
+        blocks = "base_model.model.model.layers.*"  # PEFT's prefix: the error for "model.layers.*" suggests it
+        with pytest.raises(ValueError, match=r"Did you mean 'base_model\.model\.model\.layers\.\*'"):
+            mf.mark_segments(model, {"model.layers.*": "fwd"})
+        handle = mf.mark_segments(model, {blocks: "fwd"})
+    else:
+        base = _llama()
+        blocks = "model.layers.*"  # names given by the model before PEFT wrapped it
+        handle = mf.mark_segments(base, {blocks: "fwd"})
+        model = _lora(base)
+    got = _hf_grads(model, {blocks: "exact"})
+    handle.remove()
+    reference = _hf_grads(model)
+    assert sorted({k.split(".")[-3] for k in reference}) == ["lora_A", "lora_B"]  # only the adapters train
+    _assert_relative(got, reference, LLAMA_TOL)
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")  # Dynamo's
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace:UserWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_hf_torch_compile_while_marked() -> None:
+    model = _gpt2()
+    reference = _hf_grads(model)
+    mf.mark_segments(model, {"transformer.h.*": "fwd"})
+    compiled = torch.compile(model, backend="eager")
+    got = _hf_grads(compiled, {"transformer.h.*": "exact"})
+    _assert_relative({k.removeprefix("_orig_mod."): g for k, g in got.items()}, reference, GPT2_TOL)
