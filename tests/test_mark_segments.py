@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import madfunc as mf
+from madfunc import _replay
 from madfunc._marking import _MarkedForward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,11 +103,32 @@ def test_use_plan_exact_matches_autograd(case: str) -> None:
     spec, plan = CASES[case]
     model, x = _net(), _x()
     reference = _autograd(model, x)
-    with mf.mark_segments(model, spec):
+    with mf.mark_segments(model, spec) as handle:
         _assert_close(_autograd(model, x, plan), reference)
         _assert_close(_autograd(model, x, plan), reference)  # the second call, which records the passes
         _assert_close(_autograd(model, x, plan), reference)  # and the third, which replays them
+        assert any(_replay.replayed(name) for name in handle.segments)
     assert not _marked(model)
+
+
+class TrainFlag(nn.Module):
+    """No parameters; its computation depends on ``self.training`` alone (neither random nor updating state)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) if self.training else torch.sin(x)
+
+
+def test_replay_keys_on_every_submodules_training_flag() -> None:
+    """A recording made in eval mode is not replayed once a parameterless submodule is put in train mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Sequential(TrainFlag(), nn.Tanh()), nn.Linear(6, 1)).double().eval()
+    x = _x()
+    with mf.mark_segments(model, {"1": "fwd"}):  # no parameters: only its activation input is differentiated
+        for _ in range(3):
+            _assert_close(_autograd(model, x, {"1": "exact"}), _autograd(model, x))
+        assert _replay.replayed("1")
+        model[1][0].train()  # only the parameterless submodule
+        _assert_close(_autograd(model, x, {"1": "exact"}), _autograd(model, x))
 
 
 @pytest.mark.parametrize("traceable", [False, True], ids=["default", "traceable"])
