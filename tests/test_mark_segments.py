@@ -7,6 +7,7 @@ must leave parameter names, checkpoints, hooks, copies and pickles as they were,
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import pickle
 
@@ -248,6 +249,8 @@ def test_names_checkpoints_and_remove() -> None:
     expected = model(x)
     handle = mf.mark_segments(model, {"": "fwd", "blocks.*": "fwd", "head": "rev"})
     assert list(model.state_dict()) == keys and [k for k, _ in model.named_parameters()] == names
+    assert inspect.signature(model.forward) == inspect.signature(Net.forward.__get__(model))  # for HF's checks
+    assert "segment 'blocks.0'" in repr(model.blocks[0].forward)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
     other = _net()
