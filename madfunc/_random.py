@@ -204,7 +204,7 @@ class Random(Strategy, kind="random"):
             ])
         return super().contract(engine, ydots, ybars)
 
-    def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
+    def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor | None]:
         contracted = engine.notes.get("contracted")
         if contracted is not None and s_shared is None and s is not None and s.numel():
             coef = engine.notes.pop("ybar") * (1.0 / self.k)
@@ -224,13 +224,24 @@ class Random(Strategy, kind="random"):
         kept = engine.notes.get("tangents")
         # Regenerated tangents are ours to overwrite; kept ones may serve a second backward (retain_graph).
         reuse = kept is None and DISTRIBUTIONS[self.distribution].draw is not None
-        return [
-            combine_tangents(coef, v, dtype, reuse=reuse)
-            if v is not None else torch.zeros(shape, dtype=dtype, device=s.device)  # unused: an exact zero
-            for coef, v, (shape, dtype, _) in zip(
-                coefs, regenerate(self, engine.seed, meta, engine.used, s.device, kept), meta, strict=True
+        # Under a process group (_distributed), a parameter the segment did not read gets no gradient from it
+        # (None, not zeros), so that its gradient from elsewhere is reduced as any other; the gradients of
+        # those it read are recorded as reduced (left alone later if nothing else contributed to them).
+        reduction = engine.notes["reduction"] if s_shared is not None else None
+        unread = [False] * len(meta) if reduction is None else [
+            bool(p) and not r for p, r in zip(shared, reduction.read, strict=True)
+        ]
+        grads = [
+            None if skip
+            else combine_tangents(coef, v, dtype, reuse=reuse) if v is not None
+            else torch.zeros(shape, dtype=dtype, device=s.device)  # unused: an exact zero
+            for coef, v, (shape, dtype, _), skip in zip(
+                coefs, regenerate(self, engine.seed, meta, engine.used, s.device, kept), meta, unread, strict=True
             )
         ]
+        if reduction is not None:
+            reduction.record(grads)
+        return grads
 
     def variance(self, stats: Mapping[str, Any]) -> float | None:
         n = stats.get("differentiated_numel") or 0
