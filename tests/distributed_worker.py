@@ -158,6 +158,88 @@ def fsdp_run(plan: dict, rank: int, world: int, group: Any) -> dict:
     return {n: p.grad.full_tensor().detach().clone() for n, p in net.named_parameters()}
 
 
+# Parameters a Random segment is handed but is not alone in reading: "unread" hands it the whole dict (the
+# README's pattern), of which it reads w and b only (head_* are read outside); "tied" reads w inside the
+# segment and outside it (a tied weight, as GPT-2's embedding and LM head); "twice" calls the segment twice
+# on w and b alone (their rest, g - R1 - R2, is zero, and still sent: the identity test sees a sum). Every
+# differentiated input is a parameter, so the tangents are the same on a shard and on the concatenated
+# batch, and the reference is one process on it.
+SHARED_PLAN = {"part": mf.Random(k=3, distribution="gaussian")}
+PART = mf.fwd(lambda p, x: torch.tanh(F.linear(x, p["w"], p["b"])), name="part")
+
+
+def _unread_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((F.linear(PART(p, x), p["head_w"], p["head_b"]) - y[:, :2]) ** 2).mean()
+
+
+def _tied_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((PART(p, x) @ p["w"] + p["c"] - y) ** 2).mean()
+
+
+def _twice_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    inner = {"w": p["w"], "b": p["b"]}
+    return ((F.linear(PART(inner, x) * PART(inner, 2 * x), p["head_w"], p["head_b"]) - y[:, :2]) ** 2).mean()
+
+
+SHARED_LOSSES = {"unread": _unread_loss, "tied": _tied_loss, "twice": _twice_loss}
+
+
+def shared_params(case: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    names = {"unread": ("w", "b", "head_w", "head_b"), "tied": ("w", "b", "c"), "twice": ("w", "b", "head_w", "head_b")}
+    shapes = {"w": (8, 6), "b": (8,), "head_w": (2, 8), "head_b": (2,), "c": (6,)}
+    return {n: torch.randn(*shapes[n], dtype=DT, generator=g) for n in names[case]}
+
+
+def shared_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(BATCH, 6, dtype=DT, generator=g), torch.randn(BATCH, 6, dtype=DT, generator=g)
+
+
+class SharedNet(nn.Module):
+    """A case of SHARED_LOSSES as a module: its parameters are leaves, as under DDP."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.loss = SHARED_LOSSES[case]
+        self.p = nn.ParameterDict({n: nn.Parameter(t) for n, t in shared_params(case).items()})
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(dict(self.p), x, y)
+
+
+def shared_runs(part: slice, group: Any) -> dict:
+    """One step of every SHARED_LOSSES case: one process on the concatenated batch (``reference_*``) and
+    this rank's shard reduced over ``group``, functionally (also with reduction="sum") and under DDP with
+    mf.ddp_comm_hook; with the bytes madfunc all-reduced."""
+    results: dict[Any, Any] = {}
+    x, y = shared_data()
+    for case, loss in SHARED_LOSSES.items():
+        torch.manual_seed(200)
+        results[case, "reference_functional"] = mf.mixed_grad(loss, SHARED_PLAN)(shared_params(case), x, y)
+        for style, reduction in (("functional", "mean"), ("functional_sum", "sum")):
+            torch.manual_seed(200)
+            with counting() as calls:
+                grad = mf.mixed_grad(loss, SHARED_PLAN, process_group=group, reduction=reduction)(
+                    shared_params(case), x[part], y[part]
+                )
+            results[case, style] = {"grads": grad, "bytes": list(calls)}
+        net = SharedNet(case)
+        torch.manual_seed(200)
+        with mf.use_plan(SHARED_PLAN):
+            net(x, y).backward()
+        results[case, "reference_module"] = {n: t.grad.detach().clone() for n, t in net.p.items()}
+        net = SharedNet(case)
+        model = DDP(net)
+        model.register_comm_hook(group, mf.ddp_comm_hook)
+        torch.manual_seed(200)
+        with counting() as calls, mf.use_plan(SHARED_PLAN, process_group=group):
+            model(x[part], y[part]).backward()
+        grads = {n: t.grad.detach().clone() for n, t in net.p.items()}
+        results[case, "ddp_scalar"] = {"grads": grads, "bytes": list(calls)}
+    return results
+
+
 def main(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
@@ -180,6 +262,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
                 results[name, "fsdp_scalar"] = fsdp_run(PLANS[name], rank, world, world_group)
             except Exception:  # recorded: the test reports what FSDP2 refused
                 results["errors"][name, "fsdp"] = traceback.format_exc()
+        results["shared"] = shared_runs(local[0], world_group)
         # The guard: ranks seeded differently (seed + rank) draw different tangents.
         params, (x, y) = initial_params(), data(0)  # initial_params seeds torch: before manual_seed(rank)
         torch.manual_seed(rank)

@@ -114,6 +114,36 @@ def test_scalar_scheme_sends_k_numbers_per_random_segment(ranks, name: str, styl
         assert results[name, style]["bytes"] == [expected] * worker.STEPS
 
 
+SHARED_STYLES = ("functional", "functional_sum", "ddp_scalar")
+
+
+@pytest.mark.parametrize("style", SHARED_STYLES)
+@pytest.mark.parametrize("case", list(worker.SHARED_LOSSES))
+def test_parameters_also_read_outside_the_segment_are_reduced(ranks, case: str, style: str) -> None:
+    """A parameter handed to a Random segment but not read by it ("unread"), read inside and outside it
+    ("tied"), or read by two calls ("twice"): the gradient of one process on the concatenated batch, the
+    same on every rank (it was this rank's own outside the segment)."""
+    scale = WORLD if style == "functional_sum" else 1  # the sum of the ranks' mean losses
+    reference = "reference_module" if style == "ddp_scalar" else "reference_functional"
+    for results in ranks:
+        expected = {n: scale * g for n, g in results["shared"][case, reference].items()}
+        assert _relative(results["shared"][case, style]["grads"], expected) <= 1e-12, (case, style)
+    first, second = (results["shared"][case, style]["grads"] for results in ranks)
+    for name in first:
+        assert torch.equal(first[name], second[name]), (case, style, name)
+
+
+@pytest.mark.parametrize("style", SHARED_STYLES)
+@pytest.mark.parametrize("case", ["unread", "tied"])
+def test_only_the_gradients_read_by_the_segment_alone_skip_the_reduction(ranks, case: str, style: str) -> None:
+    """The Random segment's k coefficients, then in one call what else needs reducing: the head ("unread"),
+    or w's part from outside the segment and c ("tied"); b is read by the segment alone and sends nothing."""
+    k = worker.SHARED_PLAN["part"].k
+    rest = {"unread": 2 * 8 + 2, "tied": 8 * 6 + 6}[case]
+    for results in ranks:
+        assert results["shared"][case, style]["bytes"] == [8 * (k + FINGERPRINT_NUMBERS), 8 * rest]
+
+
 def test_seed_disagreement_is_refused(ranks) -> None:
     for results in ranks:
         message = results.get("guard")
