@@ -8,8 +8,10 @@ Two ranks (``distributed_worker.py``, gloo on 127.0.0.1) run every plan of ``PLA
 * ``functional``: ``mixed_grad(..., process_group=...)``.
 
 Each is compared with one process on the concatenated batch with the same seeds (``activation``: the mean
-over shards of single-process runs, see the worker), over 3 SGD steps, in float64. The workers start once
-per session (about 6 s of the suite's time), each bounded by a timeout.
+over shards of single-process runs, see the worker), over 3 SGD steps, in float64. ``SHARED_LOSSES`` adds
+parameters a Random segment does not read alone (handed over unread, tied, read by two calls): one step
+each, functional (mean and sum) and DDP + hook. The workers start once per session (about 6 s of the
+suite's time), each bounded by a timeout.
 """
 
 from __future__ import annotations
