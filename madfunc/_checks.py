@@ -82,6 +82,14 @@ def _translate_error(name: str, error: BaseException) -> BaseException | None:
             f"that uses it rev() (or give segment {name!r} Reverse()).\n"
             f"PyTorch said: {message.strip().splitlines()[0]}"
         )
+    if "must override the setup_context staticmethod" in message:  # e.g. transformers' Bloom GeLUFunction
+        return ForwardModeError(
+            f"segment {name!r} runs in forward mode, but a custom torch.autograd.Function inside it is written in "
+            "the old style (forward(ctx, ...) without a separate `setup_context`), which torch.func, and so forward "
+            f"mode, cannot run. Mark the part that uses it rev() (or give segment {name!r} Reverse()), or rewrite "
+            "the Function with `setup_context` + `jvp` + `generate_vmap_rule = True`.\n"
+            f"PyTorch said: {message.strip().splitlines()[0]}"
+        )
     if "Batching rule not implemented" in message or "vmap: we do not yet support" in message:
         return RuntimeError(
             f"segment {name!r}: an op inside it cannot be batched by torch.func.vmap (the engine already pushed "

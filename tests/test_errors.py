@@ -373,3 +373,23 @@ def test_non_finite_primal_does_not_silently_poison_other_gradients() -> None:
         assert any("'log'" in str(w.message) for w in caught)
         return
     torch.testing.assert_close(got[1:], want[1:])
+
+
+class _OldStyle(torch.autograd.Function):
+    """forward(ctx, ...) without setup_context (as transformers' Bloom GeLUFunction): torch.func cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def test_an_old_style_autograd_function_is_named_with_the_fix() -> None:
+    seg = mf.fwd(lambda w, x: _OldStyle.apply(x @ w), name="old")
+    w, x = torch.ones(3, 2), torch.ones(4, 3)
+    with pytest.raises(mf.ForwardModeError, match=r"segment 'old' runs in forward mode, but .* old style .* rev\(\)"):
+        mf.mixed_grad(lambda w: seg(w, x).sum())(w)
