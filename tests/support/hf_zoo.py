@@ -109,6 +109,49 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# More architectures, tried the same way before a stop (tests/test_hf_zoo_sweep.py, behind the sweep marker).
+_D8 = dict(_DECODER, head_dim=8)
+_SEQ2SEQ = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+_CACHED_CAUSAL = [
+    ("gemma", "GemmaConfig", "GemmaForCausalLM", _D8, ("model.layers.*",), 1e-6),
+    ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", _D8, ("model.layers.*",), 1e-6),
+    ("phi3", "Phi3Config", "Phi3ForCausalLM", dict(_DECODER, pad_token_id=0), ("model.layers.*",), 1e-6),
+    ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", _D8, ("model.layers.*",), 1e-6),
+    ("olmo2", "Olmo2Config", "Olmo2ForCausalLM", _DECODER, ("model.layers.*",), 1e-6),
+    ("granite", "GraniteConfig", "GraniteForCausalLM", _DECODER, ("model.layers.*",), 1e-6),
+    ("phi", "PhiConfig", "PhiForCausalLM", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, max_position_embeddings=64),
+     ("model.layers.*",), 1e-10),
+    ("stablelm", "StableLmConfig", "StableLmForCausalLM", _DECODER, ("model.layers.*",), 1e-10),
+    ("falcon", "FalconConfig", "FalconForCausalLM", dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2),
+     ("transformer.h.*",), 1e-10),
+    ("gptj", "GPTJConfig", "GPTJForCausalLM", dict(n_embd=16, n_layer=2, n_head=2, rotary_dim=4, n_positions=64),
+     ("transformer.h.*",), 1e-10),
+    ("gpt_bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=16, n_layer=2, n_head=2, n_positions=64),
+     ("transformer.h.*",), 1e-10),
+    ("codegen", "CodeGenConfig", "CodeGenForCausalLM",
+     dict(n_embd=16, n_layer=2, n_head=2, rotary_dim=4, n_positions=64, n_ctx=64), ("transformer.h.*",), 1e-10),
+    ("bart", "BartConfig", "BartForConditionalGeneration", _SEQ2SEQ,
+     ("model.encoder.layers.*", "model.decoder.layers.*"), 1e-10),
+    ("mbart", "MBartConfig", "MBartForConditionalGeneration", _SEQ2SEQ,
+     ("model.encoder.layers.*", "model.decoder.layers.*"), 1e-10),
+    ("distilbert", "DistilBertConfig", "DistilBertForMaskedLM",
+     dict(dim=16, hidden_dim=32, n_layers=2, n_heads=2, max_position_embeddings=64),
+     ("distilbert.transformer.layer.*",), 1e-10),
+    ("electra", "ElectraConfig", "ElectraForMaskedLM",
+     dict(hidden_size=16, embedding_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+          max_position_embeddings=64), ("electra.encoder.layer.*",), 1e-10),
+]
+EXTRA: dict[str, Family] = {
+    name: Family(name, _causal(config, model, **kw), _tokens, blocks, tol=tol)
+    for name, config, model, kw, blocks, tol in _CACHED_CAUSAL
+}
+# Gemma 2's eager attention makes left-padded rows NaN in the plain model itself: no padding there.
+EXTRA["gemma2"] = Family("gemma2", _causal("Gemma2Config", "Gemma2ForCausalLM", **_D8),
+                         lambda g: {**_tokens(g), "attention_mask": None}, ("model.layers.*",), tol=1e-6)
+
+
 def relative_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
     """Largest entry-wise error over all parameters, relative to the largest reference entry (the scale)."""
     if grads.keys() != reference.keys():
