@@ -1,5 +1,5 @@
 """One forward segment call's passes: the body run under jvp (vmapped over tangent batches), seeded
-eagerly (``push``: basis blocks for ``Exact``, drawn tangents for ``Random``) or lazily (``push_lazy``,
+eagerly (``push``: basis blocks for ``Exact``, drawn tangents for ``Random``) or lazily (``_lazy.push_lazy``,
 ``LazySeeds``). Which tangents, and how many passes, the strategy decides (``Strategy.push``).
 
 The body may run several times (``Exact``: one pass per leaf group; ``Random``: a lazy try, then an
@@ -22,18 +22,16 @@ from torch.func import jvp, vmap
 from . import _context, _replay
 from ._captured import Captured
 from ._checks import (
-    ForwardModeError,
     _check_not_mutated,
     _flatten_output,
     _translate_error,
     _versions,
 )
 from ._guards import check_finite, check_no_hidden_inputs, check_strided, hidden_input_error
-from ._ops import OpFailed, OpRules, reference_kernels
-from ._passes import BARE, Retry, all_zero_tangents, batching_warnings, diagnosed, warn_loop
+from ._ops import OpRules, reference_kernels
+from ._passes import BARE, Retry, all_zero_tangents, batching_warnings, diagnosed, vmap_may_be_at_fault, warn_loop
 from ._rng import Snapshot
-from ._state import State
-from ._tangents import LazySeeds
+from ._state import State, containers_changed
 
 __all__ = ["Engine"]
 
@@ -118,8 +116,7 @@ class Engine:
         ):
             out = self.fn(*args, **kwargs)
         if self.mutable_args and not self.args_changed:
-            after = optree.tree_leaves((args, kwargs))
-            self.args_changed = len(after) != len(leaves) or any(a is not b for a, b in zip(after, leaves, strict=True))
+            self.args_changed = containers_changed((args, kwargs), leaves)
         out_leaves, out_spec = _flatten_output(self.name, out)
         self.out_spec = out_spec
         return tuple(out_leaves)
@@ -237,7 +234,7 @@ class Engine:
                 with batching_warnings(self.name):
                     ys, ydots = vmap(single, in_dims=0, out_dims=0, randomness="same")(*tangents)
             except (RuntimeError, NotImplementedError) as error:
-                if bare or not _vmap_may_be_at_fault(error):
+                if bare or not vmap_may_be_at_fault(error):
                     raise  # (a bare pass that fails runs again under the seam first: see _push)
                 result = self._push_loop(tensors, which, tangents, watch)
                 warn_loop(self.name, count, error)  # only once it worked: a failure says enough
@@ -280,54 +277,6 @@ class Engine:
             self.snapshot.restore()
             self.push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
         return ys, ydots, buffers
-
-    def push_lazy(self, tensors, device: torch.device, k: int, make):
-        """``k`` tangents per leaf, ``make(index, leaf)``, seeded where each leaf is first used (see LazySeeds);
-        None if a leaf is returned as it is, or if the segment ran an in-place op (then the caller seeds
-        eagerly)."""
-        values = [tensors[i] for i in self.diff]
-        buffers = self._pass_buffers()
-
-        # The jvp needs a primal of its own; the seeded leaves become duals at its level inside the body.
-        anchor = torch.zeros(1, device=device)
-        modes: list[LazySeeds] = []
-        rules: list[OpRules] = []
-        returned_leaf = [False]
-
-        def single(pick: torch.Tensor | None) -> tuple:
-            def body(_anchor: torch.Tensor, passed) -> tuple:
-                mode = LazySeeds(values, pick, lambda i: make(i, values[i]))
-                rule = OpRules(self.name, plain_rng=self.plain_call)
-                modes.append(mode)
-                rules.append(rule)
-                with mode, rule:
-                    outs = self._call(tensors, values, passed)
-                # A leaf returned as it is never passed through an op, so it carries no tangent here.
-                returned_leaf[0] |= any(o is v for o in outs for v in values)
-                return outs
-
-            return self._jvp(body, (anchor,), (torch.zeros_like(anchor),), buffers)
-
-        if k == 1:
-            ys, ydots = single(None)
-            ydots = tuple(d.unsqueeze(0) for d in ydots)
-        else:  # randomness="same": tangents (and the body's own draws) once, outside the batch of k directions
-            try:
-                with batching_warnings(self.name):
-                    ys, ydots = vmap(single, out_dims=0, randomness="same")(torch.arange(k, device=device))
-            except (RuntimeError, NotImplementedError) as error:
-                if not _vmap_may_be_at_fault(error):
-                    raise
-                return None  # the eager path pushes one tangent at a time if vmap fails there too
-            ys = tuple(y[0] for y in ys)
-        if returned_leaf[0] or any(mode.saw_inplace for mode in modes) or all_zero_tangents(
-            self._zero_key(self.diff), ys, ydots
-        ):
-            return None  # (all-zero tangents: the eager pass looks closer)
-        self.fallbacks.update(*(rule.fallbacks for rule in rules))
-        seeded = set().union(*(mode.seeded for mode in modes))
-        self.used = [i in seeded for i in range(len(values))]
-        return ys, list(ydots), buffers
 
     def forward(self, tensors: Sequence[torch.Tensor]) -> tuple:
         # Detached: with the caller's grad mode on inside the body, autograd must not record the body's
@@ -424,10 +373,3 @@ class Engine:
 
 # Runs of a segment's passes before giving up on ops that drop tangents (each run routes those it finds).
 _ATTEMPTS = 4
-
-
-def _vmap_may_be_at_fault(error: BaseException) -> bool:
-    """Whether a failed vmapped pass is worth one more try without vmap (not our own refusals)."""
-    if isinstance(error, OpFailed):  # it may be vmap that made the op fail: one tangent at a time may work
-        return True
-    return not isinstance(error, (ForwardModeError, FloatingPointError)) and "segment '" not in str(error)

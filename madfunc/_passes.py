@@ -21,10 +21,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ._checks import _is_batched
+from ._checks import ForwardModeError, _is_batched
 from ._guards import PerformanceWarning
+from ._ops import OpFailed
 
-__all__ = ["BARE", "Retry", "all_zero_tangents", "batching_warnings", "diagnosed", "warn_loop"]
+__all__ = ["BARE", "Retry", "all_zero_tangents", "batching_warnings", "diagnosed", "vmap_may_be_at_fault", "warn_loop"]
 
 # (key, output index) pairs whose all-zero tangents were diagnosed as real (no op dropped them), so later
 # calls need not diagnose again; the key names segment, function and seeded inputs (Engine._zero_key).
@@ -132,3 +133,10 @@ class Bare:
 
 
 BARE = Bare()
+
+
+def vmap_may_be_at_fault(error: BaseException) -> bool:
+    """Whether a failed vmapped pass is worth one more try without vmap (not our own refusals)."""
+    if isinstance(error, OpFailed):  # it may be vmap that made the op fail: one tangent at a time may work
+        return True
+    return not isinstance(error, (ForwardModeError, FloatingPointError)) and "segment '" not in str(error)

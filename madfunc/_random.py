@@ -13,6 +13,7 @@ import torch
 from . import _context
 from ._checks import _common_device
 from ._contract import accumulation_dtype, combine_tangents
+from ._lazy import push_lazy
 from ._strategy import Strategy, positive_int, zeros
 from ._tangents import DISTRIBUTIONS, draw_leaf, draw_tangents
 
@@ -72,7 +73,7 @@ def push_random(strategy: Any, engine: Any, tensors: Sequence[torch.Tensor], dif
         def make(index: int, leaf: torch.Tensor) -> torch.Tensor:
             return draw_leaf(distribution, k, leaf.shape, leaf.dtype, device, engine.seed, index)
 
-        lazy = engine.push_lazy(tensors, device, k, make)
+        lazy = push_lazy(engine, tensors, device, k, make)
         if lazy is not None:
             return lazy
     shapes, dtypes = [t.shape for t in diff_tensors], [t.dtype for t in diff_tensors]

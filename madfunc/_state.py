@@ -28,10 +28,11 @@ import types
 from collections.abc import Iterable
 from typing import Any
 
+import optree
 import torch
 from torch import nn
 
-__all__ = ["State"]
+__all__ = ["State", "containers_changed"]
 
 # Values that are immutable or that the body cannot change through attribute assignment: not walked.
 _ATOMS = (
@@ -176,3 +177,10 @@ def _same_seq(a: Any, b: list) -> bool:
 
 def _same_map(a: dict, b: dict) -> bool:
     return len(a) == len(b) and all(k in b and b[k] is v for k, v in a.items())
+
+
+def containers_changed(tree: Any, leaves: list) -> bool:
+    """Whether the body changed the argument containers it was given (rebuilt per pass from ``leaves``), e.g.
+    appended to a list: the engine then runs it once more on the caller's own containers."""
+    after = optree.tree_leaves(tree)
+    return len(after) != len(leaves) or any(a is not b for a, b in zip(after, leaves, strict=True))

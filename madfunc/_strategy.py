@@ -65,7 +65,7 @@ class Strategy:
 
     # -- behaviour of forward strategies (the engine calls these) -----------------------------------
     def push(self, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor], n: int):
-        """Run the segment's passes (``engine.push``/``engine.push_lazy``) and return ``(ys, ydots, buffers)``."""
+        """Run the segment's passes (``engine.push``, ``_lazy.push_lazy``) and return ``(ys, ydots, buffers)``."""
         raise NotImplementedError(f"{type(self).__name__} is not a forward strategy")
 
     def finish(self, engine: Any, ydots: Sequence[torch.Tensor]) -> None:
