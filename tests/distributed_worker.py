@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+import distributed_marking_worker as marking  # a sibling module: its folder is on sys.path (script or test)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -280,6 +281,11 @@ def main(rank: int, world: int, port: int, out: str) -> None:
         results["grad_and_value"] = mf.mixed_grad_and_value(
             functional_loss, PLANS["gaussian"], process_group=world_group
         )(params, x[local[0]], y[local[0]])
+        # mark_segments under DDP (distributed_marking_worker.py), in this process group: no second spawn.
+        try:
+            results["marking"] = marking.main_runs(rank, world, counting)
+        except Exception:  # recorded: the marking tests report it, the others still run
+            results["errors"]["marking"] = traceback.format_exc()
     finally:
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()

@@ -10,8 +10,10 @@ Two ranks (``distributed_worker.py``, gloo on 127.0.0.1) run every plan of ``PLA
 Each is compared with one process on the concatenated batch with the same seeds (``activation``: the mean
 over shards of single-process runs, see the worker), over 3 SGD steps, in float64. ``SHARED_LOSSES`` adds
 parameters a Random segment does not read alone (handed over unread, tied, read by two calls): one step
-each, functional (mean and sum) and DDP + hook. The workers start once per session (about 6 s of the
-suite's time), each bounded by a timeout.
+each, functional (mean and sum) and DDP + hook. ``mark_segments`` under DDP (``distributed_marking_worker.py``,
+run by the same workers): a model marked before or after wrapping, Exact and Random (with the hook), and a
+tiny GPT-2 marked ``transformer.h.*``, one step each against one process on the concatenated batch. The
+workers start once per session, each bounded by a timeout.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from madfunc._distributed import FINGERPRINT_NUMBERS
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import distributed_worker as worker  # noqa: E402  (a sibling module, not a package)
+import distributed_marking_worker as marking  # noqa: E402  (sibling modules, not a package)
+import distributed_worker as worker  # noqa: E402
 
 WORLD, TIMEOUT_S = 2, 90
 STYLES = ("ddp", "ddp_scalar", "functional")
@@ -181,6 +184,77 @@ def test_fsdp2_fully_shard(ranks, name: str, scalar: bool) -> None:
         assert (name, "fsdp") not in results["errors"], results["errors"].get((name, "fsdp"))
         run = results[name, "fsdp_scalar" if scalar else "fsdp"]
         assert _relative(run, results[name, "reference_module"]["grads"][0]) <= 1e-12
+
+
+# -- mark_segments under DDP (distributed_marking_worker.py) ----------------------------------------------
+
+
+def _marked(ranks: list[dict], part: str = "blocks") -> list:
+    for results in ranks:
+        assert "marking" not in results["errors"], results["errors"]["marking"]
+    return [results["marking"][part] for results in ranks]
+
+
+@pytest.mark.parametrize("plan", list(marking.PLANS))
+@pytest.mark.parametrize("order", marking.ORDERS)
+def test_marked_model_under_ddp_equals_one_process(ranks, order: str, plan: str) -> None:
+    """Marked before DDP, after it on the wrapper or on ddp.module: one step's gradients are one process's
+    on the concatenated batch (Exact: plain autograd; Random, with mf.ddp_comm_hook: the same seed, see the
+    worker), identical on every rank; a wrong reference (this rank's shard, another seed) is far off."""
+    runs = _marked(ranks)
+    for results in runs:
+        assert (order, plan) not in results["errors"], results["errors"][order, plan]
+        reference = results["reference", plan]
+        assert _relative(results["wrong", plan], reference) > 1e-3, plan
+        assert _relative(results[order, plan]["grads"], reference) <= 1e-12, (order, plan)
+    first, second = (results[order, plan]["grads"] for results in runs)
+    assert all(torch.equal(first[n], second[n]) for n in first), (order, plan)
+
+
+@pytest.mark.parametrize("order", marking.ORDERS)
+def test_marked_names_and_state_dict_under_ddp(ranks, order: str) -> None:
+    """Marking the DDP wrapper names the segments with its "module." prefix; state_dict keys are unchanged."""
+    names = [f"{marking.prefix(order)}blocks.{i}" for i in range(len(marking.SIZES))]
+    for results in _marked(ranks):
+        for plan in marking.PLANS:
+            assert results[order, plan]["names"] == names
+            assert results[order, plan]["keys"] == results["unmarked_keys"]
+        assert results["unmarked_keys"][0] == "module.blocks.0.0.weight"
+
+
+@pytest.mark.parametrize("plan", ["random_first", "random_all"])
+@pytest.mark.parametrize("order", marking.ORDERS)
+def test_marked_random_segments_send_k_numbers(ranks, order: str, plan: str) -> None:
+    """Each Random segment call all-reduces k + 8 numbers; the hook then sends the other gradients only."""
+    k = next(s.k for s in marking.PLANS[plan]("").values() if isinstance(s, mf.Random))
+    call = 8 * (k + FINGERPRINT_NUMBERS)
+    sizes = [a * b + b for a, b in (*marking.SIZES, marking.HEAD)]
+    expected = {"random_first": [call, 8 * sum(sizes[1:])], "random_all": [call] * 3 + [8 * sizes[-1]]}[plan]
+    for results in _marked(ranks):
+        assert results[order, plan]["bytes"] == expected
+
+
+def test_plan_names_of_a_model_marked_through_ddp(ranks) -> None:
+    for results in _marked(ranks):
+        assert "plan key 'blocks.*' matched no segment that ran" in results["unprefixed_plan"]
+        assert "'module.blocks.0', 'module.blocks.1'" in results["unprefixed_plan"]
+        assert "Did you mean 'blocks.*' (without the prefix 'module.')?" in results["prefixed_spec"]
+
+
+def test_gpt2_marked_under_ddp_equals_one_process(ranks) -> None:
+    """GPT-2 (float64, caches on, no dropout) marked transformer.h.* then wrapped, Exact: one process's
+    gradients on the concatenated batch, identical on every rank, state_dict keys unchanged."""
+    runs = _marked(ranks, "gpt2")
+    if runs[0] is None:  # the workers could not import it (importorskip here would cost an import)
+        pytest.skip("transformers is not installed")
+    for results in runs:
+        assert results["names"] == ["transformer.h.0", "transformer.h.1"]
+        assert results["training"] and results["cache"] == "DynamicCache"
+        assert results["keys"] == results["unmarked_keys"]
+        assert _relative(results["wrong"], results["reference"]) > 1e-3
+        assert _relative(results["grads"], results["reference"]) <= 1e-12
+    first, second = (results["grads"] for results in runs)
+    assert all(torch.equal(first[n], second[n]) for n in first)
 
 
 def test_process_group_without_torch_distributed_is_refused() -> None:
