@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ._autocast import without_autocast
 from ._checks import _is_batched
 from ._contract import accumulation_dtype, combine_tangents, contract
 from ._random import check_distribution, parse_random_fields, push_random, regenerate
@@ -231,6 +232,7 @@ class Activity(Strategy, kind="activity"):
         activation inputs)."""
         return contract(ydots, ybars, self._units if any(engine.activation) else None)
 
+    @without_autocast  # (the per-example einsum: in float32 even inside an autocast block)
     def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
         if s is None or s.numel() == 0:
             return zeros(meta)

@@ -4,7 +4,8 @@
 real loss, PyTorch's cotangent of a complex ``y`` is ``dL/dRe y + i dL/dIm y``, so the contraction is
 ``Re(conj(ybar) ydot)``). Each strategy decides what to do with ``s`` (``Strategy.combine``): ``Exact``
 reads the gradient off it (one entry per basis tangent), ``Random`` returns ``(1/k) sum_j s_j v_j``
-(``combine_tangents``) with the tangents regenerated from the seed.
+(``combine_tangents``) with the tangents regenerated from the seed. Both run with autocast off
+(``_autocast.no_autocast``): in float32 (or the tensors' own wider dtype), never in the autocast dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ._autocast import without_autocast
 from ._checks import _is_batched
 
 __all__ = ["accumulation_dtype", "combine_tangents", "contract"]
@@ -26,6 +28,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+@without_autocast
 def contract(
     ydots: Sequence[torch.Tensor],
     ybars: Sequence[torch.Tensor | None],
@@ -51,6 +54,7 @@ def contract(
     return s
 
 
+@without_autocast
 def combine_tangents(coef: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, reuse: bool = True) -> torch.Tensor:
     """``sum_j coef_j v_j`` for tangents ``v`` of shape ``(k, *shape)``, as ``dtype``; with ``reuse``
     (``v`` is a fresh tensor of our own), it may be overwritten."""

@@ -25,6 +25,7 @@ from typing import Any
 import optree
 import torch
 
+from ._autocast import no_autocast, without_autocast
 from ._checks import _common_device
 from ._random import check_distribution
 from ._strategy import Strategy, zeros
@@ -113,7 +114,8 @@ class Guessed(Strategy):
                               [t.dtype for t in diff_tensors], device, engine.seed)
             v = torch.cat([vi.reshape(self.k, -1).to(work) for vi in v], dim=1)
             if basis is not None:  # w_j = v_j - Q Q^T v_j: the random part lives off the guesses' span
-                v = v - (v @ basis.T) @ basis
+                with no_autocast():  # (in the working dtype, even inside an autocast block)
+                    v = v - (v @ basis.T) @ basis
             rows.append(v)
         engine.notes["guided"] = 0 if basis is None else basis.shape[0]
         if not rows:  # k = 0 and a zero guess: nothing to estimate with
@@ -162,6 +164,7 @@ class Guessed(Strategy):
         return q.T[keep] if bool(keep.any()) else None
 
     # -- backward ------------------------------------------------------------------------------------
+    @without_autocast
     def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
         tangents = engine.notes.get("tangents")
         if s is None or s.numel() == 0 or tangents is None:

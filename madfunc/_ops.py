@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.autograd.forward_ad import unpack_dual
 from torch.overrides import TorchFunctionMode
 
+from ._autocast import autocast_once
 from ._checks import ForwardModeError, missing_forward_rule
 from ._dropout import RNG_RULES
 from ._fallback import NoForwardRuleError, function_with_fallback, has_jvp, jvp_by_double_vjp
@@ -361,9 +362,11 @@ def reference_kernels() -> Iterator[None]:
 
     Scaled-dot-product attention falls back to PyTorch's math kernel (the CPU flash kernel has no jvp
     rule); nn.MultiheadAttention / TransformerEncoderLayer leave their fused "fast path"
-    (``_transformer_encoder_layer_fwd`` has no jvp rule). (RNNs: see ``_native_rnn``.)
+    (``_transformer_encoder_layer_fwd`` has no jvp rule). (RNNs: see ``_native_rnn``.) Under autocast, each op
+    is cast once, as in a plain call (``_autocast``; first: it reads the caller's attention backends).
     """
     with contextlib.ExitStack() as stack:
+        stack.enter_context(autocast_once())
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 

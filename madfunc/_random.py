@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import _context
+from ._autocast import without_autocast
 from ._checks import _common_device
 from ._contract import accumulation_dtype, combine_tangents
 from ._lazy import push_lazy
@@ -169,6 +170,7 @@ class Random(Strategy, kind="random"):
             )
         return push_random(self, engine, tensors, diff_tensors, keep_drawn=True)
 
+    @without_autocast  # U is a product of tangents: in float32 even inside an autocast block
     def finish(self, engine: Any, ydots: Sequence[torch.Tensor]) -> None:
         """Contract the tangents drawn up front with the output tangents now, when that keeps no more than
         they take: then backward needs neither the tangents nor to draw them again.

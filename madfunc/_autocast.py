@@ -1,0 +1,226 @@
+"""``torch.autocast`` inside forward segments: each op cast once, where the body calls it, as in a plain call.
+
+Autocast casts an op's floating inputs where the op is called (to the autocast dtype for matmul-like ops,
+to float32 for the precision-sensitive ones), then runs the op with autocast *off*: the ops a composite op
+is made of, and the op's forward-mode rule, see no autocast. Scaled-dot-product attention's math kernel
+relies on that: on CPU it upcasts bf16/fp16 inputs and computes scores, softmax and the weighted sum in
+float32. Under torch.func's transforms (a segment's passes run its body under ``vmap(jvp(...))``) autocast
+is applied again to every op *inside* a composite op (functorch's dynamic layers restore the dispatch keys
+that were active where the outer op was called), so there the math kernel's float32 matmuls ran in the
+autocast dtype, and ``pinverse``'s and ``cdist``'s float32 internals too. (Plain ``torch.autograd.forward_ad``
+does not do this: it is functorch's doing.)
+
+Measured on a 2-layer OPT decoder under CPU bf16 autocast, each layer an ``Exact`` segment, 20 random
+models: attention in bf16 inside the passes made the segment's output differ from the plain call's in its
+last bits, which moves ReLU pre-activations that sit within one bf16 rounding of zero to the other side;
+each such flip costs a gradient entry O(1) relative error, and the worst relative error per tensor was up
+to 7.6x backprop's (median 1.0x). The contraction ``s_j = <ydot_j, ybar>`` and the combine were never the
+cause: they already accumulate in float32 (``_contract.accumulation_dtype``), the basis tangents are in
+the leaf's dtype, and redoing the contraction in float64 changed no error by more than 0.1%.
+
+So inside a segment's passes, under autocast, ``AutocastOnce`` runs the functions in ``_POLICIES`` as the
+plain call does: their floating inputs cast per the op's autocast policy (through ordinary torch calls, so
+that the op seam and lazy seeding below it still see the inputs themselves), then the op with autocast off.
+Scaled-dot-product attention (without dropout) also takes its *value* from the kernel the plain call would
+run (the flash kernel on CPU), and only its tangents from the math kernel (``y_plain + (y - y.detach())``:
+exactly ``y_plain``, with ``y``'s tangents), so that the segment computes the plain call's output bit for bit
+and its ReLUs switch where backprop's do. A policy applies only where the op has an autocast kernel for the
+device (PyTorch's lists differ between CPU and CUDA), read from the dispatcher. Without autocast nothing here
+runs: the float32 path is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["AutocastOnce", "autocast_once", "no_autocast", "without_autocast"]
+
+_DEVICES = ("cpu", "cuda")  # (others: their autocast is left as it is)
+
+
+def _enabled_devices() -> tuple[str, ...]:
+    return tuple(d for d in _DEVICES if torch.is_autocast_enabled(d))
+
+
+_HAS_POLICY: dict[tuple[str, str], bool] = {}
+
+
+def _has_policy(op: str, device: str) -> bool:
+    """Whether autocast has a kernel (a policy) for aten ``op`` on ``device`` (else it passes the op through)."""
+    key = (op, device)
+    found = _HAS_POLICY.get(key)
+    if found is None:
+        try:
+            found = torch._C._dispatch_has_kernel_for_dispatch_key(op, f"Autocast{device.upper()}")
+        except RuntimeError:  # an op or key this PyTorch does not know
+            found = False
+        _HAS_POLICY[key] = found
+    return found
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _cast(value: Any, dtype: torch.dtype, device: str) -> Any:
+    """``value`` as autocast casts an op's argument (ATen's ``cached_cast``): floating tensors on ``device``,
+    except float64 ones, to ``dtype``. Through ``Tensor.to``, a torch call the modes below this one see."""
+    if (
+        isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype
+        and value.dtype != torch.float64 and value.device.type == device
+    ):
+        return value.to(dtype)
+    return value
+
+
+@contextlib.contextmanager
+def _off(device: str) -> Iterator[None]:
+    torch.set_autocast_enabled(device, False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled(device, True)
+
+
+def _policy(target: str) -> Callable[..., Any]:
+    """The rule of an op whose autocast policy casts to ``target`` ("lower": the autocast dtype; "fp32")."""
+
+    def rule(mode: AutocastOnce, device: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        dtype = torch.get_autocast_dtype(device) if target == "lower" else torch.float32
+        args = tuple(_cast(a, dtype, device) for a in args)
+        kwargs = {k: _cast(v, dtype, device) for k, v in kwargs.items()}
+        with _off(device):
+            return func(*args, **kwargs)
+
+    return rule
+
+
+_fp32 = _policy("fp32")
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
+def _attention(mode: AutocastOnce, device: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """Scaled-dot-product attention: cast once; its value from the plain call's kernel, its tangents from the
+    math kernel (see the module docstring)."""
+    dtype = torch.get_autocast_dtype(device)
+    args = tuple(_cast(a, dtype, device) for a in args)
+    kwargs = {k: _cast(v, dtype, device) for k, v in kwargs.items()}
+    with _off(device):
+        out = func(*args, **kwargs)  # the math kernel (reference_kernels): float32 inside, on CPU
+        named = dict(zip(_SDPA_NAMES, args, strict=False)) | {k: v for k, v in kwargs.items() if k in _SDPA_NAMES}
+        dropout = named.get("dropout_p", 0.0)
+        if mode.backends is None or not isinstance(out, torch.Tensor) or (
+            not isinstance(dropout, (int, float)) or dropout != 0  # the plain kernel would draw its own numbers
+        ):
+            return out
+        try:
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(mode.backends):
+                plain = func(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                             **{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        except (RuntimeError, NotImplementedError):  # (e.g. under a vmap of the caller's): the math kernel's value
+            return out
+        if not isinstance(plain, torch.Tensor) or plain.shape != out.shape or plain.dtype != out.dtype:
+            return out
+        return plain + (out - out.detach())
+
+
+def _python_body(mode: AutocastOnce, device: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """A torch function written in Python that calls others (``F.multi_head_attention_forward`` calls
+    scaled-dot-product attention): its body runs under this mode, which then sees those calls (a mode is
+    paused while it handles a call)."""
+    namespace = dict(func.__globals__)
+    namespace["has_torch_function"] = lambda *a: False
+    body = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+    body.__kwdefaults__ = func.__kwdefaults__
+    with mode:
+        return body(*args, **kwargs)
+
+
+# Torch functions (as the body calls them) -> (aten op whose autocast policy they follow, rule). Those whose
+# plain-autocast value or tangents differ under torch.func's transforms (composite ops with float32 or
+# matmul internals); ops autocast passes through, or whose kernels are single ATen kernels, need nothing.
+_POLICIES: dict[Any, tuple[str, Callable[..., Any]]] = {
+    F.scaled_dot_product_attention: ("aten::scaled_dot_product_attention", _attention),
+    torch.cdist: ("aten::cdist", _fp32),
+    torch.pinverse: ("aten::pinverse", _fp32),
+    torch.Tensor.pinverse: ("aten::pinverse", _fp32),
+    F.multi_head_attention_forward: ("", _python_body),
+}
+
+
+class AutocastOnce(TorchFunctionMode):
+    """Active around a forward segment's body while autocast is on: see the module docstring."""
+
+    def __init__(self, devices: tuple[str, ...]) -> None:
+        super().__init__()
+        self.devices = devices
+        try:  # the scaled-dot-product backends the caller allows (the segment's body runs the math kernel)
+            from torch.nn.attention import _cur_sdpa_kernel_backends
+
+            self.backends = _cur_sdpa_kernel_backends() or None
+        except ImportError:  # pragma: no cover - other PyTorch versions: the math kernel's value
+            self.backends = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if kwargs is None:
+            kwargs = {}
+        entry = _POLICIES.get(func)
+        if entry is not None:
+            first = _first_tensor(args, kwargs)
+            device = None if first is None else first.device.type
+            op, rule = entry
+            if device in self.devices and torch.is_autocast_enabled(device) and (not op or _has_policy(op, device)):
+                return rule(self, device, func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def autocast_once() -> contextlib.AbstractContextManager:
+    """``AutocastOnce`` if autocast is on for a device (else nothing: the float32 path is unchanged)."""
+    devices = _enabled_devices()
+    return AutocastOnce(devices) if devices else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def no_autocast() -> Iterator[None]:
+    """Autocast off for madfunc's own arithmetic on tangents: contractions ``<ydot_j, ybar>``, combines
+    ``sum_j s_j v_j``, projections. Backward often runs inside the caller's autocast block, where a matmul
+    would run in the autocast dtype: in float16 that alone made the contraction 4x less accurate than the
+    float64 one on the same output tangents (the OPT decoder above). With it, they accumulate in float32, or
+    in the tensors' own dtype when that is wider (``_contract.accumulation_dtype``)."""
+    on = _enabled_devices()
+    if not on:
+        yield
+        return
+    for device in on:
+        torch.set_autocast_enabled(device, False)
+    try:
+        yield
+    finally:
+        for device in on:
+            torch.set_autocast_enabled(device, True)
+
+
+def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run under ``no_autocast``; without autocast, one check per call (the float32 path)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not _enabled_devices():
+            return fn(*args, **kwargs)
+        with no_autocast():
+            return fn(*args, **kwargs)
+
+    return wrapper
