@@ -152,6 +152,9 @@ class Replay:
         self.out_spec = out_spec
         self.buffers = buffers  # (module weakref, buffer name, shape, dtype, device): read at each run
         self.used: list[bool] | None = None  # a watched pass's: which seeded inputs the body read
+        # The graph holds autocast's casts as they ran while recording: it runs with autocast off, or autocast
+        # would cast its float32 matmuls (autocast-off regions, attention's math kernel) again.
+        self.autocast = tuple(d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
 
     def run(self, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> tuple[tuple, list] | None:
         """The recorded pass on these tensors; None if a buffer it reads is gone or changed its kind."""
@@ -162,7 +165,13 @@ class Replay:
             if b is None or b.shape != shape or b.dtype != dtype or b.device != device:
                 return None
             extra.append(b)
-        out = self.gm(*tensors, *(t for _, ts in passes for t in ts), *extra)
+        if self.autocast:  # (the key holds autocast's state: it is the recording's)
+            with contextlib.ExitStack() as stack:
+                for device in self.autocast:
+                    stack.enter_context(torch.autocast(device, enabled=False))
+                out = self.gm(*tensors, *(t for _, ts in passes for t in ts), *extra)
+        else:
+            out = self.gm(*tensors, *(t for _, ts in passes for t in ts), *extra)
         return tuple(out[: self.n_out]), list(out[self.n_out :])
 
 
@@ -338,7 +347,7 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
         if node.op != "call_function":
             continue
         tags = getattr(node.target, "tags", ())
-        if torch.Tag.nondeterministic_seeded in tags:
+        if torch.Tag.nondeterministic_seeded in tags and not _draws_nothing(node):
             raise _Refused(f"it draws random numbers ({node.target})")
         if node.target in _LAYOUT_READERS:
             raise _Refused(f"it reads the memory layout of its tensors ({node.target})")
@@ -358,6 +367,18 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
     gm.recompile()
     outputs = next(iter(reversed(gm.graph.nodes))).args[0]
     return Replay(engine.name, gm, len(outputs) // 2, out_spec[0], buffers)  # one tangent batch per output
+
+
+def _draws_nothing(node: torch.fx.Node) -> bool:
+    """An op tagged as drawing random numbers that draws none here: an attention kernel with ``dropout_p`` 0
+    (under autocast a segment's attention takes its value from the plain call's kernel: ``_autocast``)."""
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    if "dropout_p" not in names:
+        return False
+    i = names.index("dropout_p")
+    p = node.args[i] if i < len(node.args) else node.kwargs.get("dropout_p", schema.arguments[i].default_value)
+    return isinstance(p, (int, float)) and not isinstance(p, bool) and p == 0
 
 
 def _lift_buffers(gm: torch.fx.GraphModule, modules: Sequence[torch.nn.Module]) -> list:
