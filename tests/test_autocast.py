@@ -37,10 +37,12 @@ def _fp16_autocast_works() -> bool:
         return False
 
 
-DTYPES = [
-    torch.bfloat16,
-    pytest.param(torch.float16, marks=pytest.mark.skipif(not _fp16_autocast_works(),
-                                                         reason="CPU autocast to float16 needs PyTorch >= 2.4")),
+# (dtype, seed of the random model): the models of 20 where madfunc was worst before the fix (bf16: the worst
+# tensor 7.6x backprop's error; fp16: all parameters together 6.4x). The fixed code stays within 1.06x on all 20.
+CASES = [
+    (torch.bfloat16, 18),
+    pytest.param(torch.float16, 9, marks=pytest.mark.skipif(not _fp16_autocast_works(),
+                                                            reason="CPU autocast to float16 needs PyTorch >= 2.4")),
 ]
 
 
@@ -86,8 +88,8 @@ def _errors(g: dict, reference: dict) -> tuple[float, float]:
     return worst, total
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_exact_segments_under_autocast_are_as_accurate_as_backprop(dtype):
+@pytest.mark.parametrize(("dtype", "seed"), CASES)
+def test_exact_segments_under_autocast_are_as_accurate_as_backprop(dtype, seed):
     """Exact decoder layers under CPU autocast: error against float64 at most 1.5x backprop's.
 
     Why 1.5x is a fair bound. The segment's output is the plain call's bit for bit (asserted below), so both
@@ -105,7 +107,7 @@ def test_exact_segments_under_autocast_are_as_accurate_as_backprop(dtype):
     1.06 (bf16) and 1.00 (fp16) for the worst tensor, 1.02 and 1.01 for all parameters together; the bug this
     guards against gave up to 7.6x.
     """
-    model, ids = _opt()
+    model, ids = _opt(seed)
     reference = _grads(copy.deepcopy(model).double(), ids)
     logits: list[torch.Tensor] = []
     backprop = _errors(_grads(model, ids, dtype, logits=logits), reference)
