@@ -59,12 +59,21 @@ RESULT = "HF_FINETUNE_RESULT "  # a child's last stdout line: this prefix and it
 METHODS = ("forward", "backprop", "frozen")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for flags and options whose default the help text explains."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Fine-tune a tiny transformers causal LM (random init, byte-level tokens, standard-library "
         "source as text) with forward gradients on its decoder layers and backprop elsewhere, and compare with "
         "plain backprop: loss, time per step, peak memory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     m = p.add_argument_group("model")
     m.add_argument("--arch", choices=("llama", "gpt2"), default="llama",
@@ -73,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--layers", type=int, default=2, help="decoder layers")
     m.add_argument("--width", type=int, default=64, help="hidden size")
     m.add_argument("--heads", type=int, default=4, help="attention heads")
+    m.add_argument("--no-cache", action="store_true",
+                   help="train with use_cache=False (by default transformers builds a KV cache in every forward "
+                   "call, training included, and the marked layers append to it)")
     d = p.add_argument_group("data")
     d.add_argument("--seq-len", type=int, default=64, help="tokens per chunk (next-token prediction within a chunk)")
     d.add_argument("--batch", type=int, default=16, help="chunks per step")
@@ -94,25 +106,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--distribution", choices=("gaussian", "rademacher"), default="gaussian",
                    help="distribution of Random's tangents")
     t.add_argument("--chunk-size", type=int, default=256, help="tangents pushed at once by --strategy exact")
-    t.add_argument("--methods", default="forward,backprop,frozen",
+    t.add_argument("--methods", default=None,
                    help="comma-separated methods to run, each in its own process: 'forward' (the plan above), "
                    "'backprop' (plain autograd), 'frozen' (a control: the parameters the forward run estimates are "
                    "frozen, the rest trained by backprop, i.e. what the forward run gives if its estimates teach "
-                   "nothing)")
+                   "nothing). Default: all three; with --smoke, forward,backprop")
     t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and the tangents")
     t.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (train and held-out loss)")
     t.add_argument("--eval-chunks", type=int, default=64, help="chunks per evaluation (each split)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--smoke", action="store_true",
-                   help="a quick check: 1 layer, width 16, 6 steps, sequence 16, batch 4, k 2")
+                   help="a quick check (seconds per method), overriding the sizes: 1 layer, width 16, 2 heads, "
+                   "5 steps, sequence 16, batch 4, k 2")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--memory-steps", type=int, default=20,
+                   help="steps of each method's peak-memory run, a child process of its own with glibc's allocator "
+                   "pinned (0: none)")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)  # internal: run one method, print JSON
+    p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)  # internal: its peak-memory run
     args = p.parse_args(argv)
     if args.smoke:
-        args.layers, args.width, args.heads, args.steps = 1, 16, 2, 6
-        args.seq_len, args.batch, args.k, args.eval_every, args.eval_chunks = 16, 4, 2, 3, 8
+        args.layers, args.width, args.heads, args.steps = 1, 16, 2, 5
+        args.seq_len, args.batch, args.k, args.eval_every, args.eval_chunks = 16, 4, 2, 5, 8
     if args.fwd_lr is None:
         args.fwd_lr = 1e-4 if args.strategy == "random" else args.lr
+    if args.methods is None:
+        args.methods = "forward,backprop" if args.smoke else ",".join(METHODS)
     args.method_list = [s.strip() for s in args.methods.split(",") if s.strip()]
     bad = [s for s in args.method_list if s not in METHODS]
     if bad or not args.method_list:
@@ -121,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "eval_chunks"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.memory_steps < 0:
+        p.error("--memory-steps must be at least 0")
     if args.width % args.heads:
         p.error("--width must be a multiple of --heads")
     return args
@@ -224,11 +245,13 @@ def evaluate(model: torch.nn.Module, chunks: torch.Tensor, batch: int) -> float:
     return total / count
 
 
-def run_method(args: argparse.Namespace, method: str) -> dict:
-    """Train one method from the seeded initial weights on the seeded batches; losses, step times, peak memory."""
-    import torch
+def run_method(args: argparse.Namespace, method: str, memory: bool = False) -> dict:
+    """Train one method from the seeded initial weights on the seeded batches.
 
-    import madfunc as mf
+    Returns the loss curve, the median step time and the layers' gradient cosines; with ``memory``, only
+    the peak memory over the first ``--memory-steps`` steps (no evaluations, no progress bar).
+    """
+    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -245,6 +268,8 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
     estimated = layers | set(upstream)
     plan = None
     if method == "forward":
+        import madfunc as mf  # only here: the other methods' processes run plain PyTorch
+
         mf.mark_segments(model, {pattern: "fwd"})  # state_dict keys unchanged; segments "model.layers.0", ...
         plan = {pattern: layer_strategy(args)}
     elif method == "frozen":
@@ -254,27 +279,31 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
     groups = [{"params": [p for n, p in named if n in estimated], "lr": args.fwd_lr if plan else args.lr},
               {"params": [p for n, p in named if n not in estimated], "lr": args.lr}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
+    cache = {"use_cache": False} if args.no_cache else {}  # default: transformers' (a DynamicCache per call)
     batches = torch.Generator().manual_seed(args.seed + 1)  # the same batches in every method's process
     high = len(train_stream) - args.seq_len
+    steps = min(args.memory_steps, args.steps) if memory else args.steps
 
-    curve = [(0, evaluate(model, train_eval, args.batch), evaluate(model, held_eval, args.batch))]
-    bar = Progress(args, method)
+    curve = [] if memory else [(0, evaluate(model, train_eval, args.batch), evaluate(model, held_eval, args.batch))]
+    bar = Progress(args, method) if not memory else None
     times, running = [], None
     start_rss, earlier_peak = rss_bytes(), max_rss_bytes()
-    for step in range(1, args.steps + 1):
+    for step in range(1, steps + 1):
         starts = torch.randint(0, high, (args.batch,), generator=batches)
         x = torch.stack([train_stream[s : s + args.seq_len] for s in starts.tolist()])
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         if plan is None:
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(input_ids=x, labels=x, **cache).loss
             loss.backward()
         else:
             with mf.use_plan(plan):
-                loss = model(input_ids=x, labels=x).loss
+                loss = model(input_ids=x, labels=x, **cache).loss
                 loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
+        if memory:
+            continue
         value = loss.item()
         if not math.isfinite(value):
             raise SystemExit(f"hf_finetune: {method}: the loss is {value} at step {step}; lower --lr/--fwd-lr")
@@ -282,17 +311,18 @@ def run_method(args: argparse.Namespace, method: str) -> dict:
         if step % args.eval_every == 0 or step == args.steps:
             curve.append((step, evaluate(model, train_eval, args.batch), evaluate(model, held_eval, args.batch)))
         bar.update(running, curve[-1][2])
+    if memory:
+        peak = max_rss_bytes()
+        return dict(method=method, steps=steps, peak_mb=(peak - start_rss) / 2**20,
+                    earlier_peak_mb=(earlier_peak - start_rss) / 2**20)
     bar.close()
-    peak = max_rss_bytes()
     cosines = gradient_cosines(args, model, plan, pattern, layers, train_stream) if plan else None
     return dict(method=method, plan=str(mf.Plan(plan)) if plan else None, modules=used,
                 train_tokens=len(train_stream), held_tokens=len(held_stream),
                 params=sum(p.numel() for p in model.parameters()),
                 layer_params=sum(p.numel() for n, p in model.named_parameters() if n in layers),
                 estimated_params=sum(p.numel() for n, p in model.named_parameters() if n in estimated),
-                curve=curve, step_s=statistics.median(times), start_mb=start_rss / 2**20,
-                peak_mb=(peak - start_rss) / 2**20, earlier_peak_mb=(earlier_peak - start_rss) / 2**20,
-                threads=torch.get_num_threads(), cosines=cosines)
+                curve=curve, step_s=statistics.median(times), threads=torch.get_num_threads(), cosines=cosines)
 
 
 def gradient_cosines(args: argparse.Namespace, model: torch.nn.Module, plan: dict, pattern: str,
@@ -370,12 +400,19 @@ class Progress:
 # -- the parent: one child per method, then the table -----------------------------------------------------
 
 
-def run_child(method: str, argv: list[str]) -> dict:
+def run_child(method: str, argv: list[str], memory: bool) -> dict:
+    """Run one method in a child process: training (its own environment) or, with ``memory``, the peak-memory
+    run (glibc's allocator pinned, which makes steps slower, so it is not the run that is timed)."""
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", method]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **MALLOC_PINNED})
+    env = dict(os.environ)
+    if memory:
+        cmd.append("--child-memory")
+        env.update(MALLOC_PINNED)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if out.returncode != 0:
         sys.stdout.write(out.stdout)
-        raise SystemExit(f"hf_finetune: the {method} run failed (exit status {out.returncode})")
+        what = "peak-memory run" if memory else "run"
+        raise SystemExit(f"hf_finetune: the {method} {what} failed (exit status {out.returncode})")
     lines = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
     return json.loads(lines[-1][len(RESULT) :])
 
@@ -409,18 +446,22 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
         print(f"held-out loss by step, {describe(args, r['method'])}:  {curve}")
     print(f"\nloss: mean next-token cross-entropy (nats/token) over {args.eval_chunks} fixed chunks per split, eval "
           f"mode; uniform guessing is ln({VOCAB}) = {math.log(VOCAB):.2f}")
-    print("peak MB: the child process's RSS high-water mark (getrusage ru_maxrss) minus its RSS just before the "
-          "first step, glibc's allocator pinned (" + " ".join(f"{k}={v}" for k, v in MALLOC_PINNED.items()) + ")")
+    print("ms/step: median wall time of a training step (forward, backward, AdamW step), evaluations excluded")
+    if args.memory_steps:
+        print(f"peak MB: in a separate run of the first {min(args.memory_steps, args.steps)} steps, the process's "
+              "RSS high-water mark (getrusage ru_maxrss) minus its RSS just before the first step, with glibc's "
+              "allocator pinned (" + " ".join(f"{k}={v}" for k, v in MALLOC_PINNED.items()) + ")")
     head = (f"{'method':<20} {'train start':>11} {'train end':>9} {'held-out start':>14} {'held-out end':>12} "
             f"{'ms/step (median)':>16} {'peak MB':>8}")
     print("\n" + head)
     print("-" * len(head))
     for r in results:
         (_, tr0, he0), (_, tr1, he1) = r["curve"][0], r["curve"][-1]
+        peak = f"{r['memory']['peak_mb']:>8.1f}" if "memory" in r else f"{'-':>8}"
         print(f"{describe(args, r['method']):<20} {tr0:>11.3f} {tr1:>9.3f} {he0:>14.3f} {he1:>12.3f} "
-              f"{1000 * r['step_s']:>16.1f} {r['peak_mb']:>8.1f}")
+              f"{1000 * r['step_s']:>16.1f} {peak}")
     for r in results:
-        if r["earlier_peak_mb"] >= r["peak_mb"]:
+        if "memory" in r and r["memory"]["earlier_peak_mb"] >= r["memory"]["peak_mb"]:
             print(f"note: {r['method']}: the process's peak came before training (data, model), so its figure "
                   "is an upper bound")
 
@@ -429,9 +470,15 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child:
-        print(RESULT + json.dumps(run_method(args, args.child)), flush=True)
+        print(RESULT + json.dumps(run_method(args, args.child, args.child_memory)), flush=True)
         return
-    results = [run_child(method, argv) for method in args.method_list]
+    results = [run_child(method, argv, memory=False) for method in args.method_list]
+    if args.memory_steps:
+        steps = min(args.memory_steps, args.steps)
+        print(f"peak memory: {', '.join(args.method_list)}, {steps} steps each, allocator pinned...", file=sys.stderr,
+              flush=True)
+        for r in results:
+            r["memory"] = run_child(r["method"], argv, memory=True)
     report(args, results)
 
 
