@@ -43,13 +43,28 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["AutocastOnce", "autocast_once", "no_autocast", "without_autocast"]
+__all__ = ["AutocastOnce", "autocast_once", "enabled_devices", "no_autocast", "without_autocast"]
 
 _DEVICES = ("cpu", "cuda")  # (others: their autocast is left as it is)
 
+try:  # PyTorch >= 2.4: one API for every device
+    torch.is_autocast_enabled("cpu")
+    _is_on, _set, _dtype = torch.is_autocast_enabled, torch.set_autocast_enabled, torch.get_autocast_dtype
+except TypeError:  # pragma: no cover - PyTorch 2.3: CPU and CUDA apart
 
-def _enabled_devices() -> tuple[str, ...]:
-    return tuple(d for d in _DEVICES if torch.is_autocast_enabled(d))
+    def _is_on(device: str) -> bool:
+        return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+
+    def _set(device: str, enabled: bool) -> None:
+        (torch.set_autocast_cpu_enabled if device == "cpu" else torch.set_autocast_enabled)(enabled)
+
+    def _dtype(device: str) -> torch.dtype:
+        return torch.get_autocast_cpu_dtype() if device == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def enabled_devices() -> tuple[str, ...]:
+    """The devices (of CPU and CUDA) whose autocast is on."""
+    return tuple(d for d in _DEVICES if _is_on(d))
 
 
 _HAS_POLICY: dict[tuple[str, str], bool] = {}
@@ -88,18 +103,18 @@ def _cast(value: Any, dtype: torch.dtype, device: str) -> Any:
 
 @contextlib.contextmanager
 def _off(device: str) -> Iterator[None]:
-    torch.set_autocast_enabled(device, False)
+    _set(device, False)
     try:
         yield
     finally:
-        torch.set_autocast_enabled(device, True)
+        _set(device, True)
 
 
 def _policy(target: str) -> Callable[..., Any]:
     """The rule of an op whose autocast policy casts to ``target`` ("lower": the autocast dtype; "fp32")."""
 
     def rule(mode: AutocastOnce, device: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        dtype = torch.get_autocast_dtype(device) if target == "lower" else torch.float32
+        dtype = _dtype(device) if target == "lower" else torch.float32
         args = tuple(_cast(a, dtype, device) for a in args)
         kwargs = {k: _cast(v, dtype, device) for k, v in kwargs.items()}
         with _off(device):
@@ -115,7 +130,7 @@ _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 def _attention(mode: AutocastOnce, device: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """Scaled-dot-product attention: cast once; its value from the plain call's kernel, its tangents from the
     math kernel (see the module docstring)."""
-    dtype = torch.get_autocast_dtype(device)
+    dtype = _dtype(device)
     args = tuple(_cast(a, dtype, device) for a in args)
     kwargs = {k: _cast(v, dtype, device) for k, v in kwargs.items()}
     with _off(device):
@@ -184,14 +199,14 @@ class AutocastOnce(TorchFunctionMode):
             first = _first_tensor(args, kwargs)
             device = None if first is None else first.device.type
             op, rule = entry
-            if device in self.devices and torch.is_autocast_enabled(device) and (not op or _has_policy(op, device)):
+            if device in self.devices and _is_on(device) and (not op or _has_policy(op, device)):
                 return rule(self, device, func, args, kwargs)
         return func(*args, **kwargs)
 
 
 def autocast_once() -> contextlib.AbstractContextManager:
     """``AutocastOnce`` if autocast is on for a device (else nothing: the float32 path is unchanged)."""
-    devices = _enabled_devices()
+    devices = enabled_devices()
     return AutocastOnce(devices) if devices else contextlib.nullcontext()
 
 
@@ -203,17 +218,17 @@ def no_autocast() -> Iterator[None]:
     in float16 the contraction alone had 4x the error of a float64 contraction of the same output tangents (one
     OPT decoder layer, input gradient: 4e-4 against 1e-4; backprop's 1e-4). Now they accumulate in float32, or in
     the tensors' own dtype when that is wider."""
-    on = _enabled_devices()
+    on = enabled_devices()
     if not on:
         yield
         return
     for device in on:
-        torch.set_autocast_enabled(device, False)
+        _set(device, False)
     try:
         yield
     finally:
         for device in on:
-            torch.set_autocast_enabled(device, True)
+            _set(device, True)
 
 
 def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -221,7 +236,7 @@ def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not _enabled_devices():
+        if not enabled_devices():
             return fn(*args, **kwargs)
         with no_autocast():
             return fn(*args, **kwargs)

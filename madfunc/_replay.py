@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch.func import vmap
 
+from ._autocast import enabled_devices
 from ._checks import _is_batched
 from ._graphclean import mutates, simplify
 
@@ -154,7 +155,7 @@ class Replay:
         self.used: list[bool] | None = None  # a watched pass's: which seeded inputs the body read
         # The graph holds autocast's casts as they ran while recording: it runs with autocast off, or autocast
         # would cast its float32 matmuls (autocast-off regions, attention's math kernel) again.
-        self.autocast = tuple(d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
+        self.autocast = enabled_devices()
 
     def run(self, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> tuple[tuple, list] | None:
         """The recorded pass on these tensors; None if a buffer it reads is gone or changed its kind."""
