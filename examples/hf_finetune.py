@@ -73,9 +73,11 @@ BOS, EOS = 256, 257  # byte-level tokens: 0..255 are bytes
 VOCAB = 258
 HELD_OUT = 0.1  # the last 10% of each file
 
-# glibc's allocator, pinned in the children whose peak memory is read (as benchmarks/run.py does): by default
-# glibc raises its mmap threshold to the largest block freed so far, after which large freed tensors stay in
-# the process heap and the peak RSS depends on the order of earlier frees, not on what is alive.
+# glibc's allocator, pinned in the children whose peak memory is read (benchmarks/run.py pins the mmap threshold
+# the same way): by default glibc raises its mmap threshold to the largest block freed so far, after which large
+# freed tensors stay in the process heap and the peak RSS depends on the order of earlier frees, not on what is
+# alive. Pinned, blocks from 64 KiB up are mapped and unmapped on their own, and the heap's free top is returned
+# above 128 KiB.
 MALLOC_PINNED = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 RESULT = "HF_FINETUNE_RESULT "  # a child's last stdout line: this prefix and its JSON
@@ -87,7 +89,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except for flags and options whose default the help text explains."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False):
+        if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
 
@@ -138,14 +140,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and the tangents")
     t.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (train and held-out loss)")
     t.add_argument("--eval-chunks", type=int, default=64, help="chunks per evaluation (each split)")
+    t.add_argument("--memory-steps", type=int, default=20,
+                   help="steps of each method's peak-memory run, a child process of its own with glibc's allocator "
+                   "pinned (0: none)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--smoke", action="store_true",
                    help="a quick check (seconds per method), overriding the sizes: 1 layer, width 16, 2 heads, "
                    "5 steps, sequence 16, batch 4, k 2")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--memory-steps", type=int, default=20,
-                   help="steps of each method's peak-memory run, a child process of its own with glibc's allocator "
-                   "pinned (0: none)")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)  # internal: run one method, print JSON
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)  # internal: its peak-memory run
     args = p.parse_args(argv)
@@ -280,6 +282,8 @@ def run_method(args: argparse.Namespace, method: str, memory: bool = False) -> d
     if args.threads:
         torch.set_num_threads(args.threads)
     train_stream, held_stream, used = load_text()
+    if len(held_stream) <= args.seq_len:
+        raise SystemExit(f"hf_finetune: --seq-len {args.seq_len} is longer than the held-out text")
     train_eval = fixed_chunks(train_stream, args.seq_len, args.eval_chunks)
     held_eval = fixed_chunks(held_stream, args.seq_len, args.eval_chunks)
 
