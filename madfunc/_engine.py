@@ -292,6 +292,13 @@ class Engine:
         _check_not_mutated(self.name, tensors, before)
         return self._finish(ys, ydots, buffers)
 
+    def release(self) -> None:
+        """After the call: drop what backward does not need, the arguments (a KV cache among them) and the state
+        copies. The engine lives as long as the autograd graph (``ctx.engine``), and a cache holding tensors
+        whose graph leads back to this node would keep itself alive through it: a cycle through autograd's C++
+        nodes, which Python's collector cannot see (2.5 MB per step leaked on a tiny Llama)."""
+        self.leaves = self.state = self.snapshot.state = None
+
     def had_effects(self) -> bool:
         """Whether a pass so far changed the state it reaches or its argument containers."""
         return self.args_changed or self.snapshot.dirty or (self.state is not None and self.state.changed())

@@ -130,6 +130,7 @@ def run_forward(
     outputs = _ForwardSegment.apply(engine, *tensors)
     if engine.side_effects:
         _apply_side_effects(engine, fn, args, kwargs)
+    engine.release()
     return optree.tree_unflatten(engine.out_spec, list(outputs[: engine.n_out]))
 
 
