@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import enum
 import functools
+import operator
 import types
 from collections.abc import Iterable
 from typing import Any
@@ -101,8 +102,10 @@ class State:
             self._objects.append((obj, saved))
             if issubclass(cls, nn.Module):
                 children += obj._modules.values()
-                # Parameter and buffer slots: rebinding is undone, their tensors are the engine's business.
-                self._dicts += [(obj._parameters, dict(obj._parameters)), (obj._buffers, dict(obj._buffers))]
+                # Buffer slots: rebinding is undone, their tensors are the engine's business (_captured). Not
+                # the parameter slots: the engine and functional_call swap those themselves, and restore them.
+                if obj._buffers:
+                    self._dicts.append((obj._buffers, dict(obj._buffers)))
                 children += [v for k, v in saved.items() if k not in _MODULE_SKIP]
             else:
                 children += saved.values()
@@ -171,12 +174,14 @@ def _all_slots(cls: type) -> tuple[str, ...]:
     return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
 
 
+# Identity comparisons in C (map over operator.is_): these run before every pass, over every module's
+# __dict__. Keys are compared in order: a key removed and added again counts as a change (restored: safe).
 def _same_seq(a: Any, b: list) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def _same_map(a: dict, b: dict) -> bool:
-    return len(a) == len(b) and all(k in b and b[k] is v for k, v in a.items())
+    return len(a) == len(b) and all(map(operator.is_, a.values(), b.values())) and all(map(operator.eq, a, b))
 
 
 def containers_changed(tree: Any, leaves: list) -> bool:
