@@ -27,7 +27,7 @@ What to expect at the defaults (Llama, 2 layers of width 64, 200 steps of 16 x 6
 on 2 shared CPU cores; losses are reproducible, times vary with the machine's load):
 
     method            held-out loss (start 5.55)   ms/step   peak MB (20 steps)
-    fwd Random(k=4)   2.55                          105       96  (60 ms, 48 MB with --no-cache)
+    fwd Random(k=4)   2.55                           91       46  (60 ms, 48 MB with --no-cache)
     backprop          2.17                           17       22
     control (frozen)  2.55                            9        7
 
@@ -43,8 +43,8 @@ layers and 3e-4 on the embeddings); k = 16 gave 2.54 at about 4x the time. At th
 peak memory is above backprop's (it keeps no activations inside a layer, but pushes k tangents at once through
 each); it grows about half as fast with depth: at 8 layers, 71 MB against backprop's 67 MB (--no-cache). With
 the KV cache on (transformers' default, also in training), each marked layer runs its body once more as plain
-code to leave the cache as a plain call would, which costs the time difference above; the memory difference is
-a madfunc leak at the time of writing (each step's cache and segment state stayed alive, ~2.4 MB/step).
+code to leave the cache as a plain call would, which costs the time difference above (pass --no-cache, i.e.
+use_cache=False, when training does not need the cache).
 """
 
 from __future__ import annotations
