@@ -43,11 +43,10 @@ before DDP marks it ready), and leaves its verdict for :func:`ddp_comm_hook`.
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook inspects ddp_comm_hook's
 # annotations and accepts only the objects dist.GradBucket and torch.futures.Future[torch.Tensor].
 import contextvars
-import dataclasses
 import functools
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import optree
 import torch
@@ -55,11 +54,10 @@ import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import _is_batched
+from ._replicas import Replicas, resolve
 from ._tangents import leaf_seed
 
 __all__ = ["Replicas", "ddp_comm_hook", "prepare", "reducing", "resolve"]
-
-Reduction = Literal["mean", "sum"]
 
 # The seed fingerprint rides in the same float64 all-reduce as s: 4 chunks h of 12 bits, and their
 # squares. Ranks agree iff N * sum(h^2) == (sum h)^2 for every chunk (the gap is the sum of (h_a - h_b)^2
@@ -73,50 +71,6 @@ FINGERPRINT_NUMBERS = 2 * _CHUNKS
 _REDUCED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # ... and those whose incoming gradient of the running backward is still to be seen (see _Arrival).
 _PENDING: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-@dataclasses.dataclass(frozen=True)
-class Replicas:
-    """A resolved process group: the ranks whose gradients are reduced, and how (mean or sum)."""
-
-    group: Any
-    world_size: int
-    reduction: str
-
-
-def check_options(where: str, process_group: Any, reduction: Any) -> None:
-    """Validate ``process_group``/``reduction`` types and values when the transform is built."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"{where}(reduction=...): expected 'mean' or 'sum', got {reduction!r}.")
-    if process_group is None or process_group == "world":
-        return
-    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-        raise TypeError(
-            f"{where}(process_group=...): expected a torch.distributed.ProcessGroup (e.g. dist.group.WORLD), "
-            f"'world' or None, got {type(process_group).__name__} {process_group!r:.60}."
-        )
-
-
-def resolve(where: str, process_group: Any, reduction: str) -> Replicas | None:
-    """The process group to reduce over, or None; refuses one that torch.distributed cannot use now."""
-    check_options(where, process_group, reduction)
-    if process_group is None:
-        return None
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            f"{where}(process_group={process_group!r:.40}): torch.distributed is not initialised. Call "
-            "torch.distributed.init_process_group(...) first on every rank (under torchrun: "
-            "init_process_group('gloo') on CPU, 'nccl' on GPU), or drop process_group for one process."
-        )
-    group = dist.group.WORLD if process_group == "world" else process_group
-    try:
-        world_size = dist.get_world_size(group)
-    except (RuntimeError, ValueError) as error:
-        raise RuntimeError(
-            f"{where}(process_group=...): this process group cannot be used ({error}); it was destroyed or "
-            "this rank is not a member. Pass a live group that contains every rank, e.g. dist.group.WORLD."
-        ) from error
-    return Replicas(group, world_size, reduction)
 
 
 def fingerprint(seed: int) -> list[float]:

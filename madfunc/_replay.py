@@ -166,12 +166,9 @@ class Replay:
             if b is None or b.shape != shape or b.dtype != dtype or b.device != device:
                 return None
             extra.append(b)
-        if self.autocast:  # (the key holds autocast's state: it is the recording's)
-            with contextlib.ExitStack() as stack:
-                for device in self.autocast:
-                    stack.enter_context(torch.autocast(device, enabled=False))
-                out = self.gm(*tensors, *(t for _, ts in passes for t in ts), *extra)
-        else:
+        with contextlib.ExitStack() as stack:  # (the key holds autocast's state: it is the recording's)
+            for device in self.autocast:
+                stack.enter_context(torch.autocast(device, enabled=False))
             out = self.gm(*tensors, *(t for _, ts in passes for t in ts), *extra)
         return tuple(out[: self.n_out]), list(out[self.n_out :])
 

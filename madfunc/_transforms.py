@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from . import _context, _distributed, _traced
-from ._distributed import Reduction
+from . import _context, _distributed, _replicas, _traced
 from ._plan import PlanLike, as_plan
+from ._replicas import Reduction
 
 __all__ = ["mixed_grad", "mixed_grad_and_value", "use_plan"]
 
@@ -153,7 +153,7 @@ def mixed_grad_and_value(
         >>> g, value
         (tensor([2., 4.]), tensor(5.))
     """
-    _distributed.check_options("mixed_grad_and_value", process_group, reduction)
+    _replicas.check_options("mixed_grad_and_value", process_group, reduction)
     if _traceable("mixed_grad_and_value", traceable, generator, process_group):
         planned = _traced.planned(fn, _checked_plan(fn, plan, "mixed_grad_and_value"), "mixed_grad_and_value",
                                   allow_unused)
@@ -228,7 +228,7 @@ def mixed_grad(
         >>> traced(w, x).shape                           # torch.compile(traced, fullgraph=True) makes one graph
         torch.Size([3, 2])
     """
-    _distributed.check_options("mixed_grad", process_group, reduction)
+    _replicas.check_options("mixed_grad", process_group, reduction)
     if _traceable("mixed_grad", traceable, generator, process_group):
         return torch.func.grad(_traced.planned(fn, _checked_plan(fn, plan, "mixed_grad"), "mixed_grad", allow_unused),
                                argnums, has_aux)
@@ -274,7 +274,7 @@ def use_plan(
     """
     _check_generator("use_plan", generator)
     checked = as_plan(plan)
-    replicas = _distributed.resolve("use_plan", process_group, reduction)
+    replicas = _replicas.resolve("use_plan", process_group, reduction)
 
     def state() -> _context.CallState:
         new = _context.CallState(checked, "use_plan", generator=generator, allow_unused=allow_unused)
