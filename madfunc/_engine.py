@@ -288,7 +288,7 @@ class Engine:
             ys, ydots, buffers = self._attempts(tensors)
         finally:  # also after an error: the user's objects must not keep a failed pass's functorch wrappers
             self.snapshot.restore_state()
-        self.side_effects = self.had_effects()
+        self.side_effects = self.args_changed or self.snapshot.dirty  # (the state was just restored)
         _check_not_mutated(self.name, tensors, before)
         return self._finish(ys, ydots, buffers)
 

@@ -57,9 +57,8 @@ class Snapshot:
         self.restore_state()
 
     def restore_state(self) -> None:
-        if self.state is not None and self.state.changed():
+        if self.state is not None and self.state.restore():
             self.dirty = True
-            self.state.restore()
 
 
 class TangentStream:

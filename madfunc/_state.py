@@ -127,33 +127,40 @@ class State:
                    for obj, slots, saved in self._slotted)
         )
 
-    def restore(self) -> None:
-        """Put every saved container and object back as it was (entries by identity, not copies)."""
+    def restore(self) -> bool:
+        """Put every saved container and object back as it was (entries by identity, not copies); whether
+        anything had changed. One comparison per object: the check and the restore are the same walk."""
+        changed = False
         for obj, saved in self._objects:
             if not _same_map(obj.__dict__, saved):
+                changed = True
                 obj.__dict__.clear()
                 obj.__dict__.update(saved)
         for obj, slots, saved in self._slotted:
             for s, v in zip(slots, saved, strict=True):
-                now = getattr(obj, s, _MISSING)
-                if now is v:
+                if getattr(obj, s, _MISSING) is v:
                     continue
+                changed = True
                 if v is _MISSING:
                     delattr(obj, s)
                 else:
                     setattr(obj, s, v)
         for obj, saved in self._lists:
             if not _same_seq(obj, saved):
+                changed = True
                 obj.clear()
                 obj.extend(saved)
         for obj, saved in self._dicts:
             if not _same_map(obj, saved):
+                changed = True
                 obj.clear()
                 obj.update(saved)
         for obj, saved in self._sets:
             if obj != saved:
+                changed = True
                 obj.clear()
                 obj.update(saved)
+        return changed
 
 
 class _Missing:
