@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import madfunc as mf
-from madfunc import _replay
+from madfunc.engine import replay as _replay
 
 # Both sides compute the same float64 derivative along different paths; for these small models rounding stays
 # below ~1e-12 of the gradient's scale (Exact: one contraction per basis tangent; orthogonal k = n: V^T V g with

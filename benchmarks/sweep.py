@@ -118,8 +118,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     H.DEVICE = args.device
     if args.replay:
-        from madfunc import _replay
-
+        from madfunc.engine import replay as _replay
         H.REPLAY, _replay.RECORD_AFTER = True, 1
     kinds = [k for k, wanted in (("ops", args.ops), ("modules", args.modules)) if wanted] or ["ops", "modules"]
     report = {

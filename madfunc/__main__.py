@@ -1,6 +1,6 @@
 """``python -m madfunc``: the command line (see ``madfunc --help``)."""
 
-from ._cli import main
+from madfunc.tools.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 import madfunc as mf
-from madfunc._tangents import DISTRIBUTIONS
+from madfunc.strategies.tangents import DISTRIBUTIONS
 
 DT = torch.float64
 B, M, OUT = 6, 4, 3

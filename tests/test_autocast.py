@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import madfunc as mf
-from madfunc import _replay
+from madfunc.engine import replay as _replay
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is far faster
@@ -153,7 +153,7 @@ def test_random_segments_under_autocast_are_unbiased():
 
 def test_contraction_and_combine_accumulate_outside_autocast():
     """madfunc's own products of tangents run in float32 even inside an autocast block (backward usually is)."""
-    from madfunc._contract import combine_tangents, contract
+    from madfunc.strategies.kernels import combine_tangents, contract
 
     torch.manual_seed(0)
     ydot, ybar, v = torch.randn(8, 300), torch.randn(300), torch.randn(8, 50)

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from madfunc import _demo
-from madfunc._cli import main
-from madfunc._demo import _Progress
+from madfunc.tools import demo as _demo
+from madfunc.tools.cli import main
+from madfunc.tools.demo import _Progress
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import madfunc as mf
-from madfunc._diagnostics import _t_quantile
+from madfunc.tools.diagnostics import _t_quantile
 
 DELTA = 1e-5  # false-failure probability of one statistical check
 

@@ -30,7 +30,7 @@ import torch
 from scipy import stats
 
 import madfunc as mf
-from madfunc._distributed import FINGERPRINT_NUMBERS
+from madfunc.engine.distributed import FINGERPRINT_NUMBERS
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

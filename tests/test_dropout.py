@@ -303,8 +303,7 @@ def test_a_callers_vmap_keeps_its_own_draws(monkeypatch: pytest.MonkeyPatch, ran
     """Under the caller's vmap the plain code draws through vmap's batching rule too: the kernel rule stays out.
     (On CPU with the rule switched on as if CPU dropout were fused: on CUDA, torch 2.11 crashes (SIGSEGV) in
     dropout under vmap(grad(vmap(jvp))), with or without madfunc's rule.)"""
-    from madfunc import _dropout
-
+    from madfunc.ops import dropout as _dropout
     monkeypatch.setattr(_dropout, "_FUSED", frozenset(("cpu",)))
     gen = torch.Generator().manual_seed(0)
     w, xs = torch.randn(8, 8, dtype=DT, generator=gen), torch.randn(3, 4, 8, dtype=DT, generator=gen)
@@ -324,7 +323,7 @@ def test_a_callers_vmap_keeps_its_own_draws(monkeypatch: pytest.MonkeyPatch, ran
 @pytest.mark.parametrize("device", DEVICES)
 def test_complex_half_tangents_are_checked_for_zeros(device: str) -> None:
     """The all-zero check after a pass: any() has no CUDA kernel for complex32 (op ``chalf``)."""
-    from madfunc._passes import all_zero_tangents
+    from madfunc.engine.passes import all_zero_tangents
 
     y = torch.ones(3, dtype=torch.complex32, device=device)
     zero, one = torch.zeros(2, 3, dtype=torch.complex32, device=device), torch.ones(2, 3, device=device).chalf()
@@ -335,8 +334,7 @@ def test_complex_half_tangents_are_checked_for_zeros(device: str) -> None:
 def test_kernel_rule_on_cpu_draws_what_native_dropout_draws(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
     """The CUDA rule's machinery, run on CPU (as if CPU dropout were fused): under both transforms the segment
     draws what the device's native_dropout draws on a plain input, outside vmap's batching rule."""
-    from madfunc import _dropout
-
+    from madfunc.ops import dropout as _dropout
     monkeypatch.setattr(_dropout, "_FUSED", frozenset(("cpu",)))
     gen = torch.Generator().manual_seed(0)
     w, x = torch.randn(8, 8, dtype=DT, generator=gen), torch.randn(64, 8, dtype=DT, generator=gen)
@@ -372,8 +370,7 @@ def test_kernel_rules_reach_into_attention_on_cpu(monkeypatch: pytest.MonkeyPatc
     """The op seam does not see the calls F.multi_head_attention_forward makes (a TorchFunctionMode is paused while
     it handles one); its rule runs the body under the seam, so the dropout and attention rules reach inside. On CPU
     with the rules switched on, use_plan still gives the plain CPU model's output and gradient."""
-    from madfunc import _dropout
-
+    from madfunc.ops import dropout as _dropout
     monkeypatch.setattr(_dropout, "_FUSED", frozenset(("cpu",)))
     applied: list[str] = []
     for op in (F.dropout, F.scaled_dot_product_attention):

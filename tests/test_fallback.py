@@ -1,4 +1,4 @@
-"""The double-vjp forward-mode fallback (madfunc._fallback), in float64 against exact references."""
+"""The double-vjp forward-mode fallback (madfunc.ops.fallback), in float64 against exact references."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.func import grad, jvp, vmap
 from torch.overrides import TorchFunctionMode
 
-from madfunc import _fallback
-from madfunc._fallback import NoForwardRuleError, function_with_fallback, jvp_by_double_vjp
+from madfunc.ops import fallback as _fallback
+from madfunc.ops.fallback import NoForwardRuleError, function_with_fallback, jvp_by_double_vjp
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

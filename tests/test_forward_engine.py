@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import madfunc as mf
-from madfunc._rng import TangentStream
-from madfunc._tangents import DISTRIBUTIONS, SMALL_LEAF, draw_leaf, draw_tangents, group_leaves, leaf_seed
+from madfunc.engine.rng import TangentStream
+from madfunc.strategies.tangents import DISTRIBUTIONS, SMALL_LEAF, draw_leaf, draw_tangents, group_leaves, leaf_seed
 
 CPU = torch.device("cpu")
 
@@ -170,8 +170,7 @@ def test_random_gradient_is_the_forward_gradient_of_the_regenerated_tangents(k: 
 def test_lazy_seeding_gives_the_same_gradient_as_eager_seeding(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lazy seeding (each leaf's tangents drawn where it is first used) changes no bit of the estimate's
     inputs: same tangents, same directional derivatives; shared weights are seeded at every use."""
-    from madfunc import _random
-
+    from madfunc.strategies import random as _random
     gen = torch.Generator().manual_seed(3)
     params = [torch.randn(6, 6, generator=gen, dtype=torch.float64) for _ in range(3)]
     x = torch.randn(5, 6, generator=gen, dtype=torch.float64)
@@ -196,8 +195,7 @@ def test_lazy_seeding_gives_the_same_gradient_as_eager_seeding(k: int, monkeypat
 def test_lazy_seeding_falls_back_when_a_leaf_is_never_reached(monkeypatch: pytest.MonkeyPatch) -> None:
     """A leaf no op touches (unused, or reached only outside torch functions) gets eager seeding:
     the estimate is the same as with eager seeding throughout (random, unbiased, also for that leaf)."""
-    from madfunc import _random
-
+    from madfunc.strategies import random as _random
     w, unused = torch.ones(3, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     seg = mf.fwd(lambda w, u, x: (w * x).sum(), name="partial")
     results = []

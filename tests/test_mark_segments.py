@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import madfunc as mf
-from madfunc import _replay
-from madfunc._marking import _MarkedForward
+from madfunc.engine import replay as _replay
+from madfunc.marking import _MarkedForward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ import torch
 from conftest import opaque
 
 import madfunc as mf
-from madfunc._plan import parse_strategy
+from madfunc.plan import parse_strategy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import madfunc as mf
-from madfunc import _random
-from madfunc._rng import TangentStream
-from madfunc._tangents import draw_tangents
+from madfunc.engine.rng import TangentStream
+from madfunc.strategies import random as _random
+from madfunc.strategies.tangents import draw_tangents
 
 CPU = torch.device("cpu")
 F64 = torch.float64

@@ -21,8 +21,8 @@ from torch.func import grad
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import madfunc as mf
-from madfunc import _replay
-from madfunc._graphclean import pool_by_slices
+from madfunc.engine import replay as _replay
+from madfunc.engine.graphclean import pool_by_slices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -26,8 +26,8 @@ from scipy import stats
 from strategies import STRATEGIES, Row, Setting, body, make_setting
 
 import madfunc as mf
-from madfunc._plan import parse_strategy
-from madfunc._tangents import DISTRIBUTIONS
+from madfunc.plan import parse_strategy
+from madfunc.strategies.tangents import DISTRIBUTIONS
 
 Z_MAX = 5.0
 T_MAX = float(stats.chi2.isf(1e-6, 1))

@@ -88,7 +88,7 @@ def test_no_grad_evaluation_runs_forward_segments_as_plain_code():
     with mf.use_plan({"layer": mf.Random(k=2)}):
         with torch.no_grad():
             y = seg(x)
-        state = mf._context.active()
+        state = mf.engine.context.active()
         assert state is not None and state.calls[-1].stats["tangents"] == 0
     assert not y.requires_grad
     torch.testing.assert_close(y, layer(x).detach())
@@ -122,7 +122,7 @@ def test_segment_called_outside_any_transform_is_the_plain_function():
     w = torch.randn(3, dtype=DT)
     assert torch.equal(seg(w), w * 2)
     torch.testing.assert_close(torch.func.grad(lambda w: seg(w).sum())(w), torch.full_like(w, 2.0))
-    assert mf._context.active() is None
+    assert mf.engine.context.active() is None
 
 
 def test_exact_refuses_a_basis_that_cannot_fit_before_allocating_it():

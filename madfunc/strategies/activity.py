@@ -29,12 +29,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._autocast import without_autocast
-from ._checks import _is_batched
-from ._contract import accumulation_dtype, combine_tangents, contract
-from ._random import check_distribution, parse_random_fields, push_random, regenerate
-from ._strategy import Strategy, zeros
-from ._tangents import DISTRIBUTIONS
+from madfunc.core.autocast import without_autocast
+from madfunc.core.checks import _is_batched
+from madfunc.strategies.base import Strategy, zeros
+from madfunc.strategies.kernels import accumulation_dtype, combine_tangents, contract
+from madfunc.strategies.random import check_distribution, parse_random_fields, push_random, regenerate
+from madfunc.strategies.tangents import DISTRIBUTIONS
 
 __all__ = ["Activity"]
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._contract import contract
+from madfunc.strategies.kernels import contract
 
 __all__ = ["KINDS", "Reverse", "Strategy"]
 

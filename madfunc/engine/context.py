@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._rng import TangentStream
+from madfunc.engine.rng import TangentStream
 
 if TYPE_CHECKING:  # (_plan's strategies import the engine's helpers, which import this module)
-    from ._plan import Plan, Strategy
+    from madfunc.plan import Plan, Strategy
 
 __all__ = ["CallState", "SegmentCall", "active", "activate", "check_plan_used", "nested_in"]
 

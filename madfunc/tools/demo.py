@@ -18,11 +18,11 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 
-from ._diagnostics import compare
-from ._plan import Plan
-from ._reports import CompareReport, _table
-from ._segment import rev
-from ._transforms import mixed_grad_and_value
+from madfunc.plan import Plan
+from madfunc.segment import rev
+from madfunc.tools.diagnostics import compare
+from madfunc.tools.reports import CompareReport, _table
+from madfunc.transforms import mixed_grad_and_value
 
 __all__ = ["SEGMENTS", "DemoResult", "digits", "init_params", "loss_fn", "run_demo", "train"]
 

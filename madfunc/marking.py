@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _context, _traced
-from ._plan import Exact, Reverse, Strategy, as_strategy
-from ._segment import call_segment
+from madfunc.engine import context as _context
+from madfunc.engine import traced as _traced
+from madfunc.plan import Exact, Reverse, Strategy, as_strategy
+from madfunc.segment import call_segment
 
 __all__ = ["SegmentHandle", "mark_segments"]
 

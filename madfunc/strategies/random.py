@@ -10,13 +10,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import _context
-from ._autocast import without_autocast
-from ._checks import _common_device
-from ._contract import accumulation_dtype, combine_tangents
-from ._lazy import push_lazy
-from ._strategy import Strategy, positive_int, zeros
-from ._tangents import DISTRIBUTIONS, draw_leaf, draw_tangents
+from madfunc.core.autocast import without_autocast
+from madfunc.core.checks import _common_device
+from madfunc.engine import context as _context
+from madfunc.engine.lazy import push_lazy
+from madfunc.strategies.base import Strategy, positive_int, zeros
+from madfunc.strategies.kernels import accumulation_dtype, combine_tangents
+from madfunc.strategies.tangents import DISTRIBUTIONS, draw_leaf, draw_tangents
 
 __all__ = ["LAZY_SEEDING_BYTES", "SEEDINGS", "Random", "check_distribution"]
 

@@ -12,9 +12,9 @@ from typing import Any
 import optree
 import torch
 
-from . import _context
-from ._plan import Plan, PlanLike, Reverse, Strategy, as_plan
-from ._reports import CompareReport, GradientFigures, InspectReport, SegmentRow, _bytes
+from madfunc.engine import context as _context
+from madfunc.plan import Plan, PlanLike, Reverse, Strategy, as_plan
+from madfunc.tools.reports import CompareReport, GradientFigures, InspectReport, SegmentRow, _bytes
 
 __all__ = ["CompareReport", "GradientFigures", "InspectReport", "SegmentRow", "compare", "inspect"]
 

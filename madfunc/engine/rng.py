@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ._state import State
-from ._tangents import leaf_seed
+from madfunc.engine.state import State
+from madfunc.strategies.tangents import leaf_seed
 
 __all__ = ["Snapshot", "TangentStream"]
 

@@ -8,15 +8,13 @@ and says what to do, instead of a torch error from deep inside a transform or a 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import optree
 import torch
 
-from . import _context
-
-__all__ = ["ForwardModeError", "run_reverse"]
+__all__ = ["ForwardModeError"]
 
 
 class ForwardModeError(NotImplementedError):
@@ -129,59 +127,6 @@ def missing_forward_rule(message: str) -> str | None:
     if match:
         return next((g for g in match.groups() if g), "")
     return "" if "forward AD" in message or "forward-mode" in message else None
-
-
-def _differentiated_per_argument(args: tuple, kwargs: dict) -> dict[str, int]:
-    sizes = {f"arg{i}": optree.tree_leaves(a) for i, a in enumerate(args)}
-    sizes.update({k: optree.tree_leaves(v) for k, v in kwargs.items()})
-    return {k: sum(t.numel() for t in leaves if _needs_grad(t)) for k, leaves in sizes.items()}
-
-
-def run_reverse(
-    name: str, fn: Callable[..., Any], args: tuple, kwargs: dict, record: _context.SegmentCall | None = None
-) -> Any:
-    """Run a reverse-mode segment under a transform: plain code, plus the purity and output checks.
-
-    With ``record`` (diagnostics), also count the bytes autograd saves for backward inside it.
-    """
-    leaves = optree.tree_leaves((args, kwargs))
-    before = _versions(leaves)
-    try:
-        out = _call_reverse(fn, args, kwargs, leaves, record)
-    except RuntimeError as error:
-        translated = _translate_error(name, error) if "in-place" in str(error) else None
-        if translated is None:
-            raise
-        raise translated from error
-    _check_not_mutated(name, leaves, before)
-    _flatten_output(name, out)
-    return out
-
-
-def _call_reverse(
-    fn: Callable[..., Any], args: tuple, kwargs: dict, leaves: list, record: _context.SegmentCall | None
-) -> Any:
-    if record is None:
-        return fn(*args, **kwargs)
-    record.stats.update(
-        differentiated_numel=sum(t.numel() for t in leaves if _needs_grad(t)),
-        differentiated_per_argument=_differentiated_per_argument(args, kwargs),
-        tangents=0,
-    )
-    if _differentiating_transforms() > 0:
-        # torch.func's grad transforms refuse saved-tensor hooks: bytes are measured under plain autograd.
-        record.stats["saved_bytes"] = None
-        return fn(*args, **kwargs)
-    saved = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args, **kwargs)
-    record.stats["saved_bytes"] = saved[0]
-    return out
 
 
 def _common_device(name: str, tensors: Sequence[torch.Tensor]) -> torch.device:

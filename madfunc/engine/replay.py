@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch.func import vmap
 
-from ._autocast import enabled_devices
-from ._checks import _is_batched
-from ._graphclean import mutates, simplify
+from madfunc.core.autocast import enabled_devices
+from madfunc.core.checks import _is_batched
+from madfunc.engine.graphclean import mutates, simplify
 
 __all__ = ["RECORD_AFTER", "REFUSED", "Replay", "clear", "key_of", "lookup", "note_clean", "replayed"]
 

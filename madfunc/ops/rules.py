@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch.autograd.forward_ad import unpack_dual
 from torch.overrides import TorchFunctionMode
 
-from ._autocast import autocast_once
-from ._checks import ForwardModeError, missing_forward_rule
-from ._dropout import RNG_RULES
-from ._fallback import NoForwardRuleError, function_with_fallback, has_jvp, jvp_by_double_vjp
+from madfunc.core.autocast import autocast_once
+from madfunc.core.checks import ForwardModeError, missing_forward_rule
+from madfunc.ops.dropout import RNG_RULES
+from madfunc.ops.fallback import NoForwardRuleError, function_with_fallback, has_jvp, jvp_by_double_vjp
 
 
 def has_tangent(t: torch.Tensor) -> bool:

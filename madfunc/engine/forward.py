@@ -16,12 +16,14 @@ from typing import Any
 import optree
 import torch
 
-from . import _context, _distributed
-from ._captured import discover
-from ._checks import _differentiated_per_argument, _needs_grad, _refuse_higher_order, run_reverse
-from ._engine import Engine
-from ._state import State
-from ._strategy import Strategy
+from madfunc.core.checks import _needs_grad, _refuse_higher_order
+from madfunc.engine import context as _context
+from madfunc.engine import distributed as _distributed
+from madfunc.engine.captured import discover
+from madfunc.engine.reverse import differentiated_per_argument, run_reverse
+from madfunc.engine.runner import Engine
+from madfunc.engine.state import State
+from madfunc.strategies.base import Strategy
 
 __all__ = ["run_forward"]
 
@@ -118,7 +120,7 @@ def run_forward(
         with _context.inside_forward_segment(name):
             return run_reverse(name, fn, args, kwargs)
     if measure:  # a second flatten per call: only for inspect, not in every training step
-        record.stats["differentiated_per_argument"] = _differentiated_per_argument(args, kwargs)
+        record.stats["differentiated_per_argument"] = differentiated_per_argument(args, kwargs)
     state = _context.active()
     seed = state.tangents.segment_seed(name) if strategy.stochastic and state is not None else None
     if seed is not None and strategy.per_rank_tangents:

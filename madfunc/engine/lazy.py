@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch.func import vmap
 
-from ._ops import OpRules
-from ._passes import all_zero_tangents, batching_warnings, vmap_may_be_at_fault
-from ._tangents import LazySeeds
+from madfunc.engine.passes import all_zero_tangents, batching_warnings, vmap_may_be_at_fault
+from madfunc.ops.rules import OpRules
+from madfunc.strategies.tangents import LazySeeds
 
 __all__ = ["push_lazy"]
 

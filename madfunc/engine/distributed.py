@@ -53,9 +53,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._checks import _is_batched
-from ._replicas import Replicas, resolve
-from ._tangents import leaf_seed
+from madfunc.core.checks import _is_batched
+from madfunc.engine.replicas import Replicas, resolve
+from madfunc.strategies.tangents import leaf_seed
 
 __all__ = ["Replicas", "ddp_comm_hook", "prepare", "reducing", "resolve"]
 

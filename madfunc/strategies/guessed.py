@@ -25,11 +25,11 @@ from typing import Any
 import optree
 import torch
 
-from ._autocast import no_autocast, without_autocast
-from ._checks import _common_device
-from ._random import check_distribution
-from ._strategy import Strategy, zeros
-from ._tangents import DISTRIBUTIONS, draw_tangents
+from madfunc.core.autocast import no_autocast, without_autocast
+from madfunc.core.checks import _common_device
+from madfunc.strategies.base import Strategy, zeros
+from madfunc.strategies.random import check_distribution
+from madfunc.strategies.tangents import DISTRIBUTIONS, draw_tangents
 
 __all__ = ["Guessed"]
 

@@ -19,19 +19,28 @@ import optree
 import torch
 from torch.func import jvp, vmap
 
-from . import _context, _replay
-from ._captured import Captured
-from ._checks import (
+from madfunc.core.checks import (
     _check_not_mutated,
     _flatten_output,
     _translate_error,
     _versions,
 )
-from ._guards import check_finite, check_no_hidden_inputs, check_strided, hidden_input_error
-from ._ops import OpRules, reference_kernels
-from ._passes import BARE, Retry, all_zero_tangents, batching_warnings, diagnosed, vmap_may_be_at_fault, warn_loop
-from ._rng import Snapshot
-from ._state import State, containers_changed
+from madfunc.core.guards import check_finite, check_no_hidden_inputs, check_strided, hidden_input_error
+from madfunc.engine import context as _context
+from madfunc.engine import replay as _replay
+from madfunc.engine.captured import Captured
+from madfunc.engine.passes import (
+    BARE,
+    Retry,
+    all_zero_tangents,
+    batching_warnings,
+    diagnosed,
+    vmap_may_be_at_fault,
+    warn_loop,
+)
+from madfunc.engine.rng import Snapshot
+from madfunc.engine.state import State, containers_changed
+from madfunc.ops.rules import OpRules, reference_kernels
 
 __all__ = ["Engine"]
 

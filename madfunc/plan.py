@@ -5,11 +5,11 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Collection, Iterator, Mapping
 
-from ._activity import Activity
-from ._exact import Exact
-from ._guessed import Guessed
-from ._random import Random
-from ._strategy import KINDS, Reverse, Strategy
+from madfunc.strategies.activity import Activity
+from madfunc.strategies.base import KINDS, Reverse, Strategy
+from madfunc.strategies.exact import Exact
+from madfunc.strategies.guessed import Guessed
+from madfunc.strategies.random import Random
 
 __all__ = [
     "Strategy", "Reverse", "Exact", "Random", "Activity", "Guessed", "Plan", "PlanLike", "as_plan", "as_strategy",

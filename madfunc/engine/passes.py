@@ -21,9 +21,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ._checks import ForwardModeError, _is_batched
-from ._guards import PerformanceWarning
-from ._ops import OpFailed
+from madfunc.core.checks import ForwardModeError, _is_batched
+from madfunc.core.guards import PerformanceWarning
+from madfunc.ops.rules import OpFailed
 
 __all__ = ["BARE", "Retry", "all_zero_tangents", "batching_warnings", "diagnosed", "vmap_may_be_at_fault", "warn_loop"]
 

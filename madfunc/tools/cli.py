@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ._diagnostics import compare, inspect
-from ._plan import PLAN_EXAMPLE, STRATEGY_SYNTAX, Plan
+from madfunc.plan import PLAN_EXAMPLE, STRATEGY_SYNTAX, Plan
+from madfunc.tools.diagnostics import compare, inspect
 
 __all__ = ["main"]
 
@@ -41,7 +41,7 @@ def _model_plan(text: str) -> Plan:
         plan = Plan.from_string(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    from ._demo import SEGMENTS
+    from madfunc.tools.demo import SEGMENTS
 
     for key in plan:
         if not fnmatch.filter(SEGMENTS, key):
@@ -144,8 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo" and not args.no_plot:
         _check_out(args.command_parser, args.out)
     torch.set_num_threads(args.threads)
-    from . import _demo
-
+    from madfunc.tools import demo as _demo
     if args.command == "demo":
         return _run_demo(args)
     data = _demo.digits(args.seed)
@@ -161,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo, summary
+    from madfunc.tools.demo import run_demo, summary
 
     plans = {str(p): p for p in args.plan} if args.plan else {
         label: Plan.from_string(text) for label, text in DEFAULT_PLANS.items()}

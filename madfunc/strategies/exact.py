@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import _replay
-from ._guards import EXACT_WARN_TANGENTS, check_basis_size, warn_exact_cost
-from ._strategy import Strategy, positive_int, zeros
-from ._tangents import basis_block, group_leaves
+from madfunc.core.guards import EXACT_WARN_TANGENTS, check_basis_size, warn_exact_cost
+from madfunc.engine import replay as _replay
+from madfunc.strategies.base import Strategy, positive_int, zeros
+from madfunc.strategies.tangents import basis_block, group_leaves
 
 __all__ = ["Exact"]
 

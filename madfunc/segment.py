@@ -9,10 +9,11 @@ from typing import Any, TypeVar, overload
 import torch
 from torch import nn
 
-from . import _context, _traced
-from ._checks import run_reverse
-from ._forward import run_forward
-from ._plan import Exact, Reverse, Strategy, StrategyLike, as_strategy
+from madfunc.engine import context as _context
+from madfunc.engine import traced as _traced
+from madfunc.engine.forward import run_forward
+from madfunc.engine.reverse import run_reverse
+from madfunc.plan import Exact, Reverse, Strategy, StrategyLike, as_strategy
 
 __all__ = ["Segment", "ModuleSegment", "call_segment", "fwd", "rev"]
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import _is_batched
+from madfunc.core.checks import _is_batched
 
 __all__ = [
     "PerformanceWarning",

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._autocast import without_autocast
-from ._checks import _is_batched
+from madfunc.core.autocast import without_autocast
+from madfunc.core.checks import _is_batched
 
 __all__ = ["accumulation_dtype", "combine_tangents", "contract"]
 

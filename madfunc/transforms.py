@@ -9,9 +9,12 @@ from typing import Any
 
 import torch
 
-from . import _context, _distributed, _replicas, _traced
-from ._plan import PlanLike, as_plan
-from ._replicas import Reduction
+from madfunc.engine import context as _context
+from madfunc.engine import distributed as _distributed
+from madfunc.engine import replicas as _replicas
+from madfunc.engine import traced as _traced
+from madfunc.engine.replicas import Reduction
+from madfunc.plan import PlanLike, as_plan
 
 __all__ = ["mixed_grad", "mixed_grad_and_value", "use_plan"]
 

@@ -27,13 +27,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
-from ._context import check_plan_used
-from ._exact import Exact
-from ._guards import EXACT_BASIS_BYTES
-from ._plan import matching_keys
-from ._random import Random
-from ._strategy import Strategy
-from ._tangents import _METADATA
+from madfunc.core.guards import EXACT_BASIS_BYTES
+from madfunc.engine.context import check_plan_used
+from madfunc.plan import matching_keys
+from madfunc.strategies.base import Strategy
+from madfunc.strategies.exact import Exact
+from madfunc.strategies.random import Random
+from madfunc.strategies.tangents import _METADATA
 
 __all__ = ["TracedState", "active", "check_strategy", "dispatch", "planned", "run_segment"]
 
