@@ -5,42 +5,39 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Collection, Iterator, Mapping
 
-from madfunc.strategies.activity import Activity
+from madfunc.strategies import Activity, Exact, Guessed, Random  # (importing them registers their kinds)
 from madfunc.strategies.base import KINDS, Reverse, Strategy
-from madfunc.strategies.exact import Exact
-from madfunc.strategies.guessed import Guessed
-from madfunc.strategies.random import Random
 
 __all__ = [
     "Strategy", "Reverse", "Exact", "Random", "Activity", "Guessed", "Plan", "PlanLike", "as_plan", "as_strategy",
     "parse_strategy",
 ]
 
-# The string form of strategies and plans, written by ``str()`` and read by parse_strategy/Plan.from_string.
-STRATEGY_SYNTAX = (
-    "rev | reverse | exact[:CHUNK] | random[:K[:DISTRIBUTION[:SEEDING]]] "
-    "| activity[:K[:DISTRIBUTION[:SEEDING[:BATCH_DIM]]]]"
-)
 PLAN_EXAMPLE = "features=random:16:rademacher,head=rev"
-# The strings a Plan dict or fwd(strategy=...) accepts in place of a strategy object.
-_STRATEGY_STRINGS = {"rev": Reverse(), "reverse": Reverse(), "exact": Exact()}
+
+
+def strategy_syntax() -> str:
+    """The string forms of every registered strategy class (built-in or the user's), e.g. ``"rev | reverse |
+    exact[:CHUNK] | ..."``: what errors and the CLI help list."""
+    return " | ".join(dict.fromkeys(cls.syntax() for cls in KINDS.values() if cls.syntax()))
 
 
 def parse_strategy(text: str, where: str = "parse_strategy") -> Strategy:
     """Read a strategy from its string form, the inverse of ``str(strategy)``.
 
-    The forms are ``rev`` or ``reverse``; ``exact`` or ``exact:CHUNK``; ``random``, ``random:K``,
-    ``random:K:DISTRIBUTION`` (gaussian, rademacher, orthogonal) or ``random:K:DISTRIBUTION:SEEDING``
-    (auto, lazy, eager, kept); ``activity`` with the same fields and an optional ``:BATCH_DIM``. Case and
-    surrounding spaces are ignored; omitted fields take the defaults of :class:`Exact`, :class:`Random`
-    and :class:`Activity`. (:class:`Guessed` holds a callable and has no string form.)
+    The forms are those of the registered strategy classes (``kind=`` and ``fields=`` of a
+    :class:`Strategy` subclass, the user's own included): ``rev`` or ``reverse``; ``exact`` or
+    ``exact:CHUNK``; ``random``, ``random:K``, ``random:K:DISTRIBUTION`` (gaussian, rademacher,
+    orthogonal) or ``random:K:DISTRIBUTION:SEEDING`` (auto, lazy, eager, kept); ``activity`` with the same
+    fields and an optional ``:BATCH_DIM``. Case and surrounding spaces are ignored; omitted fields take
+    the class's defaults. (:class:`Guessed` holds a callable and has no string form.)
 
     Args:
         text: the strategy, e.g. ``"random:16:rademacher"``.
         where: what the error messages name first (e.g. ``"segment 'head'"``). Default: ``"parse_strategy"``.
 
     Returns:
-        The :class:`Reverse`, :class:`Exact`, :class:`Random` or :class:`Activity` strategy.
+        The strategy.
 
     Raises:
         ValueError: naming the bad field and listing the valid choices.
@@ -62,7 +59,7 @@ def parse_strategy(text: str, where: str = "parse_strategy") -> Strategy:
     cls = KINDS.get(kind.lower())
     if cls is None or len(fields) > len(cls._FIELDS):
         problem = f"unknown strategy {text!r}" if cls is None else f"too many ':' fields in {text!r}"
-        raise ValueError(f"{where}: {problem}; valid strategies: {STRATEGY_SYNTAX}.")
+        raise ValueError(f"{where}: {problem}; valid strategies: {strategy_syntax()}.")
     return cls._from_fields(fields, where)
 
 
@@ -70,23 +67,23 @@ StrategyLike = Strategy | str
 
 
 def as_strategy(value: StrategyLike, where: str) -> Strategy:
-    """Turn a strategy or one of the strings ``"rev"``, ``"reverse"``, ``"exact"`` into a Strategy."""
+    """Turn a strategy, or its string form (``"rev"``, ``"exact:8"``, ``"random:16:rademacher"``: see
+    :func:`parse_strategy`), into a Strategy."""
     if isinstance(value, Strategy):
         if type(value) is Strategy:
-            raise TypeError(f"{where}: Strategy is abstract; use Reverse(), Exact() or Random(...).")
+            raise TypeError(f"{where}: Strategy is abstract; use one of its subclasses, e.g. {_known()}.")
         return value
     if isinstance(value, str):
-        try:
-            return _STRATEGY_STRINGS[value.lower()]
-        except KeyError:
-            raise ValueError(
-                f"{where}: unknown strategy {value!r}; expected a madfunc.Reverse(), madfunc.Exact(), "
-                f"madfunc.Random(...) or one of the strings {', '.join(map(repr, _STRATEGY_STRINGS))}."
-            ) from None
+        return parse_strategy(value, where)
     raise TypeError(
-        f"{where}: expected a strategy (madfunc.Reverse(), madfunc.Exact(), madfunc.Random(...)) or a "
-        f"string, got {type(value).__name__} {value!r}."
+        f"{where}: expected a strategy ({_known()}) or its string form, got {type(value).__name__} {value!r}."
     )
+
+
+def _known() -> str:
+    """The registered strategy classes, as an error lists them: ``madfunc.Reverse(), madfunc.Exact(), ...``."""
+    names = dict.fromkeys(f"{cls.__module__.split('.')[0]}.{cls.__name__}()" for cls in KINDS.values())
+    return ", ".join(names)
 
 
 class Plan(Mapping):
@@ -99,8 +96,8 @@ class Plan(Mapping):
     ``Reverse()``).
 
     Args:
-        entries: a mapping (or Plan) from names/patterns to strategies or strategy strings
-            (``"rev"``, ``"reverse"``, ``"exact"``). Default: empty.
+        entries: a mapping (or Plan) from names/patterns to strategies or their string forms
+            (``"rev"``, ``"exact"``, ``"random:16:rademacher"``: see :func:`parse_strategy`). Default: empty.
 
     Examples:
         >>> import madfunc as mf
@@ -175,7 +172,7 @@ class Plan(Mapping):
             if not sep:
                 raise ValueError(
                     f"plan entry {entry!r}: expected SEGMENT=STRATEGY, e.g. {PLAN_EXAMPLE!r}, with STRATEGY one "
-                    f"of {STRATEGY_SYNTAX}."
+                    f"of {strategy_syntax()}."
                 )
             if not name:
                 raise ValueError(f"plan entry {entry!r}: missing the segment name before '='.")

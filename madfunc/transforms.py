@@ -38,19 +38,12 @@ def _planned(
 
     @functools.wraps(fn)
     def inner(*args: Any, **kwargs: Any) -> Any:
-        state = _context.CallState(checked, where, generator=generator, allow_unused=allow_unused)
         call = _distributed.current_call()  # set by _distributed.reducing under a process group
         if call is not None:
             call.bind(args, argnums)  # the differentiated arguments as torch.func.grad wrapped them
-            state.replicas, state.functional = call.replicas, call
-        _traced.push_untraced()
-        try:
-            with _context.activate(state):
-                out = fn(*args, **kwargs)
-        finally:
-            _traced.pop_untraced()
-        state.check_plan_used()
-        return out
+        with _context.planned_call(checked, where, generator=generator, allow_unused=allow_unused,
+                                   replicas=None if call is None else call.replicas, functional=call):
+            return fn(*args, **kwargs)
 
     return inner
 
@@ -156,18 +149,25 @@ def mixed_grad_and_value(
         >>> g, value
         (tensor([2., 4.]), tensor(5.))
     """
-    _replicas.check_options("mixed_grad_and_value", process_group, reduction)
-    if _traceable("mixed_grad_and_value", traceable, generator, process_group):
-        planned = _traced.planned(fn, _checked_plan(fn, plan, "mixed_grad_and_value"), "mixed_grad_and_value",
-                                  allow_unused)
+    return _transform(fn, plan, argnums, has_aux, "mixed_grad_and_value", generator, allow_unused, process_group,
+                      reduction, traceable)
+
+
+def _transform(fn: Callable[..., Any], plan: PlanLike, argnums: ArgNums, has_aux: bool, where: str,
+               generator: torch.Generator | None, allow_unused: bool, process_group: ProcessGroupLike,
+               reduction: Reduction, traceable: bool) -> Callable[..., Any]:
+    """``mixed_grad_and_value``, with ``where`` (the public name) in its messages. The engine is chosen here,
+    once: the traceable form (engine/traced.py) or the default engine, eager inside a compiled step."""
+    _replicas.check_options(where, process_group, reduction)
+    if _traceable(where, traceable, generator, process_group):
+        planned = _traced.planned(fn, _checked_plan(fn, plan, where), where, allow_unused)
         return torch.func.grad_and_value(planned, argnums, has_aux)
-    transformed = torch.func.grad_and_value(
-        _planned(fn, plan, "mixed_grad_and_value", generator, allow_unused, argnums), argnums, has_aux
-    )
+    transformed = torch.func.grad_and_value(_planned(fn, plan, where, generator, allow_unused, argnums), argnums,
+                                            has_aux)
     if process_group is None:
         return _eager(transformed)
     grads = _distributed.split_grads(has_aux, with_value=True)
-    return _eager(_distributed.reducing(transformed, "mixed_grad_and_value", process_group, reduction, grads))
+    return _eager(_distributed.reducing(transformed, where, process_group, reduction, grads))
 
 
 def mixed_grad(
@@ -184,6 +184,9 @@ def mixed_grad(
 ) -> Callable[..., Any]:
     """Like ``torch.func.grad``, with each segment differentiated as ``plan`` says.
 
+    It is :func:`mixed_grad_and_value` without the value (as ``torch.func.grad`` is ``grad_and_value``
+    without it); the arguments are the same, documented there.
+
     Args:
         fn: a function returning a scalar tensor (and, with ``has_aux``, a pair ``(scalar, aux)``)
             that calls segments made by :func:`fwd` / :func:`rev` and any other PyTorch code.
@@ -191,24 +194,11 @@ def mixed_grad(
             Default: ``None`` (every segment its default).
         argnums: which positional argument(s) to differentiate. Default: ``0``.
         has_aux: whether ``fn`` returns ``(loss, aux)``. Default: ``False``.
-        generator: where ``Random`` segments' tangents come from: one number is drawn from it per call.
-            ``None`` derives them from torch's default generator (see README, "Randomness"). Default: ``None``.
-        allow_unused: if True, a plan key that matches no segment of a call is not an error (for segments
-            that run only on some steps). Default: ``False``.
-        process_group: data parallelism (README, "Distributed"): a ``torch.distributed`` process group (or
-            ``"world"`` for the default one) over which the returned gradient is reduced: each ``Random``
-            segment all-reduces its k coefficients and rebuilds its parameters' gradients from the shared
-            seed, and the other gradients are all-reduced in one call per dtype. Every differentiated
-            argument is taken to be replicated (parameters). The value (and aux) stay this rank's.
-            Default: ``None`` (one process, no communication).
-        reduction: ``"mean"`` (the gradient of the mean of the ranks' losses, as DDP) or ``"sum"``.
-            Default: ``"mean"``.
-        traceable: if True, forward segments run as plain torch code with the same estimator (README,
-            "torch.compile"), which ``torch.compile`` traces into the step's graph (``fullgraph=True``
-            works). Tangents are then drawn in the graph from torch's default generator (other numbers than
-            the default engine's) and kept for backward; segments take ``Reverse``, ``Exact`` or ``Random``
-            with Gaussian or Rademacher tangents; ``generator`` and ``process_group`` are unavailable.
-            Default: ``False``.
+        generator: as for :func:`mixed_grad_and_value`. Default: ``None``.
+        allow_unused: as for :func:`mixed_grad_and_value`. Default: ``False``.
+        process_group: as for :func:`mixed_grad_and_value`. Default: ``None``.
+        reduction: as for :func:`mixed_grad_and_value`. Default: ``"mean"``.
+        traceable: as for :func:`mixed_grad_and_value`. Default: ``False``.
 
     Returns:
         A function returning the gradient (structured like argument ``argnums``, a tuple for a tuple
@@ -231,15 +221,15 @@ def mixed_grad(
         >>> traced(w, x).shape                           # torch.compile(traced, fullgraph=True) makes one graph
         torch.Size([3, 2])
     """
-    _replicas.check_options("mixed_grad", process_group, reduction)
-    if _traceable("mixed_grad", traceable, generator, process_group):
-        return torch.func.grad(_traced.planned(fn, _checked_plan(fn, plan, "mixed_grad"), "mixed_grad", allow_unused),
-                               argnums, has_aux)
-    transformed = torch.func.grad(_planned(fn, plan, "mixed_grad", generator, allow_unused, argnums), argnums, has_aux)
-    if process_group is None:
-        return _eager(transformed)
-    grads = _distributed.split_grads(has_aux, with_value=False)
-    return _eager(_distributed.reducing(transformed, "mixed_grad", process_group, reduction, grads))
+    grad_and_value = _transform(fn, plan, argnums, has_aux, "mixed_grad", generator, allow_unused, process_group,
+                                reduction, traceable)
+
+    @functools.wraps(fn)
+    def grad(*args: Any, **kwargs: Any) -> Any:
+        g, value = grad_and_value(*args, **kwargs)
+        return (g, value[1]) if has_aux else g
+
+    return grad
 
 
 def use_plan(
@@ -279,12 +269,8 @@ def use_plan(
     checked = as_plan(plan)
     replicas = _replicas.resolve("use_plan", process_group, reduction)
 
-    def state() -> _context.CallState:
-        new = _context.CallState(checked, "use_plan", generator=generator, allow_unused=allow_unused)
-        new.replicas = replicas
-        return new
-
-    return _PlanBlock(state)
+    return _PlanBlock(lambda: _context.planned_call(checked, "use_plan", generator=generator,
+                                                    allow_unused=allow_unused, replicas=replicas))
 
 
 class _PlanBlock(contextlib.AbstractContextManager):
@@ -293,20 +279,16 @@ class _PlanBlock(contextlib.AbstractContextManager):
     (the user's model) still compiles, with a graph break at each segment. Each entry makes a fresh call
     state (the tangents' seed comes from torch's generator *at entry*), so one block object can be reused."""
 
-    def __init__(self, make_state: Callable[[], _context.CallState]) -> None:
-        self.make_state = make_state
-        self.entered: list[tuple[_context.CallState, contextlib.AbstractContextManager]] = []
+    def __init__(self, make_block: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.make_block = make_block
+        self.entered: list[contextlib.AbstractContextManager] = []
 
     @torch.compiler.disable
     def __enter__(self) -> None:
-        state = self.make_state()
-        block = _context.activate(state)
+        block = self.make_block()
         block.__enter__()
-        self.entered.append((state, block))
+        self.entered.append(block)
 
     @torch.compiler.disable
-    def __exit__(self, *exc: object) -> None:
-        state, block = self.entered.pop()
-        block.__exit__(*exc)
-        if exc[0] is None:
-            state.check_plan_used()
+    def __exit__(self, *exc: Any) -> None:
+        self.entered.pop().__exit__(*exc)

@@ -6,16 +6,16 @@ import contextlib
 import contextvars
 import dataclasses
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from madfunc.engine.rng import TangentStream
+from madfunc.plan import Plan
+from madfunc.strategies.base import SegmentStats, Strategy
 
-if TYPE_CHECKING:  # (_plan's strategies import the engine's helpers, which import this module)
-    from madfunc.plan import Plan, Strategy
-
-__all__ = ["CallState", "SegmentCall", "active", "activate", "check_plan_used", "nested_in"]
+__all__ = ["TRACED_STACK", "CallState", "SegmentCall", "active", "activate", "check_plan_used", "nested_in",
+           "planned_call"]
 
 
 @dataclasses.dataclass
@@ -25,7 +25,7 @@ class SegmentCall:
     name: str
     strategy: Strategy
     nested_in: str | None = None
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stats: SegmentStats = dataclasses.field(default_factory=SegmentStats)
 
 
 @dataclasses.dataclass
@@ -104,6 +104,27 @@ def _describe(fn: Any) -> str:
     if code is not None:
         return f"{getattr(fn, '__qualname__', fn)!s} at {code.co_filename}:{code.co_firstlineno}"
     return f"{type(fn).__name__} object at {id(fn):#x}"
+
+
+# The traceable engine's calls (engine/traced.py), innermost last; None entries are default-engine calls nested
+# in a traceable one, which shadow it. A module-level list, not a ContextVar: Dynamo traces list mutation, not
+# ``ContextVar.set``.
+TRACED_STACK: list[Any] = []
+
+
+@contextlib.contextmanager
+def planned_call(plan: Plan, where: str, **options: Any) -> Iterator[CallState]:
+    """The one way every entry point (mixed_grad, use_plan, compare, inspect) runs code under a plan: a fresh
+    call state active for the block (``options``: CallState's fields), and on a normal exit the check that
+    every plan key matched a segment that ran. The block shadows an enclosing traceable call."""
+    state = CallState(plan, where, **options)
+    TRACED_STACK.append(None)
+    try:
+        with activate(state):
+            yield state
+    finally:
+        TRACED_STACK.pop()
+    state.check_plan_used()
 
 
 # The active call, or None outside any madfunc transform. While a forward segment runs its own

@@ -208,8 +208,8 @@ def prepare(engine: Any, state: Any) -> SegmentReduction | None:
     """The backward's reduction for one forward segment call (None: no process group, or nothing to share).
 
     Called from ``_ForwardSegment.setup_context``; ``engine.leaves``/``captured`` are the tensors as the
-    caller passed them (under torch.func.grad, the differentiated arguments' own wrappers). It is left in
-    ``engine.notes["reduction"]`` for the strategy's ``combine``, which records the gradients it returns.
+    caller passed them (under torch.func.grad, the differentiated arguments' own wrappers). The strategy's
+    ``combine`` gets it in ``Shared.reduction`` and records there the gradients it returns.
     """
     if state is None or state.replicas is None or not engine.strategy.shares_coefficients:
         return None
@@ -238,9 +238,7 @@ def prepare(engine: Any, state: Any) -> SegmentReduction | None:
                 if r and g is not None:
                     _arrive(t, g)
 
-    reduction = SegmentReduction(state.replicas, params, read, record)
-    engine.notes["reduction"] = reduction
-    return reduction
+    return SegmentReduction(state.replicas, params, read, record)
 
 
 def _reduce_functional(grads: Any, call: FunctionalCall) -> None:

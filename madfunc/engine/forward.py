@@ -23,7 +23,7 @@ from madfunc.engine.captured import discover
 from madfunc.engine.reverse import differentiated_per_argument, run_reverse
 from madfunc.engine.runner import Engine
 from madfunc.engine.state import State
-from madfunc.strategies.base import Strategy
+from madfunc.strategies.base import SegmentStats, Shared, Strategy
 
 __all__ = ["run_forward"]
 
@@ -67,13 +67,13 @@ def _backward(ctx: Any, grads: tuple) -> tuple:
     engine: Engine = ctx.engine
     _refuse_higher_order(engine.name)
     strategy = engine.strategy
-    s = strategy.contract(engine, ctx.saved_tensors, [grads[i] for i in engine.diff_out])
+    s, state = strategy.contract(engine, engine.strategy_state, ctx.saved_tensors, [grads[i] for i in engine.diff_out])
     dp = ctx.data_parallel  # parameters take s reduced over ranks, activation inputs this rank's s
-    if dp is None:
-        diff_grads = strategy.combine(engine, s, ctx.meta)
-    else:
-        s_shared = dp.reduce(engine.name, s, engine.seed, strategy.k)
-        diff_grads = strategy.combine(engine, s, ctx.meta, s_shared, dp.params)
+    shared = None
+    if dp is not None:
+        assert engine.seed is not None
+        shared = Shared(dp.reduce(engine.name, s, engine.seed, engine.stats.tangents or 0), dp.params, dp)
+    diff_grads = strategy.combine(engine, state, s, ctx.meta, shared)
     result: list[torch.Tensor | None] = [None] * ctx.n_tensors
     for i, g in zip(engine.diff, diff_grads, strict=True):
         result[i] = g
@@ -116,19 +116,20 @@ def run_forward(
             "pass real and imaginary parts as separate real tensors, or mark the segment rev()."
         )
     if not diff:  # nothing upstream needs a gradient: a plain call, still a pure one
-        record.stats.update(differentiated_numel=0, differentiated_per_argument={}, tangents=0, saved_bytes=0)
+        record.stats = SegmentStats(differentiated_numel=0, differentiated_per_argument={}, tangents=0, saved_bytes=0)
         with _context.inside_forward_segment(name):
             return run_reverse(name, fn, args, kwargs)
     if measure:  # a second flatten per call: only for inspect, not in every training step
-        record.stats["differentiated_per_argument"] = differentiated_per_argument(args, kwargs)
-    state = _context.active()
-    seed = state.tangents.segment_seed(name) if strategy.stochastic and state is not None else None
+        record.stats.differentiated_per_argument = differentiated_per_argument(args, kwargs)
+    call = _context.active()
+    seed = call.tangents.segment_seed(name) if strategy.stochastic and call is not None else None
     if seed is not None and strategy.per_rank_tangents:
         seed = _distributed.rank_seed(seed)
+    data_parallel = call is not None and call.replicas is not None
     state = State(_reachable(fn, owner, own_module, leaves, positions))
     engine = Engine(name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure, state,
-                    _has_containers((args, kwargs)))
-    engine.owner, engine.own_module, engine.record_passes = owner, own_module, record_passes
+                    _has_containers((args, kwargs)), owner=owner, own_module=own_module,
+                    record_passes=record_passes, data_parallel=data_parallel)
     outputs = _ForwardSegment.apply(engine, *tensors)
     if engine.side_effects:
         _apply_side_effects(engine, fn, args, kwargs)

@@ -53,14 +53,13 @@ def _call_reverse(
 ) -> Any:
     if record is None:
         return fn(*args, **kwargs)
-    record.stats.update(
-        differentiated_numel=sum(t.numel() for t in leaves if _needs_grad(t)),
-        differentiated_per_argument=differentiated_per_argument(args, kwargs),
-        tangents=0,
-    )
+    stats = record.stats
+    stats.differentiated_numel = sum(t.numel() for t in leaves if _needs_grad(t))
+    stats.differentiated_per_argument = differentiated_per_argument(args, kwargs)
+    stats.tangents = 0
     if _differentiating_transforms() > 0:
         # torch.func's grad transforms refuse saved-tensor hooks: bytes are measured under plain autograd.
-        record.stats["saved_bytes"] = None
+        stats.saved_bytes = None
         return fn(*args, **kwargs)
     saved = [0]
 
@@ -70,5 +69,5 @@ def _call_reverse(
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args, **kwargs)
-    record.stats["saved_bytes"] = saved[0]
+    stats.saved_bytes = saved[0]
     return out

@@ -12,7 +12,7 @@ A pass that ran cleanly before with the same key is replayed from its recording 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optree
@@ -29,6 +29,8 @@ from madfunc.core.guards import check_finite, check_no_hidden_inputs, check_stri
 from madfunc.engine import context as _context
 from madfunc.engine import replay as _replay
 from madfunc.engine.captured import Captured
+from madfunc.engine.context import SegmentCall
+from madfunc.engine.lazy import push_lazy
 from madfunc.engine.passes import (
     BARE,
     Retry,
@@ -41,6 +43,9 @@ from madfunc.engine.passes import (
 from madfunc.engine.rng import Snapshot
 from madfunc.engine.state import State, containers_changed
 from madfunc.ops.rules import OpRules, reference_kernels
+from madfunc.strategies.base import Passes, SegmentStats, Strategy, StrategyState
+
+NO_STATE = StrategyState()
 
 __all__ = ["Engine"]
 
@@ -52,8 +57,11 @@ class Engine:
     tensors it reads from outside its arguments (``captured``); ``diff`` indexes those that get tangents.
     """
 
-    def __init__(self, name, strategy, fn, leaves, spec, positions, captured, diff, record, seed, measure,
-                 state: State | None = None, mutable_args: bool = False) -> None:
+    def __init__(self, name: str, strategy: Strategy, fn: Callable[..., Any], leaves: list, spec: Any,
+                 positions: list[int], captured: Captured, diff: list[int], record: SegmentCall, seed: int | None,
+                 measure: bool, state: State | None = None, mutable_args: bool = False, *, owner: Any = None,
+                 own_module: torch.nn.Module | None = None, record_passes: bool = True,
+                 data_parallel: bool = False) -> None:
         self.name = name
         self.strategy = strategy
         self.fn = fn
@@ -63,7 +71,9 @@ class Engine:
         self.captured: Captured = captured
         self.diff = diff
         self.record = record
+        self.stats: SegmentStats = record.stats
         self.seed = seed
+        self.data_parallel = data_parallel  # under a process group (EngineView)
         self.measure = measure  # inspect: report a costly Exact segment's size instead of computing it
         self.grad_mode = torch.is_grad_enabled()
         # Called outside torch.func's transforms (use_plan): its random ops draw as eager kernels do (_dropout).
@@ -75,7 +85,7 @@ class Engine:
         self.used: list[bool] = [True] * len(diff)
         self.fallbacks: set[str] = set()
         self.bare = False  # later passes of this call may skip the op seam (see _push)
-        self.notes: dict[str, Any] = {}  # what the strategy keeps from its passes for backward
+        self.strategy_state: StrategyState = NO_STATE  # what the strategy keeps from its passes for backward
         # Per differentiated input: computed upstream (it has a grad_fn), not a leaf. An estimate of its
         # cotangent reaches the upstream leaves through the Jacobians above, where the segment's variance
         # law no longer applies; Activity perturbs exactly these per example. Read here, before the
@@ -88,9 +98,11 @@ class Engine:
         self.buffers = captured.buffer_tensors()
         self.primal_buffers = [i for i, b in enumerate(self.buffers) if b.dtype != torch.bool]
         # For the replay key (_replay): what the user marked, and whether recording is allowed.
-        self.owner: Any = None
-        self.own_module: torch.nn.Module | None = None
-        self.record_passes = True
+        self.owner = owner
+        self.own_module = own_module
+        self.record_passes = record_passes
+        # What the body is, for per-segment caches (EngineView.identity; see _zero_key).
+        self.identity = (name, id(fn), id(getattr(fn, "__self__", None)))
         self.positions_set = frozenset(positions)
         self.clean = False  # the last eager pass met no rule, fallback or dropped tangent
         # Side effects (_state): the Python objects the body reaches, restored before every pass, and whether
@@ -183,6 +195,42 @@ class Engine:
             used = [self.used[self.diff.index(j)] for j in which] if watch else None
             _replay.note_clean(self, key, tensors, passes, result[:2], used)
         return result
+
+    def push_groups(self, tensors: Sequence[torch.Tensor],
+                    groups: Sequence[tuple[Sequence[int], Callable[[], Sequence[torch.Tensor]]]],
+                    together: Sequence[Sequence[torch.Tensor]] | None = None) -> Passes:
+        """One pass per group ``(which, make_tangents)``, output tangents concatenated (EngineView). With
+        ``together`` (the groups' tangents, built already), the passes are recorded and replayed as one
+        graph, so that their common primal work is done once."""
+        passes = None if together is None else [(which, t) for (which, _), t in zip(groups, together, strict=True)]
+        key = _replay.key_of(self, tensors, passes) if passes else None
+        replayed = self.replay(key, tensors, passes) if key is not None and passes else None
+        if replayed is not None:
+            return (*replayed, self.buffers)
+        per_group: list[list[torch.Tensor]] = []
+        clean = True
+        for i, (which, make) in enumerate(groups):
+            self.begin_pass()
+            ys, ydots, buffers = self.push(tensors, which, make() if together is None else together[i],
+                                           record=key is None)
+            clean = clean and self.clean
+            per_group.append(ydots)
+        ydots = [torch.cat(parts) if len(per_group) > 1 else parts[0] for parts in zip(*per_group, strict=True)]
+        if key is not None and passes and clean:
+            _replay.note_clean(self, key, tensors, passes, (ys, ydots))
+        return ys, ydots, buffers
+
+    def push_lazy(self, tensors: Sequence[torch.Tensor], device: torch.device, k: int,
+                  make: Callable[[int, torch.Tensor], torch.Tensor]) -> Passes | None:
+        """``k`` tangents per input seeded where each is first used (EngineView; see engine/lazy.py)."""
+        return push_lazy(self, tensors, device, k, make)
+
+    def arguments(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        """The segment's ``(args, kwargs)`` with its argument tensors replaced by ``tensors`` (EngineView)."""
+        leaves = list(self.leaves)
+        for pos, t in zip(self.positions, tensors, strict=False):
+            leaves[pos] = t
+        return optree.tree_unflatten(self.spec, leaves)
 
     def replay(self, key, tensors, passes, check: bool = True, watched=None) -> tuple[tuple, list] | None:
         """``(ys, ydots)`` of ``passes`` from the recording under ``key``, or None (no recording, or its
@@ -347,20 +395,20 @@ class Engine:
         self.diff_out = [i for i, y in enumerate(ys) if y.is_floating_point() or y.is_complex()]
         ydots = [ydots[i] for i in self.diff_out]
         check_finite(self.name, [ys[i] for i in self.diff_out], ydots, self.diff_out)
-        self.strategy.finish(self, ydots)
-        stats = self.record.stats
-        stats["output_numel"] = sum(ys[i].numel() for i in self.diff_out)
-        stats["saved_bytes"] = sum(t.numel() * t.element_size() for t in ydots)
+        self.strategy_state = self.strategy.finish(self, self.strategy_state, ydots)
+        stats = self.stats
+        stats.output_numel = sum(ys[i].numel() for i in self.diff_out)
+        saved = sum(t.numel() * t.element_size() for t in ydots)
         # ... plus input tangents a strategy keeps for backward instead of regenerating them
-        kept = [*(self.notes.get("tangents") or ()), *(self.notes.get("contracted") or ())]
-        stats["saved_bytes"] += sum(t.numel() * t.element_size() for t in kept if t is not None)
-        if stats.get("predicted"):
-            stats["saved_bytes"] = stats["tangents"] * sum(ys[i].numel() * ys[i].element_size() for i in self.diff_out)
+        saved += sum(t.numel() * t.element_size() for t in self.strategy_state.kept() if t is not None)
+        if stats.predicted:
+            saved = (stats.tangents or 0) * sum(ys[i].numel() * ys[i].element_size() for i in self.diff_out)
+        stats.saved_bytes = saved
         if self.fallbacks:
-            stats["fallbacks"] = sorted(self.fallbacks)
+            stats.fallbacks = sorted(self.fallbacks)
         if self.strategy.stochastic:
             used = zip(self.diff_tensors, self.used, strict=True)
-            stats["differentiated_numel"] = sum(t.numel() for t, u in used if u)  # n counts used inputs only
+            stats.differentiated_numel = sum(t.numel() for t, u in used if u)  # n counts used inputs only
         return (*ys, *ydots)
 
     def begin_pass(self) -> None:
@@ -378,13 +426,15 @@ class Engine:
     def _forward(self, tensors: Sequence[torch.Tensor]):
         diff_tensors = self.diff_tensors = [tensors[i] for i in self.diff]
         n = sum(t.numel() for t in diff_tensors)
-        stats = self.record.stats
-        stats["differentiated_numel"] = n
-        stats["activation_numel"] = sum(t.numel() for t, a in zip(diff_tensors, self.activation, strict=True) if a)
+        stats = self.stats
+        stats.differentiated_numel = n
+        stats.activation_numel = sum(t.numel() for t, a in zip(diff_tensors, self.activation, strict=True) if a)
+        self.strategy_state = NO_STATE
         if n == 0:  # e.g. an empty batch: nothing to push; every gradient is an (empty) zero
-            stats["tangents"] = 0
+            stats.tangents = 0
             return self.plain_pass(tensors)
-        return self.strategy.push(self, tensors, diff_tensors, n)
+        passes, self.strategy_state = self.strategy.push(self, tensors, diff_tensors, n)
+        return passes
 
 
 # Runs of a segment's passes before giving up on ops that drop tangents (each run routes those it finds).

@@ -27,18 +27,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
-from madfunc.core.guards import EXACT_BASIS_BYTES
-from madfunc.engine.context import check_plan_used
+from madfunc.engine.context import TRACED_STACK, check_plan_used
 from madfunc.plan import matching_keys
 from madfunc.strategies.base import Strategy
-from madfunc.strategies.exact import Exact
-from madfunc.strategies.random import Random
 from madfunc.strategies.tangents import _METADATA
 
 __all__ = ["TracedState", "active", "check_strategy", "dispatch", "planned", "run_segment"]
 
-# Distributions whose tangents are plain elementwise draws (E[v v^T] = I), which inductor can generate.
-_DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
 @dataclasses.dataclass
@@ -53,7 +48,7 @@ class TracedState:
     inside: str | None = None  # the forward segment whose body is running now
 
 
-_STACK: list[TracedState | None] = []
+_STACK = TRACED_STACK  # (shared with the default engine's calls, which push None: see context.planned_call)
 
 
 def active() -> TracedState | None:
@@ -89,40 +84,14 @@ def _needs_grad(t: Any) -> bool:
 
 def check_strategy(name: str, strategy: Strategy) -> None:
     """Only strategies with a traceable form run traced; the others are refused by name, before any work."""
-    if not strategy.is_forward:
-        return
-    if type(strategy) is Exact:
-        return
-    if type(strategy) is Random and strategy.distribution in _DISTRIBUTIONS:
+    if not strategy.is_forward or strategy.traceable:
         return
     raise ValueError(
         f"mixed_grad(traceable=True): segment {name!r} has strategy {strategy!r}, which has no traceable form. "
-        "Traceable forward segments take Exact() or Random(distribution='gaussian' or 'rademacher'); use "
-        "another strategy for this segment, or traceable=False (the default engine, which runs segments "
-        "eagerly inside a compiled step)."
+        "Traceable forward segments take a strategy whose `traceable` is true (Exact(), Random(distribution="
+        "'gaussian' or 'rademacher')); use another strategy for this segment, or traceable=False (the default "
+        "engine, which runs segments eagerly inside a compiled step)."
     )
-
-
-def _tangents(name: str, strategy: Strategy, leaves: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
-    """Tangents ``(k, *leaf.shape)`` per leaf and ``k``: random draws, or one-hot basis vectors over all leaves."""
-    if type(strategy) is Random:
-        k = strategy.k
-        if strategy.distribution == "gaussian":
-            return [torch.randn((k, *t.shape), dtype=t.dtype, device=t.device) for t in leaves], k
-        # randint, not bernoulli_: 2x faster eagerly and under inductor on CPU (benchmarks/RESULTS.md)
-        return [torch.randint(0, 2, (k, *t.shape), dtype=t.dtype, device=t.device) * 2 - 1 for t in leaves], k
-    sizes = [t.numel() for t in leaves]
-    n = sum(sizes)
-    nbytes = n * sum(t.numel() * t.element_size() for t in leaves)
-    if nbytes > EXACT_BASIS_BYTES:  # refused before allocating, as the default engine refuses (rather than OOM)
-        raise MemoryError(
-            f"segment {name!r}: traceable Exact() pushes all {n} basis tangents at once, {nbytes / 2**30:.1f} GiB "
-            "for the tangents alone. Use Random(k) or Reverse() for a segment this large, or traceable=False, "
-            "whose Exact() pushes them in chunks (Exact(chunk_size=...))."
-        )
-    eye = torch.eye(n, dtype=leaves[0].dtype, device=leaves[0].device)
-    blocks = torch.split(eye, sizes, dim=1)
-    return [b.reshape(n, *t.shape) for b, t in zip(blocks, leaves, strict=True)], n
 
 
 def run_segment(state: TracedState, name: str, strategy: Strategy, fn: Callable[..., Any], args: tuple,
@@ -140,7 +109,8 @@ def run_segment(state: TracedState, name: str, strategy: Strategy, fn: Callable[
         return fn(*args, **kwargs)
     leaves = [flat[i] for i in diff]
     detached = [t.detach() for t in leaves]
-    tangents, k = _tangents(name, strategy, detached)
+    tangents, scale = strategy.traced_tangents(name, detached)
+    k = tangents[0].shape[0]
 
     used = [False] * len(diff)
 
@@ -171,7 +141,6 @@ def run_segment(state: TracedState, name: str, strategy: Strategy, fn: Callable[
             y = pytree.tree_map(lambda t: t[0], ys)
     finally:
         state.inside = None
-    scale = 1.0 / k if type(strategy) is Random else 1.0
     if not any(used):  # the output does not depend on the differentiated inputs: zero gradients, as eagerly
         return y
     # Inputs no op read get exact zeros, as in the default engine (their tangents would add only noise).
@@ -257,12 +226,3 @@ def planned(fn: Callable[..., Any], plan: Any, where: str, allow_unused: bool) -
         return out
 
     return inner
-
-
-def push_untraced() -> None:
-    """The default engine's calls shadow an enclosing traceable one (nested transforms)."""
-    _STACK.append(None)
-
-
-def pop_untraced() -> None:
-    _STACK.pop()

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
 from madfunc.core.autocast import without_autocast
 from madfunc.core.checks import _is_batched
-from madfunc.strategies.base import Strategy, zeros
+from madfunc.strategies.base import EngineView, Meta, Passes, SegmentStats, Shared, Strategy, StrategyState, zeros
 from madfunc.strategies.kernels import accumulation_dtype, combine_tangents, contract
-from madfunc.strategies.random import check_distribution, parse_random_fields, push_random, regenerate
+from madfunc.strategies.random import RandomState, check_distribution, parse_random_fields, push_random, regenerate
 from madfunc.strategies.tangents import DISTRIBUTIONS
 
 __all__ = ["Activity"]
@@ -43,7 +43,7 @@ _SEPARABLE: set[tuple] = set()
 
 
 @dataclasses.dataclass(frozen=True)
-class Activity(Strategy, kind="activity"):
+class Activity(Strategy, kind="activity", fields=("K", "DISTRIBUTION", "SEEDING", "BATCH_DIM")):
     """Estimate the gradient by activity perturbation: random tangents per example on the activation inputs.
 
     Activation inputs (tensors computed upstream, e.g. a layer's pre-activations) get tangents drawn
@@ -83,7 +83,6 @@ class Activity(Strategy, kind="activity"):
     distribution: str = "gaussian"
     seeding: str = "auto"
     batch_dim: int | tuple[int, ...] = 0
-    _FIELDS: ClassVar[tuple[str, ...]] = ("K", "DISTRIBUTION", "SEEDING", "BATCH_DIM")
     stochastic: ClassVar[bool] = True
     per_rank_tangents: ClassVar[bool] = True  # per-example tangents: independent across ranks' examples too
 
@@ -131,15 +130,16 @@ class Activity(Strategy, kind="activity"):
             raise ValueError(f"{where}: {error}") from None
 
     # -- the passes ----------------------------------------------------------------------------------
-    def push(self, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor], n: int):
+    def push(self, engine: EngineView, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor],
+             n: int) -> tuple[Passes, StrategyState]:
         batch = self._classify(engine, diff_tensors)
-        result = push_random(self, engine, tensors, diff_tensors)
+        result, state = push_random(self, engine, tensors, diff_tensors)
         ys, ydots, buffers = result
         if batch is not None:
             outputs = [(i, y) for i, y in enumerate(ys) if y.is_floating_point() or y.is_complex()]
             self._check_outputs(engine.name, batch, outputs)
             self._check_separable(engine, tensors, diff_tensors, batch, [i for i, _ in outputs])
-        return result
+        return result, state
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -158,12 +158,12 @@ class Activity(Strategy, kind="activity"):
         g = g.reshape(*sizes, *g.shape[1:])
         return g.movedim(list(range(len(sizes))), list(self.dims))
 
-    def _classify(self, engine: Any, diff_tensors: Sequence[torch.Tensor]) -> tuple[int, ...] | None:
+    def _classify(self, engine: EngineView, diff_tensors: Sequence[torch.Tensor]) -> tuple[int, ...] | None:
         """The common sizes of the unit dims of the activation inputs (``engine.activation``: computed
         upstream, they have a grad_fn), or None if every differentiated input is a parameter."""
         activation = engine.activation
-        stats = engine.record.stats
-        stats["parameter_numel"] = sum(t.numel() for t, a in zip(diff_tensors, activation, strict=True) if not a)
+        stats = engine.stats
+        stats.parameter_numel = sum(t.numel() for t, a in zip(diff_tensors, activation, strict=True) if not a)
         inputs = [t for t, a in zip(diff_tensors, activation, strict=True) if a]
         if not inputs:
             return None
@@ -182,7 +182,7 @@ class Activity(Strategy, kind="activity"):
             )
         size = sizes.pop()
         units = math.prod(size)
-        stats["per_example_numel"] = sum(t.numel() for t in inputs) // max(units, 1)
+        stats.per_example_numel = sum(t.numel() for t in inputs) // max(units, 1)
         return size
 
     def _check_outputs(self, name: str, sizes: tuple[int, ...], outputs: Sequence[tuple[int, torch.Tensor]]) -> None:
@@ -195,11 +195,11 @@ class Activity(Strategy, kind="activity"):
                     "or use Random(k)."
                 )
 
-    def _check_separable(self, engine, tensors, diff_tensors, sizes: tuple[int, ...], outputs: Sequence[int]) -> None:
+    def _check_separable(self, engine: EngineView, tensors: Sequence[torch.Tensor],
+                         diff_tensors: Sequence[torch.Tensor], sizes: tuple[int, ...], outputs: Sequence[int]) -> None:
         """One extra pass, once per segment and shapes: a tangent on example 0's activation inputs alone must
         leave every other example's output tangents exactly zero."""
-        fn = engine.fn
-        key = (engine.name, id(fn), id(getattr(fn, "__self__", None)), tuple(tuple(t.shape) for t in tensors))
+        key = (*engine.identity, tuple(tuple(t.shape) for t in tensors))
         if key in _SEPARABLE or math.prod(sizes) < 2:
             return
         probe = []
@@ -227,33 +227,36 @@ class Activity(Strategy, kind="activity"):
         _SEPARABLE.add(key)
 
     # -- backward ------------------------------------------------------------------------------------
-    def contract(self, engine: Any, ydots, ybars):
+    def contract(self, engine: EngineView, state: StrategyState, ydots: Sequence[torch.Tensor],
+                 ybars: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, StrategyState]:
         """``s[j, b] = <ydot_{j,b}, ybar_b>``, shape ``(k, U)`` for ``U`` units (or ``(k,)`` without
         activation inputs)."""
-        return contract(ydots, ybars, self._units if any(engine.activation) else None)
+        return contract(ydots, ybars, self._units if any(engine.activation) else None), state
 
     @without_autocast  # (the per-example einsum: in float32 even inside an autocast block)
-    def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
+    def combine(self, engine: EngineView, state: StrategyState, s: torch.Tensor | None, meta: Sequence[Meta],
+                shared: Shared | None = None) -> list[torch.Tensor | None]:
+        assert isinstance(state, RandomState) and engine.seed is not None
         if s is None or s.numel() == 0:
             return zeros(meta)
         activation = engine.activation
         per_example = s * (1.0 / self.k)
         summed = per_example.sum(1) if per_example.dim() == 2 else per_example  # parameters: over the batch
         grads = []
-        tangents = regenerate(self, engine.seed, meta, engine.used, s.device, engine.notes.get("tangents"))
+        tangents = regenerate(self, engine.seed, meta, engine.used, s.device, state.tangents)
         for v, a, (shape, dtype, _) in zip(tangents, activation, meta, strict=True):
             if v is None:  # never used: an exact zero
                 grads.append(torch.zeros(shape, dtype=dtype, device=s.device))
             elif not a:  # (kept tangents may serve a second backward: never overwritten)
-                grads.append(combine_tangents(summed, v, dtype, reuse="tangents" not in engine.notes))
+                grads.append(combine_tangents(summed, v, dtype, reuse=state.tangents is None))
             else:
                 acc = accumulation_dtype(v.dtype)
                 g = torch.einsum("kb,kb...->b...", per_example.to(acc), self._units(v, 1).to(acc))
                 grads.append(self._unshape(g, tuple(shape[d] for d in self.dims)).to(dtype))
         return grads
 
-    def variance(self, stats: Mapping[str, Any]) -> float | None:
-        m = stats.get("per_example_numel") or 0
-        if stats.get("parameter_numel") or m < 1:
+    def variance(self, stats: SegmentStats) -> float | None:
+        m = stats.per_example_numel or 0
+        if stats.parameter_numel or m < 1:
             return None  # joint perturbation: depends on the gradients' norms (module docstring)
         return DISTRIBUTIONS[self.distribution].variance(m, self.k)

@@ -1,104 +1,235 @@
-"""The interface every strategy implements, and ``Reverse``.
+"""The contract between a strategy and the engine, the base class ``Strategy``, and ``Reverse``.
 
-A strategy is an immutable value (hashable, picklable, printable in the plan string form) that also
-carries its behaviour, so that no other module branches on its kind (the habit of optax's
-``GradientTransformation`` and JAX's rule tables). A forward strategy answers five questions for the
-engine and the diagnostics:
+A strategy is an immutable value (hashable, picklable, printable in the plan string form) that carries
+its behaviour, so that no other module branches on its kind (the habit of optax's
+``GradientTransformation`` and JAX's rule tables). A forward strategy answers, for one segment call:
 
-* ``push(engine, tensors, diff_tensors, n)``: which tangents to push through the segment (the passes
-  themselves are the engine's);
-* ``contract(engine, ydots, ybars)``: the coefficients ``s`` from the output tangents and cotangents;
-* ``combine(engine, s, meta, s_shared, shared)``: the input gradients from ``s``;
-* ``variance(stats)``: the theoretical relative variance ``E||g^ - g||^2 / ||g||^2`` of one call, or None;
-* ``advice(stats)``: what ``inspect`` should flag about a call.
+* ``push(engine, tensors, diff_tensors, n) -> (passes, state)``: which tangents to push through the segment
+  (the passes themselves are the engine's: ``engine`` is an :class:`EngineView`), and the per-call state it
+  keeps for backward (a frozen dataclass, :class:`StrategyState`: threaded as optax threads its state);
+* ``finish(engine, state, ydots) -> state``: after the passes, with the differentiated outputs' tangents;
+* ``contract(engine, state, ydots, ybars) -> (s, state)``: the coefficients ``s`` from the output tangents
+  and cotangents;
+* ``combine(engine, state, s, meta, shared) -> grads``: the input gradients from ``s``;
+* ``variance(stats)`` and ``advice(stats)``: the relative variance of one call (or None) and what
+  ``inspect`` should flag, from the call's :class:`SegmentStats`.
 
-A new strategy is one module defining a subclass (its string kind is registered by ``kind=``), plus a
-row in ``tests/strategies.py``, the table every generic test runs over.
+A strategy never imports the engine or the call context: it sees only what :class:`EngineView` offers.
+A new strategy is one module defining a subclass (its string kind registered by ``kind=``, its fields by
+``fields=``), plus a row in ``tests/support/strategies.py``, the table every generic test runs over.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from madfunc.strategies.kernels import contract
 
-__all__ = ["KINDS", "Reverse", "Strategy"]
+__all__ = [
+    "KINDS", "StrategyState", "EngineView", "Meta", "Passes", "Reverse", "SegmentStats", "Shared", "Strategy",
+    "positive_int", "zeros",
+]
 
 # The kinds of the string form (``"random:16:rademacher"`` -> Random), filled by Strategy subclasses.
 KINDS: dict[str, type[Strategy]] = {}
 
+Meta = tuple[torch.Size, torch.dtype, torch.device]  # a differentiated input's shape, dtype and device
+# What a push returns: the primal outputs, the output tangents (one batch (T, *y.shape) per output) and the
+# module buffers as the pass left them.
+Passes = tuple[Sequence[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+@dataclasses.dataclass
+class SegmentStats:
+    """What one call of one segment did, for ``inspect`` and the variance laws (None: not recorded).
+
+    The engine fills the sizes; a strategy may fill ``tangents``, ``predicted`` and its own fields.
+    """
+
+    differentiated_numel: int | None = None  # scalars the segment differentiates (for Random: read ones)
+    differentiated_per_argument: dict[str, int] | None = None  # the same, per argument (inspect)
+    activation_numel: int | None = None  # of those, scalars of activation inputs (computed upstream)
+    parameter_numel: int | None = None  # of those, scalars of parameters (Activity)
+    per_example_numel: int | None = None  # activation scalars per example (Activity)
+    output_numel: int | None = None  # differentiated output scalars
+    tangents: int | None = None  # tangents pushed (forward passes, batched)
+    saved_bytes: int | None = None  # kept for backward (None: could not be measured)
+    predicted: bool = False  # sizes predicted, the passes not run (inspect of a costly Exact segment)
+    fallbacks: list[str] | None = None  # ops routed to the double-vjp fallback
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyState:
+    """Per-call state a strategy keeps between its forward passes and backward (subclass it, frozen)."""
+
+    def kept(self) -> Sequence[torch.Tensor | None]:
+        """Tensors kept for backward beyond the output tangents (counted in ``saved_bytes``)."""
+        return ()
+
+
+class Reduction(Protocol):
+    """Records the gradients of parameters whose coefficients were reduced over ranks (engine/distributed)."""
+
+    read: Sequence[bool]
+
+    def record(self, grads: list[torch.Tensor | None]) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """Data parallelism: the coefficients ``s`` reduced over a process group, which parameters take."""
+
+    s: torch.Tensor  # the reduced coefficients
+    params: Sequence[bool]  # per differentiated input: a parameter (takes ``s``) or an activation (its own)
+    reduction: Reduction  # told the gradients ``combine`` returns
+
+
+class EngineView(Protocol):
+    """What the engine offers a strategy during one segment call (``madfunc.engine.runner.Engine``)."""
+
+    name: str  # the segment's name (for messages)
+    seed: int | None  # the call's tangent seed (stochastic strategies), else None
+    diff: Sequence[int]  # indices of the differentiated tensors among ``tensors``
+    used: Sequence[bool]  # per differentiated tensor: read by the body (after a watched push)
+    activation: Sequence[bool]  # per differentiated tensor: computed upstream (an activation)
+    stats: SegmentStats
+    measure: bool  # inspect: a costly strategy may predict its sizes instead of running
+    data_parallel: bool  # under a process group (coefficients are reduced over ranks in backward)
+    identity: tuple  # what the body is (name, function, owner): a key for per-segment caches
+
+    def begin_pass(self) -> None:
+        """Call before each push: every pass starts from the RNG state of the first."""
+
+    def push(self, tensors: Sequence[torch.Tensor], which: Sequence[int], tangents: Sequence[torch.Tensor], *,
+             watch: bool = False, check: bool = True) -> Passes:
+        """One pass: tangent batches ``tangents`` seeded on ``tensors[which]``; ``watch``: record which the body
+        reads (into ``used``); ``check``: look closer at all-zero output tangents."""
+
+    def push_groups(self, tensors: Sequence[torch.Tensor],
+                    groups: Sequence[tuple[Sequence[int], Callable[[], Sequence[torch.Tensor]]]],
+                    together: Sequence[Sequence[torch.Tensor]] | None = None) -> Passes:
+        """Several passes, one per group ``(which, make_tangents)``, their output tangents concatenated; with
+        ``together`` (the groups' tangents built already), recorded and replayed as one."""
+
+    def push_lazy(self, tensors: Sequence[torch.Tensor], device: torch.device, k: int,
+                  make: Callable[[int, torch.Tensor], torch.Tensor]) -> Passes | None:
+        """One pass of ``k`` tangents per input, ``make(index, input)``, seeded where each input is first used
+        (so at most one input's tangents exist at once); None if the segment does not allow it."""
+
+    def plain_pass(self, tensors: Sequence[torch.Tensor]) -> Passes:
+        """One pass without tangents (empty output tangents)."""
+
+    def arguments(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        """The segment's ``(args, kwargs)`` with its argument tensors replaced by ``tensors``."""
+
 
 class Strategy:
-    """Base class of the differentiation strategies of a segment."""
+    """Base class of the strategies that differentiate one segment.
+
+    Subclass it as a frozen dataclass; ``kind=`` registers its name(s) in the plan string form and
+    ``fields=`` the ``:`` fields after the kind (``random:K:DISTRIBUTION:SEEDING``); both also feed the
+    string syntax in errors and the CLI help. See the README, "Writing a strategy".
+    """
 
     __slots__ = ()
     _FIELDS: ClassVar[tuple[str, ...]] = ()  # the ':' fields its string form may have after the kind
+    _KINDS: ClassVar[tuple[str, ...]] = ()  # its names in the string form
     is_forward: ClassVar[bool] = True  # whether a segment under it runs in forward mode
     stochastic: ClassVar[bool] = False  # whether its estimate depends on random tangents (drawn from a seed)
-    # Whether its k coefficients, reduced over ranks, give the parameters' gradient (_distributed's scalar
-    # scheme): true only where the tangents of parameters are the same on every rank.
+    # Whether its k coefficients, reduced over ranks, give the parameters' gradient (engine/distributed's
+    # scalar scheme): true only where the tangents of parameters are the same on every rank.
     shares_coefficients: ClassVar[bool] = False
     # Whether each rank of torch.distributed draws its own tangents (per-example ones: N ranks of B examples
     # then estimate like one process with N*B examples); otherwise every rank draws the same ones.
     per_rank_tangents: ClassVar[bool] = False
 
-    def __init_subclass__(cls, kind: str | tuple[str, ...] = (), **kwargs: Any) -> None:
+    def __init_subclass__(cls, kind: str | tuple[str, ...] = (), fields: tuple[str, ...] | None = None,
+                          **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for name in (kind,) if isinstance(kind, str) else kind:
-            KINDS[name] = cls
+        names = (kind,) if isinstance(kind, str) else tuple(kind)
+        if names:
+            cls._KINDS = names
+        if fields is not None:
+            cls._FIELDS = tuple(fields)
+        for name in names:
+            KINDS[name.lower()] = cls
+
+    @classmethod
+    def syntax(cls) -> str:
+        """The string forms of the class, e.g. ``"random[:K[:DISTRIBUTION[:SEEDING]]]"`` ("" if it has none)."""
+        if not cls._KINDS:
+            return ""
+        tail = "".join(f"[:{f}" for f in cls._FIELDS) + "]" * len(cls._FIELDS)
+        return " | ".join(f"{kind}{tail}" for kind in cls._KINDS)
 
     def to_string(self) -> str:
-        """The strategy in the string form that :func:`parse_strategy` reads back, e.g. ``"random:16:rademacher"``."""
-        raise TypeError("Strategy is abstract; use Reverse(), Exact(), Random(...), Activity(...) or Guessed(...).")
+        """The strategy in the string form that ``parse_strategy`` reads back, e.g. ``"random:16:rademacher"``."""
+        if not self._KINDS:
+            raise TypeError(f"{self!r} has no string form; build plans with it in Python.")
+        values = [getattr(self, f.lower()) for f in self._FIELDS] if self._FIELDS else []
+        return ":".join([self._KINDS[0], *(str(v) for v in values)])
 
     def __str__(self) -> str:
         return self.to_string()
 
     @classmethod
     def _from_fields(cls, fields: list[str], where: str) -> Strategy:
-        """Build the strategy from the (at most ``len(_FIELDS)``) fields after its kind in the string form."""
-        raise ValueError(f"{where}: {cls.__name__} has no string form; build it in Python.")
+        """Build the strategy from the (at most ``len(_FIELDS)``) fields after its kind in the string form.
+
+        The default reads each field as an integer (``positive_int``) in the order of ``_FIELDS``, passed as
+        the keyword argument of the same name in lower case."""
+        values = {f.lower(): positive_int(text, where, f, cls.syntax())
+                  for f, text in zip(cls._FIELDS, fields, strict=False)}
+        return cls(**values)
 
     # -- behaviour of forward strategies (the engine calls these) -----------------------------------
-    def push(self, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor], n: int):
-        """Run the segment's passes (``engine.push``, ``_lazy.push_lazy``) and return ``(ys, ydots, buffers)``."""
+    def push(self, engine: EngineView, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor],
+             n: int) -> tuple[Passes, StrategyState]:
+        """Run the segment's passes (``engine.push`` and friends); return them and the per-call state."""
         raise NotImplementedError(f"{type(self).__name__} is not a forward strategy")
 
-    def finish(self, engine: Any, ydots: Sequence[torch.Tensor]) -> None:
-        """After the forward passes, with the differentiated outputs' tangents: keep what backward needs in
-        ``engine.notes`` (default: nothing)."""
+    def finish(self, engine: EngineView, state: StrategyState, ydots: Sequence[torch.Tensor]) -> StrategyState:
+        """After the forward passes, with the differentiated outputs' tangents (default: nothing)."""
+        return state
 
-    def contract(self, engine: Any, ydots: Sequence[torch.Tensor], ybars: Sequence[torch.Tensor | None]):
+    def contract(self, engine: EngineView, state: StrategyState, ydots: Sequence[torch.Tensor],
+                 ybars: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, StrategyState]:
         """The coefficients ``s`` (one per tangent) of the output tangents against the cotangents."""
-        return contract(ydots, ybars)
+        return contract(ydots, ybars), state
 
-    def combine(
-        self,
-        engine: Any,
-        s: torch.Tensor | None,
-        meta: Sequence[tuple[torch.Size, torch.dtype, torch.device]],
-        s_shared: torch.Tensor | None = None,
-        shared: Sequence[bool] = (),
-    ) -> list[torch.Tensor]:
-        """The gradients of the differentiated inputs (shapes, dtypes, devices in ``meta``) from ``s``."""
+    def combine(self, engine: EngineView, state: StrategyState, s: torch.Tensor | None, meta: Sequence[Meta],
+                shared: Shared | None = None) -> list[torch.Tensor | None]:
+        """The gradients of the differentiated inputs (shapes, dtypes, devices in ``meta``) from ``s``;
+        ``shared``: under a process group, the coefficients reduced over ranks that parameters take."""
         raise NotImplementedError(f"{type(self).__name__} is not a forward strategy")
 
-    def variance(self, stats: Mapping[str, Any]) -> float | None:
+    def variance(self, stats: SegmentStats) -> float | None:
         """``E||g^ - g||^2 / ||g||^2`` of one call of a stochastic strategy with these ``stats``, or None if
         it is not determined by the sizes alone (asked only when ``stochastic``)."""
         return None
 
-    def advice(self, stats: Mapping[str, Any]) -> list[str]:
+    def advice(self, stats: SegmentStats) -> list[str]:
         """What ``inspect`` flags about one call of a segment under this strategy."""
         return []
 
+    # -- the traceable engine (mixed_grad(traceable=True)) --------------------------------------------
+    @property
+    def traceable(self) -> bool:
+        """Whether ``traced_tangents`` gives this strategy's estimator as plain torch code."""
+        return False
+
+    def traced_tangents(self, name: str, leaves: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        """Tangents ``(T, *leaf.shape)`` per leaf drawn with plain torch ops, and the scale of
+        ``sum_j s_j v_j`` (the traceable form of the estimate; see engine/traced.py)."""
+        raise NotImplementedError(f"{type(self).__name__} has no traceable form")
+
 
 @dataclasses.dataclass(frozen=True)
-class Reverse(Strategy, kind=("rev", "reverse")):
+class Reverse(Strategy, kind=("rev", "reverse"), fields=()):
     """Differentiate the segment by ordinary backpropagation (reverse mode).
 
     Examples:
@@ -109,15 +240,9 @@ class Reverse(Strategy, kind=("rev", "reverse")):
 
     is_forward: ClassVar[bool] = False
 
-    def to_string(self) -> str:
-        return "rev"
-
-    @classmethod
-    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
-        return cls()
 
 
-def zeros(meta: Sequence[tuple[torch.Size, torch.dtype, torch.device]]) -> list[torch.Tensor]:
+def zeros(meta: Sequence[Meta]) -> list[torch.Tensor | None]:
     """Exact zero gradients (no cotangent reached the outputs, or nothing to differentiate)."""
     return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in meta]
 

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
 
 import torch
 
-from madfunc.core.guards import EXACT_WARN_TANGENTS, check_basis_size, warn_exact_cost
-from madfunc.engine import replay as _replay
-from madfunc.strategies.base import Strategy, positive_int, zeros
+from madfunc.core.guards import EXACT_BASIS_BYTES, EXACT_WARN_TANGENTS, check_basis_size, warn_exact_cost
+from madfunc.strategies.base import (
+    EngineView,
+    Meta,
+    Passes,
+    SegmentStats,
+    Shared,
+    Strategy,
+    StrategyState,
+    positive_int,
+    zeros,
+)
 from madfunc.strategies.tangents import basis_block, group_leaves
 
 __all__ = ["Exact"]
@@ -23,6 +32,7 @@ MERGED_BASIS_BYTES = 32 * 2**20
 # a small CNN's Exact step). Nothing writes to them: passes read tangents, and replayed graphs mutate nothing.
 _BASES: collections.OrderedDict[tuple, tuple[list, int]] = collections.OrderedDict()
 _BASES_KEPT_BYTES = 64 * 2**20
+NO_STATE = StrategyState()  # Exact keeps nothing per call: s is the gradient
 
 
 def _bases(tensors: Sequence[torch.Tensor], groups: list, nbytes: int) -> list:
@@ -40,7 +50,7 @@ def _bases(tensors: Sequence[torch.Tensor], groups: list, nbytes: int) -> list:
 
 
 @dataclasses.dataclass(frozen=True)
-class Exact(Strategy, kind="exact"):
+class Exact(Strategy, kind="exact", fields=("CHUNK",)):
     """Differentiate the segment exactly in forward mode, one basis tangent per differentiated scalar.
 
     Args:
@@ -56,7 +66,6 @@ class Exact(Strategy, kind="exact"):
     """
 
     chunk_size: int | None = None
-    _FIELDS: ClassVar[tuple[str, ...]] = ("CHUNK",)
 
     def to_string(self) -> str:
         return "exact" if self.chunk_size is None else f"exact:{self.chunk_size}"
@@ -77,13 +86,13 @@ class Exact(Strategy, kind="exact"):
                     f"Exact(chunk_size={self.chunk_size}): chunk_size must be >= 1 (or None for no chunking)."
                 )
 
-    def push(self, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor], n: int):
-        stats = engine.record.stats
-        stats["tangents"] = n
+    def push(self, engine: EngineView, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor],
+             n: int) -> tuple[Passes, StrategyState]:
+        engine.stats.tangents = n
         if engine.measure and n > EXACT_WARN_TANGENTS:
             # inspect() only needs the sizes: one plain pass, and what n tangents would keep, predicted.
-            stats["predicted"] = True
-            return engine.plain_pass(tensors)
+            engine.stats.predicted = True
+            return engine.plain_pass(tensors), NO_STATE
         # Lazy seeding: one group of leaves at a time, so forward AD does no tangent work before the
         # group's first use; small leaves (biases) ride along with their neighbour (see group_leaves).
         groups = []
@@ -96,40 +105,48 @@ class Exact(Strategy, kind="exact"):
                           for j in which)
         # Small bases are all built at once, so that the groups' passes replay as one recording (their
         # common primal work done once); big ones (chunk_size exists to bound memory) one group at a time.
-        passes = None
+        together = None
         if len(groups) > 1 and basis_bytes <= MERGED_BASIS_BYTES:
-            passes = _bases(tensors, groups, basis_bytes)
-        key = _replay.key_of(engine, tensors, passes) if passes else None
-        replayed = engine.replay(key, tensors, passes) if key is not None else None
-        if replayed is not None:
-            warn_exact_cost(engine.name, n)
-            return (*replayed, engine.buffers)
-        per_leaf: list[list[torch.Tensor]] = []
-        clean = True
-        for i, (which, group, count) in enumerate(groups):
-            engine.begin_pass()
-            basis = passes[i][1] if passes else basis_block(tensors, which, group, count)
-            ys, ydots, buffers = engine.push(tensors, which, basis, record=key is None)
-            clean = clean and engine.clean
-            per_leaf.append(ydots)
-        ydots = [torch.cat(parts) if len(per_leaf) > 1 else parts[0] for parts in zip(*per_leaf, strict=True)]
-        if key is not None and clean:
-            _replay.note_clean(engine, key, tensors, passes, (ys, ydots))
+            together = [basis for _, basis in _bases(tensors, groups, basis_bytes)]
+        passes = engine.push_groups(
+            tensors, [(which, functools.partial(basis_block, tensors, which, group, count))
+                      for which, group, count in groups], together,
+        )
         warn_exact_cost(engine.name, n)  # after the passes: a refusal (check_basis_size) says more
-        return ys, ydots, buffers
+        return passes, NO_STATE
 
-    def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
+    def combine(self, engine: EngineView, state: StrategyState, s: torch.Tensor | None, meta: Sequence[Meta],
+                shared: Shared | None = None) -> list[torch.Tensor | None]:
         if s is None or s.numel() == 0:  # no cotangent reached the outputs, or nothing to differentiate
             return zeros(meta)
         pieces = torch.split(s, [math.prod(shape) for shape, _, _ in meta])  # s_i is the i-th partial
         return [p.reshape(shape).to(dtype) for p, (shape, dtype, _) in zip(pieces, meta, strict=True)]
 
-    def advice(self, stats: Mapping[str, Any]) -> list[str]:
-        tangents = stats.get("tangents") or 0
+    def advice(self, stats: SegmentStats) -> list[str]:
+        tangents = stats.tangents or 0
         if tangents <= EXACT_WARN_TANGENTS:
             return []
         return [
             f"Exact() pushes {tangents} tangents, about {tangents} forward passes of the segment "
-            "(backprop: about 3)" + (" (not run by inspect: sizes predicted)" if stats.get("predicted") else "")
+            "(backprop: about 3)" + (" (not run by inspect: sizes predicted)" if stats.predicted else "")
             + "; Random(k) or Reverse() is far cheaper."
         ]
+
+    @property
+    def traceable(self) -> bool:
+        return True
+
+    def traced_tangents(self, name: str, leaves: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        """One-hot basis tangents over all leaves at once (scale 1: ``s`` is the gradient)."""
+        sizes = [t.numel() for t in leaves]
+        n = sum(sizes)
+        nbytes = n * sum(t.numel() * t.element_size() for t in leaves)
+        if nbytes > EXACT_BASIS_BYTES:  # refused before allocating, as the default engine refuses (rather than OOM)
+            raise MemoryError(
+                f"segment {name!r}: traceable Exact() pushes all {n} basis tangents at once, {nbytes / 2**30:.1f} "
+                "GiB for the tangents alone. Use Random(k) or Reverse() for a segment this large, or "
+                "traceable=False, whose Exact() pushes them in chunks (Exact(chunk_size=...))."
+            )
+        eye = torch.eye(n, dtype=leaves[0].dtype, device=leaves[0].device)
+        blocks = torch.split(eye, sizes, dim=1)
+        return [b.reshape(n, *t.shape) for b, t in zip(blocks, leaves, strict=True)], 1.0

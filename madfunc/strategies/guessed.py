@@ -19,19 +19,28 @@ is ``((n - G' + 1)/k) ||P g||^2 / ||g||^2``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
-import optree
 import torch
 
 from madfunc.core.autocast import no_autocast, without_autocast
 from madfunc.core.checks import _common_device
-from madfunc.strategies.base import Strategy, zeros
+from madfunc.strategies.base import EngineView, Meta, Passes, SegmentStats, Shared, Strategy, StrategyState, zeros
 from madfunc.strategies.random import check_distribution
 from madfunc.strategies.tangents import DISTRIBUTIONS, draw_tangents
 
 __all__ = ["Guessed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GuessedState(StrategyState):
+    """The tangents of one ``Guessed`` call (the guesses' orthonormal rows first, then the random ones)."""
+
+    tangents: tuple[torch.Tensor, ...] | None
+    guided: int  # how many of them are guesses
+
+    def kept(self) -> Sequence[torch.Tensor | None]:
+        return self.tangents or ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +112,8 @@ class Guessed(Strategy):
         raise TypeError(f"{self!r} has no string form: it holds a Python callable. Build plans with it in Python.")
 
     # -- the passes ----------------------------------------------------------------------------------
-    def push(self, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor], n: int):
+    def push(self, engine: EngineView, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor],
+             n: int) -> tuple[Passes, StrategyState]:
         device = _common_device(engine.name, diff_tensors)
         sizes = [t.numel() for t in diff_tensors]
         work = torch.float64 if any(t.dtype == torch.float64 for t in diff_tensors) else torch.float32
@@ -117,25 +127,21 @@ class Guessed(Strategy):
                 with no_autocast():  # (in the working dtype, even inside an autocast block)
                     v = v - (v @ basis.T) @ basis
             rows.append(v)
-        engine.notes["guided"] = 0 if basis is None else basis.shape[0]
+        guided = 0 if basis is None else basis.shape[0]
         if not rows:  # k = 0 and a zero guess: nothing to estimate with
-            engine.notes["tangents"] = None
-            engine.record.stats["tangents"] = 0
-            return engine.plain_pass(tensors)
+            engine.stats.tangents = 0
+            return engine.plain_pass(tensors), GuessedState(None, guided)
         flat = torch.cat(rows)
         parts = [p.reshape(flat.shape[0], *t.shape).to(t.dtype) for p, t in
                  zip(torch.split(flat, sizes, dim=1), diff_tensors, strict=True)]
-        engine.notes["tangents"] = parts
-        engine.record.stats["tangents"] = flat.shape[0]
+        engine.stats.tangents = flat.shape[0]
         engine.begin_pass()
-        return engine.push(tensors, engine.diff, parts, watch=True)
+        return engine.push(tensors, engine.diff, parts, watch=True), GuessedState(tuple(parts), guided)
 
-    def _basis(self, engine, tensors, diff_tensors, work: torch.dtype) -> torch.Tensor | None:
+    def _basis(self, engine: EngineView, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor],
+               work: torch.dtype) -> torch.Tensor | None:
         """The guesses as orthonormal rows ``(G', n)`` (G' <= directions: dependent guesses and zeros dropped)."""
-        leaves = list(engine.leaves)
-        for pos, t in zip(engine.positions, tensors, strict=False):
-            leaves[pos] = t
-        args, kwargs = optree.tree_unflatten(engine.spec, leaves)
+        args, kwargs = engine.arguments(tensors)
         with torch.enable_grad():
             directions = list(self.guess(*args, **kwargs))
         lead = () if self.directions == 1 else (self.directions,)
@@ -165,13 +171,15 @@ class Guessed(Strategy):
 
     # -- backward ------------------------------------------------------------------------------------
     @without_autocast
-    def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor]:
-        tangents = engine.notes.get("tangents")
+    def combine(self, engine: EngineView, state: StrategyState, s: torch.Tensor | None, meta: Sequence[Meta],
+                shared: Shared | None = None) -> list[torch.Tensor | None]:
+        assert isinstance(state, GuessedState)
+        tangents = state.tangents
         if s is None or s.numel() == 0 or tangents is None:
             return zeros(meta)
         coef = s.clone()
         if self.k:  # the random coefficients average; the guesses' are projections
-            first = engine.notes["guided"]
+            first = state.guided
             coef[first:] = coef[first:] / self.k
         return [
             torch.tensordot(coef.to(v.dtype), v, dims=1).to(dtype) if u else torch.zeros(shape, dtype=dtype,
@@ -179,5 +187,5 @@ class Guessed(Strategy):
             for v, u, (shape, dtype, _) in zip(tangents, engine.used, meta, strict=True)
         ]
 
-    def variance(self, stats: Mapping[str, Any]) -> float | None:
+    def variance(self, stats: SegmentStats) -> float | None:
         return None  # depends on the angle between guess and gradient (module docstring)

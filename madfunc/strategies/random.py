@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from madfunc.core.autocast import without_autocast
 from madfunc.core.checks import _common_device
-from madfunc.engine import context as _context
-from madfunc.engine.lazy import push_lazy
-from madfunc.strategies.base import Strategy, positive_int, zeros
-from madfunc.strategies.kernels import accumulation_dtype, combine_tangents
+from madfunc.strategies.base import (
+    EngineView,
+    Meta,
+    Passes,
+    SegmentStats,
+    Shared,
+    Strategy,
+    StrategyState,
+    positive_int,
+    zeros,
+)
+from madfunc.strategies.kernels import accumulation_dtype, combine_tangents, contract
 from madfunc.strategies.tangents import DISTRIBUTIONS, draw_leaf, draw_tangents
 
-__all__ = ["LAZY_SEEDING_BYTES", "SEEDINGS", "Random", "check_distribution"]
+__all__ = ["LAZY_SEEDING_BYTES", "SEEDINGS", "Random", "RandomState", "check_distribution"]
 
 SEEDINGS = ("auto", "lazy", "eager", "kept")
 # Random tangents this large (k x the differentiated inputs) are seeded lazily, where each leaf is first
@@ -58,33 +66,48 @@ def parse_random_fields(fields: list[str], where: str, kind: str) -> tuple[int, 
     return k, distribution, seeding
 
 
-def push_random(strategy: Any, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor],
-                keep_drawn: bool = False):
+@dataclasses.dataclass(frozen=True)
+class RandomState(StrategyState):
+    """What a ``Random`` (or ``Activity``) call keeps for backward."""
+
+    tangents: tuple[torch.Tensor, ...] | None = None  # seeding="kept": the forward pass's own tangents
+    drawn: tuple[torch.Tensor, ...] | None = None  # drawn up front: finish may contract them now
+    contracted: tuple[torch.Tensor | None, ...] | None = None  # U = V^T Ydot per leaf (see Random.finish)
+    acc: torch.dtype | None = None  # the dtype of ``contracted``
+    ybar: torch.Tensor | None = None  # the cotangent, flattened, when ``contracted`` is used
+
+    def kept(self) -> Sequence[torch.Tensor | None]:
+        return [*(self.tangents or ()), *(self.contracted or ())]
+
+
+def push_random(strategy: Any, engine: EngineView, tensors: Sequence[torch.Tensor],
+                diff_tensors: Sequence[torch.Tensor], keep_drawn: bool = False) -> tuple[Passes, RandomState]:
     """The passes of ``k`` random tangents on every differentiated input: lazily seeded when they are
     large (and the distribution can be drawn leaf by leaf), else drawn up front (and, with ``keep_drawn``,
-    left in ``engine.notes["drawn"]`` for ``Random.finish``)."""
+    left in the state's ``drawn`` for ``Random.finish``)."""
     k, distribution = strategy.k, strategy.distribution
-    engine.record.stats["tangents"] = k
+    engine.stats.tangents = k
     device = _common_device(engine.name, diff_tensors)
     tangent_bytes = k * sum(t.numel() * t.element_size() for t in diff_tensors)
     seeding = strategy.seeding
     lazy_wanted = seeding == "lazy" or (seeding == "auto" and tangent_bytes >= LAZY_SEEDING_BYTES)
+    seed = engine.seed
+    assert seed is not None  # (a stochastic strategy's call always has one)
     if DISTRIBUTIONS[distribution].draw is not None and lazy_wanted:
         engine.begin_pass()
-        def make(index: int, leaf: torch.Tensor) -> torch.Tensor:
-            return draw_leaf(distribution, k, leaf.shape, leaf.dtype, device, engine.seed, index)
 
-        lazy = push_lazy(engine, tensors, device, k, make)
+        def make(index: int, leaf: torch.Tensor) -> torch.Tensor:
+            return draw_leaf(distribution, k, leaf.shape, leaf.dtype, device, seed, index)
+
+        lazy = engine.push_lazy(tensors, device, k, make)
         if lazy is not None:
-            return lazy
+            return lazy, RandomState()
     shapes, dtypes = [t.shape for t in diff_tensors], [t.dtype for t in diff_tensors]
-    tangents = draw_tangents(distribution, k, shapes, dtypes, device, engine.seed)
-    if seeding == "kept":  # backward reuses them instead of drawing them again
-        engine.notes["tangents"] = tangents
-    if keep_drawn:
-        engine.notes["drawn"] = tangents
+    tangents = tuple(draw_tangents(distribution, k, shapes, dtypes, device, seed))
+    state = RandomState(tangents=tangents if seeding == "kept" else None,  # backward reuses them
+                        drawn=tangents if keep_drawn else None)
     engine.begin_pass()
-    return engine.push(tensors, engine.diff, tangents, watch=True)
+    return engine.push(tensors, engine.diff, tangents, watch=True), state
 
 
 def regenerate(strategy: Any, seed: int, meta: Sequence[tuple], used: Sequence[bool], device: torch.device,
@@ -105,7 +128,7 @@ def regenerate(strategy: Any, seed: int, meta: Sequence[tuple], used: Sequence[b
 
 
 @dataclasses.dataclass(frozen=True)
-class Random(Strategy, kind="random"):
+class Random(Strategy, kind="random", fields=("K", "DISTRIBUTION", "SEEDING")):
     """Estimate the segment's gradient in forward mode from ``k`` random tangents (forward gradients).
 
     The estimate is ``(1/k) sum_j (J v_j . ybar) v_j`` with ``E[v v^T] = I``, hence unbiased
@@ -143,7 +166,6 @@ class Random(Strategy, kind="random"):
     k: int = 1
     distribution: str = "gaussian"
     seeding: str = "auto"
-    _FIELDS: ClassVar[tuple[str, ...]] = ("K", "DISTRIBUTION", "SEEDING")
     stochastic: ClassVar[bool] = True
     shares_coefficients: ClassVar[bool] = True
 
@@ -162,7 +184,8 @@ class Random(Strategy, kind="random"):
     def __post_init__(self) -> None:
         check_distribution("Random", self.distribution, self.seeding, self.k)
 
-    def push(self, engine: Any, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor], n: int):
+    def push(self, engine: EngineView, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor],
+             n: int) -> tuple[Passes, StrategyState]:
         if DISTRIBUTIONS[self.distribution].draw is None and self.k > n:
             raise ValueError(
                 f"segment {engine.name!r}: Random(k={self.k}, distribution={self.distribution!r}) needs k <= n, "
@@ -171,7 +194,7 @@ class Random(Strategy, kind="random"):
         return push_random(self, engine, tensors, diff_tensors, keep_drawn=True)
 
     @without_autocast  # U is a product of tangents: in float32 even inside an autocast block
-    def finish(self, engine: Any, ydots: Sequence[torch.Tensor]) -> None:
+    def finish(self, engine: EngineView, state: StrategyState, ydots: Sequence[torch.Tensor]) -> StrategyState:
         """Contract the tangents drawn up front with the output tangents now, when that keeps no more than
         they take: then backward needs neither the tangents nor to draw them again.
 
@@ -180,81 +203,97 @@ class Random(Strategy, kind="random"):
         than the ``k x n`` tangents that existed during the pass), and not under torch.distributed, whose
         backward rebuilds the parameters' gradient from coefficients reduced over ranks.
         """
-        drawn = engine.notes.pop("drawn", None)
-        state = _context.active()
-        if drawn is None or (state is not None and state.replicas is not None) or not ydots:
-            return
-        if self.k == 1 and "tangents" in engine.notes:  # kept, k = 1: U would cost what the kept tangent costs
-            return
+        assert isinstance(state, RandomState)
+        drawn, state = state.drawn, dataclasses.replace(state, drawn=None)
+        if drawn is None or engine.data_parallel or not ydots:
+            return state
+        if self.k == 1 and state.tangents is not None:  # kept, k = 1: U would cost what the kept tangent costs
+            return state
         if any(d.is_complex() for d in ydots) or sum(d[0].numel() for d in ydots) > self.k:
-            return
+            return state
         acc = accumulation_dtype(functools.reduce(torch.promote_types, [d.dtype for d in ydots]))
-        engine.notes["acc"] = acc
         rows = torch.cat([d.reshape(d.shape[0], -1).to(acc) for d in ydots], dim=1)  # Ydot: (k, m)
-        engine.notes["contracted"] = [
+        contracted = tuple(
             None if not used  # (m, *leaf shape); k = m = 1: a scaled tangent, without tensordot's (1 x 1) mm
             else v.to(acc) * rows[0, 0] if rows.shape == (1, 1) else torch.tensordot(rows.T, v.to(acc), dims=1)
             for v, used in zip(drawn, engine.used, strict=True)
-        ]
-        engine.notes.pop("tangents", None)  # kept ones are no longer needed
+        )
+        return dataclasses.replace(state, contracted=contracted, acc=acc, tangents=None)  # kept ones: not needed
 
-    def contract(self, engine: Any, ydots: Sequence[torch.Tensor], ybars: Sequence[torch.Tensor | None]):
-        if "contracted" in engine.notes:  # (finish) combine needs the cotangent itself: ybar, m entries
-            acc = engine.notes["acc"]
-            engine.notes["ybar"] = torch.cat([
+    def contract(self, engine: EngineView, state: StrategyState, ydots: Sequence[torch.Tensor],
+                 ybars: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, StrategyState]:
+        assert isinstance(state, RandomState)
+        if state.contracted is not None:  # (finish) combine needs the cotangent itself: ybar, m entries
+            acc = state.acc
+            ybar = torch.cat([
                 torch.zeros(d[0].numel(), dtype=acc, device=d.device) if b is None else b.reshape(-1).to(acc)
                 for d, b in zip(ydots, ybars, strict=True)
             ])
-        return super().contract(engine, ydots, ybars)
+            state = dataclasses.replace(state, ybar=ybar)
+        return contract(ydots, ybars), state
 
-    def combine(self, engine, s, meta, s_shared=None, shared=()) -> list[torch.Tensor | None]:
-        contracted = engine.notes.get("contracted")
-        if contracted is not None and s_shared is None and s is not None and s.numel():
-            coef = engine.notes.pop("ybar") * (1.0 / self.k)
+    def combine(self, engine: EngineView, state: StrategyState, s: torch.Tensor | None, meta: Sequence[Meta],
+                shared: Shared | None = None) -> list[torch.Tensor | None]:
+        assert isinstance(state, RandomState)
+        if state.contracted is not None and state.ybar is not None and shared is None and s is not None and s.numel():
+            coef = state.ybar * (1.0 / self.k)
             return [
                 combine_tangents(coef, u, dtype, reuse=False) if u is not None
                 else torch.zeros(shape, dtype=dtype, device=coef.device)
-                for u, (shape, dtype, _) in zip(contracted, meta, strict=True)
+                for u, (shape, dtype, _) in zip(state.contracted, meta, strict=True)
             ]
-        if s_shared is not None:
-            s = torch.zeros_like(s_shared) if s is None else s
+        if shared is not None:
+            s = torch.zeros_like(shared.s) if s is None else s
         elif s is None or s.numel() == 0:  # no cotangent reached the outputs
             return zeros(meta)
         local = s * (1.0 / self.k)  # scale the k coefficients, not the n-element gradients
         coefs = [local] * len(meta)
-        if s_shared is not None:  # parameters take the coefficients reduced over ranks (_distributed)
-            coefs = [s_shared * (1.0 / self.k) if p else local for p in shared]
-        kept = engine.notes.get("tangents")
+        if shared is not None:  # parameters take the coefficients reduced over ranks (engine/distributed)
+            coefs = [shared.s * (1.0 / self.k) if p else local for p in shared.params]
+        kept = state.tangents
         # Regenerated tangents are ours to overwrite; kept ones may serve a second backward (retain_graph).
         reuse = kept is None and DISTRIBUTIONS[self.distribution].draw is not None
-        # Under a process group (_distributed), a parameter the segment did not read gets no gradient from it
-        # (None, not zeros), so that its gradient from elsewhere is reduced as any other; the gradients of
-        # those it read are recorded as reduced (left alone later if nothing else contributed to them).
-        reduction = engine.notes["reduction"] if s_shared is not None else None
-        unread = [False] * len(meta) if reduction is None else [
-            bool(p) and not r for p, r in zip(shared, reduction.read, strict=True)
+        # Under a process group, a parameter the segment did not read gets no gradient from it (None, not
+        # zeros), so that its gradient from elsewhere is reduced as any other; the gradients of those it read
+        # are recorded as reduced (left alone later if nothing else contributed to them).
+        unread = [False] * len(meta) if shared is None else [
+            bool(p) and not r for p, r in zip(shared.params, shared.reduction.read, strict=True)
         ]
+        seed = engine.seed
+        assert seed is not None
         grads = [
             None if skip
             else combine_tangents(coef, v, dtype, reuse=reuse) if v is not None
             else torch.zeros(shape, dtype=dtype, device=s.device)  # unused: an exact zero
             for coef, v, (shape, dtype, _), skip in zip(
-                coefs, regenerate(self, engine.seed, meta, engine.used, s.device, kept), meta, unread, strict=True
+                coefs, regenerate(self, seed, meta, engine.used, s.device, kept), meta, unread, strict=True
             )
         ]
-        if reduction is not None:
-            reduction.record(grads)
+        if shared is not None:
+            shared.reduction.record(grads)
         return grads
 
-    def variance(self, stats: Mapping[str, Any]) -> float | None:
-        n = stats.get("differentiated_numel") or 0
+    def variance(self, stats: SegmentStats) -> float | None:
+        n = stats.differentiated_numel or 0
         return DISTRIBUTIONS[self.distribution].variance(n, self.k) if n >= 1 else None
 
-    def advice(self, stats: Mapping[str, Any]) -> list[str]:
-        n = stats.get("differentiated_numel") or 0
+    def advice(self, stats: SegmentStats) -> list[str]:
+        n = stats.differentiated_numel or 0
         if not n or self.k < n:
             return []
         return [
             f"k = {self.k} >= n = {n} differentiated scalars: Exact() gives the exact gradient with {n} "
             "tangents; use Exact() or a smaller k."
         ]
+
+    @property
+    def traceable(self) -> bool:
+        return self.distribution in ("gaussian", "rademacher")  # plain elementwise draws inductor can generate
+
+    def traced_tangents(self, name: str, leaves: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        k = self.k
+        if self.distribution == "gaussian":
+            return [torch.randn((k, *t.shape), dtype=t.dtype, device=t.device) for t in leaves], 1.0 / k
+        # randint, not bernoulli_: 2x faster eagerly and under inductor on CPU (benchmarks/RESULTS.md)
+        signs = [torch.randint(0, 2, (k, *t.shape), dtype=t.dtype, device=t.device) * 2 - 1 for t in leaves]
+        return signs, 1.0 / k

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from madfunc.plan import PLAN_EXAMPLE, STRATEGY_SYNTAX, Plan
+from madfunc.plan import PLAN_EXAMPLE, Plan, strategy_syntax
 from madfunc.tools.diagnostics import compare, inspect
 
 __all__ = ["main"]
@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     plan_help = (f"a plan for the model's segments (features, act, head): SEGMENT=STRATEGY,... with STRATEGY "
-                 f"one of {STRATEGY_SYNTAX}; e.g. {PLAN_EXAMPLE!r}")
+                 f"one of {strategy_syntax()}; e.g. {PLAN_EXAMPLE!r}")
     demo = sub.add_parser("demo", help="train the CNN under plans; print accuracy, time and gradient quality")
     demo.add_argument("--plan", type=_model_plan, action="append",
                       help=plan_help + "; repeat to compare plans "

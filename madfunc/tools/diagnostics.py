@@ -14,6 +14,7 @@ import torch
 
 from madfunc.engine import context as _context
 from madfunc.plan import Plan, PlanLike, Reverse, Strategy, as_plan
+from madfunc.strategies.base import SegmentStats
 from madfunc.tools.reports import CompareReport, GradientFigures, InspectReport, SegmentRow, _bytes
 
 __all__ = ["CompareReport", "GradientFigures", "InspectReport", "SegmentRow", "compare", "inspect"]
@@ -21,13 +22,13 @@ __all__ = ["CompareReport", "GradientFigures", "InspectReport", "SegmentRow", "c
 ArgNums = int | tuple[int, ...]
 
 
-def theoretical_variance(strategy: Strategy, stats: dict[str, Any]) -> float | None:
+def theoretical_variance(strategy: Strategy, stats: SegmentStats) -> float | None:
     """``E||g^ - g||^2 / ||g||^2`` of one call of a segment (its stats), or None (see Strategy.variance).
 
     None as well when the segment differentiates an activation input: its variance law holds for the
     gradients of its own inputs, but ``compare`` measures the gradient leaves, which that input's estimated
     cotangent reaches through the upstream Jacobians (the law does not carry over)."""
-    if not strategy.stochastic or stats.get("activation_numel"):
+    if not strategy.stochastic or stats.activation_numel:
         return None
     return strategy.variance(stats)
 
@@ -90,13 +91,12 @@ def _grad(fn: Callable[..., Any], args: tuple, argnums: ArgNums, plan: Plan | No
     states: list[_context.CallState] = []
 
     def planned(*inner: Any) -> Any:
-        state = None if plan is None else _context.CallState(plan, "madfunc.compare")
-        with _context.activate(state):
+        if plan is None:
+            with _context.activate(None):
+                return fn(*inner)
+        with _context.planned_call(plan, "madfunc.compare", allow_unused=not check) as state:
             out = fn(*inner)
-        if state is not None:
-            if check:
-                state.check_plan_used()
-            states.append(state)
+        states.append(state)
         return out
 
     _sync(args)
@@ -216,7 +216,7 @@ def compare(
             seg_draws = torch.stack([_flat(_grad(fn, args, argnums, single)[0])[1] for _ in range(count)])
         moved = torch.split((seg_draws - exact).abs(), sizes, dim=1)
         reached = [i for i, m in enumerate(moved) if stochastic and float(m.norm(dim=1).max()) > tolerance]
-        n = int(seg_calls[0].stats.get("differentiated_numel", 0))
+        n = int(seg_calls[0].stats.differentiated_numel or 0)
         theory = theoretical_variance(strategy, seg_calls[0].stats) if len(seg_calls) == 1 else None
         extra = dict(strategy=repr(strategy), differentiated=n, calls=len(seg_calls), variance_theory=theory)
         if reached:
@@ -269,8 +269,7 @@ def inspect(fn: Callable[..., Any], plan: PlanLike, *args: Any, argnums: ArgNums
         ('layer', {'arg0': 15, 'arg1': 0}, 2, 24, 192)
     """
     checked = as_plan(plan)
-    state = _measure(fn, args, argnums, checked)
-    state.check_plan_used()
+    state = _measure(fn, args, argnums, checked)  # (checks that every plan key matched a segment)
     all_reverse = _measure(fn, args, argnums, Plan({"*": Reverse()})) if state.calls else None
     reverse_bytes = _reverse_bytes(state, all_reverse)
     rows: list[SegmentRow] = []
@@ -290,11 +289,11 @@ def inspect(fn: Callable[..., Any], plan: PlanLike, *args: Any, argnums: ArgNums
                 name=call.name,
                 strategy=repr(call.strategy),
                 nested_in=call.nested_in,
-                differentiated=dict(stats.get("differentiated_per_argument", {})),
-                differentiated_numel=stats.get("differentiated_numel"),
-                tangents=stats.get("tangents"),
-                output_numel=stats.get("output_numel"),
-                saved_bytes=stats.get("saved_bytes"),
+                differentiated=dict(stats.differentiated_per_argument or {}),
+                differentiated_numel=stats.differentiated_numel,
+                tangents=stats.tangents,
+                output_numel=stats.output_numel,
+                saved_bytes=stats.saved_bytes,
                 reverse_saved_bytes=alternative,
                 flags=tuple(_flags(call, alternative)),
             )
@@ -311,8 +310,7 @@ def _measure(fn: Callable[..., Any], args: tuple, argnums: ArgNums, plan: Plan) 
             lambda t: t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t,
             args_[i],
         )
-    state = _context.CallState(plan, "madfunc.inspect", measure=True)
-    with _context.activate(state):
+    with _context.planned_call(plan, "madfunc.inspect", measure=True) as state:
         fn(*args_)
     return state
 
@@ -332,24 +330,24 @@ def _reverse_bytes(state: _context.CallState, rev_state: _context.CallState | No
             result[index] = 0
         elif index < 0:
             break  # the runs diverged (data-dependent control flow)
-        result[index] += call.stats.get("saved_bytes") or 0
+        result[index] += call.stats.saved_bytes or 0
     return result if index == len(top) - 1 else [None] * len(top)
 
 
 def _flags(call: _context.SegmentCall, reverse_bytes: int | None) -> list[str]:
     stats, strategy = call.stats, call.strategy
     flags = list(strategy.advice(stats)) if strategy.is_forward else []
-    saved = stats.get("saved_bytes") or 0
+    saved = stats.saved_bytes or 0
     if strategy.is_forward and reverse_bytes is not None and saved > 2 * max(reverse_bytes, 1):
-        per_arg = stats.get("differentiated_per_argument", {})
+        per_arg = stats.differentiated_per_argument or {}
         largest = max(per_arg, key=per_arg.get, default=None)
         where = f" (largest differentiated input: {largest}, {per_arg[largest]} scalars)" if largest else ""
-        tangents, outputs = stats.get("tangents"), stats.get("output_numel")
+        tangents, outputs = stats.tangents, stats.output_numel
         flags.append(
             f"keeps {_bytes(saved)} for backward ({tangents} tangents x {outputs} outputs){where}; backprop "
             f"would keep {_bytes(reverse_bytes)}: Reverse() or Random(k) with a small k is cheaper here."
         )
-    fallbacks = stats.get("fallbacks")
+    fallbacks = stats.fallbacks
     if fallbacks:
         flags.append(
             f"runs {', '.join(fallbacks)} by the double-vjp fallback (no forward rule in PyTorch): its tangents "
