@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from madfunc.strategies import Activity, Exact, Guessed, Random  # (importing them registers their kinds)
 from madfunc.strategies.base import KINDS, Reverse, Strategy
@@ -226,11 +226,7 @@ class Plan(Mapping):
             return None
         strategies = {self._entries[key] for key in keys}
         if len(strategies) > 1:
-            listed = ", ".join(f"{key!r} -> {self._entries[key]!r}" for key in keys)
-            raise ValueError(
-                f"plan: segment {name!r} is matched by several patterns with different strategies "
-                f"({listed}); add an exact entry for {name!r} or make the patterns disjoint."
-            )
+            raise conflict_error(name, [(key, self._entries[key]) for key in keys])
         return self._entries[keys[0]]
 
 
@@ -242,6 +238,15 @@ def matching_keys(keys: Collection[str], name: str) -> list[str]:
     if name in keys:
         return [name]
     return [key for key in keys if fnmatch.fnmatchcase(name, key)]
+
+
+def conflict_error(name: str, matches: Sequence[tuple[str, Strategy]]) -> ValueError:
+    """Several plan patterns match segment ``name`` with different strategies (both engines raise this)."""
+    listed = ", ".join(f"{key!r} -> {strategy!r}" for key, strategy in matches)
+    return ValueError(
+        f"plan: segment {name!r} is matched by several patterns with different strategies ({listed}); add an "
+        f"exact entry for {name!r} or make the patterns disjoint."
+    )
 
 
 def as_plan(plan: PlanLike) -> Plan:

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from madfunc.core.registry import REGISTRY
+
 __all__ = ["AutocastOnce", "autocast_once", "enabled_devices", "no_autocast", "without_autocast"]
 
 _DEVICES = ("cpu", "cuda")  # (others: their autocast is left as it is)
@@ -67,7 +69,8 @@ def enabled_devices() -> tuple[str, ...]:
     return tuple(d for d in _DEVICES if _is_on(d))
 
 
-_HAS_POLICY: dict[tuple[str, str], bool] = {}
+_HAS_POLICY: dict[tuple[str, str], bool] = REGISTRY.register(
+    "autocast.policies", dict, "whether an op has an autocast policy, by op and device")
 
 
 def _has_policy(op: str, device: str) -> bool:

@@ -14,6 +14,8 @@ from typing import Any
 import optree
 import torch
 
+from madfunc.core.functorch import differentiating_transforms
+
 __all__ = ["ForwardModeError"]
 
 
@@ -21,28 +23,32 @@ class ForwardModeError(NotImplementedError):
     """An op inside a forward segment has no forward-mode (jvp) rule in PyTorch."""
 
 
-def _is_batched(t: torch.Tensor) -> bool:
-    """Whether ``t`` carries a vmap batch at any functorch level (under torch.func.grad a batched tensor
-    is wrapped in a GradTrackingTensor, so the outer level alone can hide it)."""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t):
-        if functorch.is_batchedtensor(t):
-            return True
-        t = functorch.get_unwrapped(t)
-    return False
-
-
 def _needs_grad(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
 
 
-def _flatten_output(name: str, out: Any) -> tuple[list[torch.Tensor], Any]:
+def needs_grad_traced(t: Any) -> bool:
+    """``_needs_grad`` as the traceable engine must read it: Dynamo (torch 2.13) reads an argument of
+    torch.func.grad as not requiring grad (the requires_grad it had before grad set it), while tensors computed
+    from it read True; a view is computed from it."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and (t.requires_grad or t.view_as(t).requires_grad)
+
+
+def writes_first_operand(func: Any) -> bool:
+    """Whether torch function ``func`` is an in-place op by its name (``add_``, ``__iadd__``, ``__setitem__``),
+    which writes to its first operand. (A call with ``out=`` writes too: callers check that separately.)"""
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__"
+
+
+def check_output(name: str, out: Any, leaves: Sequence[Any]) -> None:
+    """A segment returns a tensor or a pytree of tensors (``leaves``: ``out`` flattened by the caller's pytree
+    library: optree eagerly, torch's under Dynamo). Shared by both engines."""
     if out is None:
         raise TypeError(
             f"segment {name!r} returned None; a segment must return a tensor or a pytree (tuple, list, dict) "
             "of tensors. Did its function miss a `return`?"
         )
-    leaves, spec = optree.tree_flatten(out)
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
@@ -50,7 +56,30 @@ def _flatten_output(name: str, out: Any) -> tuple[list[torch.Tensor], Any]:
                 "segment must return a tensor or a pytree (tuple, list, dict) of tensors. Return "
                 "non-tensor values from outside the segment, or wrap numbers with torch.tensor()."
             )
+
+
+def _flatten_output(name: str, out: Any) -> tuple[list[torch.Tensor], Any]:
+    leaves, spec = optree.tree_flatten(out)
+    check_output(name, out, leaves)
     return leaves, spec
+
+
+def refuse_complex(name: str, tensors: Sequence[Any]) -> None:
+    """Forward segments differentiate real tensors only (both engines)."""
+    if any(isinstance(t, torch.Tensor) and t.is_complex() and t.requires_grad for t in tensors):
+        raise TypeError(
+            f"segment {name!r}: complex inputs that need gradients are not supported in forward mode; "
+            "pass real and imaginary parts as separate real tensors, or mark the segment rev()."
+        )
+
+
+def same_name_error(where: str, name: str, detail: str = "") -> ValueError:
+    """Two different functions ran under one segment name in one call (both engines; ``detail``: which)."""
+    return ValueError(
+        f"{where}: two different functions ran under the segment name {name!r} in one call{detail}. Give each "
+        "segment its own name, e.g. fwd(fn, name='block1'); a plan pattern such as 'block*' can still address "
+        "them together."
+    )
 
 
 def _versions(leaves: Sequence[Any]) -> list[int | None]:
@@ -139,17 +168,9 @@ def _common_device(name: str, tensors: Sequence[torch.Tensor]) -> torch.device:
     return next(iter(devices))
 
 
-def _differentiating_transforms() -> int:
-    """How many torch.func grad/jvp transforms are active (vmap does not count)."""
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    kinds = {"TransformType.Grad", "TransformType.Jvp"}
-    return sum(str(i.key()) in kinds for i in retrieve_all_functorch_interpreters())
-
-
 def _refuse_higher_order(name: str) -> None:
     """The backward contraction is not itself differentiable: refuse instead of a silently wrong result."""
-    levels = _differentiating_transforms()
+    levels = differentiating_transforms()
     if levels >= 2 or (levels == 0 and torch.is_grad_enabled()):
         raise NotImplementedError(
             f"segment {name!r}: a forward-mode segment's gradient was differentiated again (torch.func.grad, "

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from madfunc.core.checks import _is_batched
+from madfunc.core.functorch import is_batched
+from madfunc.core.registry import REGISTRY
 
 __all__ = [
     "PerformanceWarning",
@@ -22,7 +23,7 @@ __all__ = [
 EXACT_BASIS_BYTES = 2 * 2**30
 # An Exact segment pushing more tangents than this costs thousands of forward passes: say so, once.
 EXACT_WARN_TANGENTS = 4096
-_warned: set[str] = set()
+_warned: set[str] = REGISTRY.register("guards.warned", set, "cost warnings given, by segment")
 
 
 class PerformanceWarning(UserWarning):
@@ -85,7 +86,7 @@ def check_finite(name: str, ys: Sequence[torch.Tensor], ydots: Sequence[torch.Te
     even where ``ybar`` is 0), so unlike backprop no gradient entry would survive.
     """
     for i, y, ydot in zip(index, ys, ydots, strict=True):
-        if _is_batched(y) or _is_batched(ydot) or y.layout != torch.strided:
+        if is_batched(y) or is_batched(ydot) or y.layout != torch.strided:
             continue  # data-dependent checks cannot run under vmap
         finite = torch.isfinite(ydot)
         if bool(finite.all()):

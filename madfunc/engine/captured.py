@@ -20,11 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from madfunc.core.functorch import grad_transforms_active, is_wrapped
+
 __all__ = ["Captured", "discover"]
-
-
-def _is_wrapped(t: torch.Tensor) -> bool:
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 @dataclasses.dataclass
@@ -105,14 +103,14 @@ def discover(fn: Any, arg_leaves: Sequence[Any], own_module: nn.Module | None) -
     segment), the closure cells and ``__self__`` of ``fn`` (and of a ``functools.partial``'s function and
     arguments) are searched one level deep.
     """
-    transforms = _grad_transforms_active()
+    transforms = grad_transforms_active()
 
     def differentiable(t: torch.Tensor) -> bool:
         # Under torch.func.grad only tensors of its levels are differentiated (a plain nn.Parameter is a
         # constant there, as in torch.func.grad of the plain model); under plain autograd, requires_grad.
         if not (t.is_floating_point() and t.requires_grad):
             return False
-        return _is_wrapped(t) if transforms else True
+        return is_wrapped(t) if transforms else True
 
     captured = Captured()
     seen: set[int] = set()
@@ -153,7 +151,3 @@ def discover(fn: Any, arg_leaves: Sequence[Any], own_module: nn.Module | None) -
     return captured
 
 
-def _grad_transforms_active() -> bool:
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    return any(str(i.key()) == "TransformType.Grad" for i in retrieve_all_functorch_interpreters())

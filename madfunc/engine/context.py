@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from madfunc.core.checks import same_name_error
 from madfunc.engine.rng import TangentStream
 from madfunc.plan import Plan
 from madfunc.strategies.base import SegmentStats, Strategy
@@ -54,11 +55,7 @@ class CallState:
         if previous is None:
             self.owners[name] = (owner, identity)
         elif previous[1] != identity:
-            raise ValueError(
-                f"{self.where}: two different functions ran under the segment name {name!r} in one call "
-                f"({_describe(previous[0])} and {_describe(owner)}). Give each segment its own name, "
-                "e.g. fwd(fn, name='block1'); a plan pattern such as 'block*' can still address them together."
-            )
+            raise same_name_error(self.where, name, f" ({_describe(previous[0])} and {_describe(owner)})")
 
     def check_plan_used(self) -> None:
         """Every plan key must match a segment that ran (a typo would otherwise be silently ignored).

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
-from madfunc.core.checks import _is_batched
+from madfunc.core.functorch import is_batched, unwrap
 from madfunc.engine.replicas import Replicas, resolve
 from madfunc.strategies.tangents import leaf_seed
 
@@ -90,11 +90,7 @@ def _disagreement_error(name: str, world_size: int) -> RuntimeError:
     )
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """``t`` without torch.func.grad's wrappers: the tensor the transform hands back as the gradient."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return t
+_plain = unwrap  # ``t`` without torch.func.grad's wrappers: the tensor the transform hands back as the gradient
 
 
 class SegmentReduction:
@@ -119,7 +115,7 @@ class SegmentReduction:
 
     def reduce(self, name: str, s: torch.Tensor | None, seed: int, k: int) -> torch.Tensor:
         """``s`` averaged (or summed) over ranks: one all-reduce of k + 8 float64 numbers."""
-        if s is not None and _is_batched(s):
+        if s is not None and is_batched(s):
             raise RuntimeError(
                 f"segment {name!r}: process_group is not supported under torch.func.vmap (per-example "
                 "gradients have no data-parallel reduction); drop process_group inside vmap."

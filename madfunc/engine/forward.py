@@ -16,7 +16,7 @@ from typing import Any
 import optree
 import torch
 
-from madfunc.core.checks import _needs_grad, _refuse_higher_order
+from madfunc.core.checks import _needs_grad, _refuse_higher_order, refuse_complex
 from madfunc.engine import context as _context
 from madfunc.engine import distributed as _distributed
 from madfunc.engine.captured import discover
@@ -110,11 +110,7 @@ def run_forward(
             f"segment {name!r}: a sparse (non-strided) input needs a gradient; forward segments differentiate dense "
             "tensors only. Pass x.to_dense(), or mark the segment rev()."
         )
-    if any(t.is_complex() and t.requires_grad for t in tensors):
-        raise TypeError(
-            f"segment {name!r}: complex inputs that need gradients are not supported in forward mode; "
-            "pass real and imaginary parts as separate real tensors, or mark the segment rev()."
-        )
+    refuse_complex(name, tensors)
     if not diff:  # nothing upstream needs a gradient: a plain call, still a pure one
         record.stats = SegmentStats(differentiated_numel=0, differentiated_per_argument={}, tangents=0, saved_bytes=0)
         with _context.inside_forward_segment(name):

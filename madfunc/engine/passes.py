@@ -21,16 +21,19 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from madfunc.core.checks import ForwardModeError, _is_batched
+from madfunc.core.checks import ForwardModeError
+from madfunc.core.functorch import is_batched
 from madfunc.core.guards import PerformanceWarning
+from madfunc.core.registry import REGISTRY
 from madfunc.ops.rules import OpFailed
 
 __all__ = ["BARE", "Retry", "all_zero_tangents", "batching_warnings", "diagnosed", "vmap_may_be_at_fault", "warn_loop"]
 
 # (key, output index) pairs whose all-zero tangents were diagnosed as real (no op dropped them), so later
 # calls need not diagnose again; the key names segment, function and seeded inputs (Engine._zero_key).
-_INDEPENDENT: set[tuple[str, int]] = set()
-_warned: set[tuple[str, str]] = set()
+_INDEPENDENT: set[tuple[str, int]] = REGISTRY.register(
+    "passes.real_zeros", set, "outputs whose all-zero tangents were diagnosed as real")
+_warned: set[tuple[str, str]] = REGISTRY.register("passes.warned", set, "batching warnings given")
 
 
 class Retry(Exception):  # noqa: N818 - control flow inside the engine, never seen by users
@@ -51,7 +54,7 @@ def all_zero_tangents(key: tuple, ys: Sequence[torch.Tensor], ydots: Sequence[to
         i
         for i, (y, d) in enumerate(zip(ys, ydots, strict=True))
         if _differentiable(y) and d.numel() and (key, i) not in _INDEPENDENT
-        and not _is_batched(d) and not _any_nonzero(d)
+        and not is_batched(d) and not _any_nonzero(d)
     ]
 
 

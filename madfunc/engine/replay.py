@@ -37,19 +37,21 @@ import torch
 from torch.func import vmap
 
 from madfunc.core.autocast import enabled_devices
-from madfunc.core.checks import _is_batched
+from madfunc.core.functorch import is_batched, layer_depth, restore_layer_depth
+from madfunc.core.registry import REGISTRY
 from madfunc.engine.graphclean import mutates, simplify
 
 __all__ = ["RECORD_AFTER", "REFUSED", "Replay", "clear", "key_of", "lookup", "note_clean", "replayed"]
 
 # key -> clean eager sightings so far (int) | Replay | a refusal reason (str). Least recently used first.
-_CACHE: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+_CACHE: collections.OrderedDict[tuple, Any] = REGISTRY.register(
+    "replay.recordings", collections.OrderedDict, "recorded passes (or sightings, or refusals) by replay key")
 _CAPACITY = 256
 # Clean eager sightings of a key before it is recorded: a pass seen once (one-off shapes, a closure made
 # per call) is not worth the tracing (0.1-0.5 s). The sweeps set 1 to replay every case on its second call.
 RECORD_AFTER = 2
 # Why passes were not recorded, by segment name (tests and inspection read it).
-REFUSED: dict[str, str] = {}
+REFUSED: dict[str, str] = REGISTRY.register("replay.refused", dict, "why passes were not recorded, by segment")
 # The scalar types a non-tensor argument may have for its pass to be recorded (keyed by value).
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -118,7 +120,7 @@ def key_of(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass],
     if engine.buffers or engine.measure or not engine.record_passes:
         return None
     tangents = [t for _, ts in passes for t in ts]
-    if any(_is_batched(t) for t in tensors) or any(t.requires_grad for t in tangents):
+    if any(is_batched(t) for t in tensors) or any(t.requires_grad for t in tangents):
         return None
     others = []
     for i, leaf in enumerate(engine.leaves):
@@ -226,13 +228,12 @@ def _restored_state() -> Iterator[None]:
     included = torch._C._dispatch_tls_is_dispatch_key_included
     excluded = torch._C._dispatch_tls_is_dispatch_key_excluded
     tls = [(k, included(k), excluded(k)) for k in keys]
-    depth = torch._C._functorch.get_dynamic_layer_stack_depth()
+    depth = layer_depth()
     rng, fwd_grad, grad = torch.get_rng_state(), torch._C._is_fwd_grad_enabled(), torch.is_grad_enabled()
     try:
         yield
     finally:
-        if torch._C._functorch.get_dynamic_layer_stack_depth() != depth:
-            torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(depth)
+        restore_layer_depth(depth)
         for k, was_included, was_excluded in tls:
             if included(k) != was_included:
                 torch._C._dispatch_tls_set_dispatch_key_included(k, was_included)

@@ -10,12 +10,12 @@ import torch
 
 from madfunc.core.checks import (
     _check_not_mutated,
-    _differentiating_transforms,
     _flatten_output,
     _needs_grad,
     _translate_error,
     _versions,
 )
+from madfunc.core.functorch import differentiating_transforms
 from madfunc.engine import context as _context
 
 __all__ = ["differentiated_per_argument", "run_reverse"]
@@ -57,7 +57,7 @@ def _call_reverse(
     stats.differentiated_numel = sum(t.numel() for t in leaves if _needs_grad(t))
     stats.differentiated_per_argument = differentiated_per_argument(args, kwargs)
     stats.tangents = 0
-    if _differentiating_transforms() > 0:
+    if differentiating_transforms() > 0:
         # torch.func's grad transforms refuse saved-tensor hooks: bytes are measured under plain autograd.
         stats.saved_bytes = None
         return fn(*args, **kwargs)

@@ -25,6 +25,7 @@ from madfunc.core.checks import (
     _translate_error,
     _versions,
 )
+from madfunc.core.functorch import outside_transforms
 from madfunc.core.guards import check_finite, check_no_hidden_inputs, check_strided, hidden_input_error
 from madfunc.engine import context as _context
 from madfunc.engine import replay as _replay
@@ -77,8 +78,7 @@ class Engine:
         self.measure = measure  # inspect: report a costly Exact segment's size instead of computing it
         self.grad_mode = torch.is_grad_enabled()
         # Called outside torch.func's transforms (use_plan): its random ops draw as eager kernels do (_dropout).
-        peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)  # (torch >= 2.1; else: as before)
-        self.plain_call = peek is not None and peek() is None
+        self.plain_call = outside_transforms()
         self.out_spec: Any = None
         self.n_out = 0
         self.diff_out: list[int] = []

@@ -27,10 +27,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
+from madfunc.core.checks import check_output, needs_grad_traced, refuse_complex, same_name_error
+from madfunc.core.functorch import METADATA_OPS
 from madfunc.engine.context import TRACED_STACK, check_plan_used
-from madfunc.plan import matching_keys
+from madfunc.plan import conflict_error, matching_keys
 from madfunc.strategies.base import Strategy
-from madfunc.strategies.tangents import _METADATA
 
 __all__ = ["TracedState", "active", "check_strategy", "dispatch", "planned", "run_segment"]
 
@@ -68,18 +69,12 @@ class _Watch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        if func not in _METADATA:
+        if func not in METADATA_OPS:
             for arg in pytree.tree_leaves((args, kwargs)):
                 for i, leaf in enumerate(self.leaves):
                     if arg is leaf:
                         self.used[i] = True
         return func(*args, **kwargs)
-
-
-def _needs_grad(t: Any) -> bool:
-    # Dynamo (torch 2.13) reads an argument of torch.func.grad as not requiring grad (the requires_grad it had
-    # before grad set it), while tensors computed from it read True; a view is computed from it.
-    return isinstance(t, torch.Tensor) and t.is_floating_point() and (t.requires_grad or t.view_as(t).requires_grad)
 
 
 def check_strategy(name: str, strategy: Strategy) -> None:
@@ -99,12 +94,8 @@ def run_segment(state: TracedState, name: str, strategy: Strategy, fn: Callable[
     """Segment ``name`` under ``strategy``, written as traceable code with the forward-mode gradient."""
     check_strategy(name, strategy)
     flat, spec = pytree.tree_flatten((args, kwargs))
-    if any(isinstance(t, torch.Tensor) and t.is_complex() and t.requires_grad for t in flat):
-        raise TypeError(
-            f"segment {name!r}: complex inputs that need gradients are not supported in forward mode; pass real "
-            "and imaginary parts as separate real tensors, or mark the segment rev()."
-        )
-    diff = [i for i, leaf in enumerate(flat) if _needs_grad(leaf)] if torch.is_grad_enabled() else []
+    refuse_complex(name, flat)
+    diff = [i for i, leaf in enumerate(flat) if needs_grad_traced(leaf)] if torch.is_grad_enabled() else []
     if not strategy.is_forward or not diff:
         return fn(*args, **kwargs)
     leaves = [flat[i] for i in diff]
@@ -121,11 +112,7 @@ def run_segment(state: TracedState, name: str, strategy: Strategy, fn: Callable[
         a, kw = pytree.tree_unflatten(inputs, spec)
         with _Watch(primals, used):
             out = fn(*a, **kw)
-        if out is None or not all(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
-            raise TypeError(
-                f"segment {name!r} returned {type(out).__name__}; a forward segment must return a tensor or a "
-                "pytree (tuple, list, dict) of tensors. Did its function miss a `return`?"
-            )
+        check_output(name, out, pytree.tree_leaves(out))
         return out
 
     def one(*v: torch.Tensor) -> Any:
@@ -187,11 +174,7 @@ def dispatch(state: TracedState, name: str, default: Strategy, identity: Any, fn
              kwargs: dict) -> Any:
     """A segment call under a traceable transform: plain inside a forward segment, else as the plan says."""
     if state.owners.setdefault(name, identity) != identity:
-        raise ValueError(
-            f"{state.where}: two different functions ran under the segment name {name!r} in one call. Give each "
-            "segment its own name, e.g. fwd(fn, name='block1'); a plan pattern such as 'block*' can still address "
-            "them together."
-        )
+        raise same_name_error(state.where, name)
     if state.inside is not None:  # part of the enclosing forward segment's computation
         state.nested.append((name, state.inside))
         return fn(*args, **kwargs)
@@ -201,11 +184,7 @@ def dispatch(state: TracedState, name: str, default: Strategy, identity: Any, fn
     # (Identity first: a strategy's int fields may be symbolic in a graph compiled for several values of k,
     # and Dynamo cannot compare those as constants; only distinct objects from several patterns need ==.)
     if any(state.plan[key] is not strategy and state.plan[key] != strategy for key in keys):
-        listed = ", ".join(f"{key!r} -> {state.plan[key]!r}" for key in keys)
-        raise ValueError(
-            f"plan: segment {name!r} is matched by several patterns with different strategies ({listed}); add an "
-            f"exact entry for {name!r} or make the patterns disjoint."
-        )
+        raise conflict_error(name, [(key, state.plan[key]) for key in keys])
     return run_segment(state, name, strategy, fn, args, kwargs)
 
 

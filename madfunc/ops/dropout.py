@@ -44,6 +44,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from madfunc.core.functorch import TransformType, interpreter_stack, plain_value, vmap_randomness_same
+
 __all__ = ["RNG_RULES"]
 
 _SELU_ALPHA = 1.7580993408473766  # -selu's negative saturation value, as alpha_dropout's kernel uses it
@@ -56,7 +58,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # not subclasses (fake tensor
 # vectorized and elementwise paths: the mask's tensor mirrors the input's address modulo this (the CUDA
 # allocator's minimum alignment; the kernels need at most 16-32 bytes).
 _ALIGNMENT = 256
-_TT = torch._C._functorch.TransformType
+_TT = TransformType
 
 
 def _arguments(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list:
@@ -100,26 +102,22 @@ def _kernels_as_plain(plain_call: bool) -> bool:
     right around a one-tangent pass cannot be told from the segment's own: there the segment draws with the
     kernel, a valid mask but not the one the caller's vmap would draw.)
     """
-    stack = torch._C._functorch.get_interpreter_stack() or []
+    stack = interpreter_stack()
     vmaps = [i for i, level in enumerate(stack) if level.key() == _TT.Vmap]
     if not vmaps:
         return True
     if len(vmaps) > 1 or (plain_call and vmaps[0] != 0):  # a plain call's own vmap is the outermost level
         return False
     i = vmaps[0]
-    same = torch._C._functorch.CVmapInterpreterPtr(stack[i]).randomness() == torch._C._functorch.RandomnessType.Same
+    same = vmap_randomness_same(stack[i])
     return same and i + 1 < len(stack) and stack[i + 1].key() == _TT.Jvp
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor | None:
     """The plain tensor under ``t``'s functorch wrappers (the value the plain call's kernel would read), or
     None where there is none to read (a batched value, a tensor subclass)."""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t):
-        if functorch.is_batchedtensor(t):
-            return None
-        t = functorch.get_unwrapped(t)
-    return t if type(t) in _PLAIN_TYPES and t.layout == torch.strided else None
+    t = plain_value(t)
+    return t if t is not None and type(t) in _PLAIN_TYPES and t.layout == torch.strided else None
 
 
 def _ones_like(plain: torch.Tensor) -> torch.Tensor:

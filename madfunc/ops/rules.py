@@ -26,7 +26,9 @@ from torch.autograd.forward_ad import unpack_dual
 from torch.overrides import TorchFunctionMode
 
 from madfunc.core.autocast import autocast_once
-from madfunc.core.checks import ForwardModeError, missing_forward_rule
+from madfunc.core.checks import ForwardModeError, missing_forward_rule, writes_first_operand
+from madfunc.core.functorch import CUSTOM_FUNCTION_CALL, METADATA_OPS, is_wrapped, unwrap
+from madfunc.core.registry import REGISTRY
 from madfunc.ops.dropout import RNG_RULES
 from madfunc.ops.fallback import NoForwardRuleError, function_with_fallback, has_jvp, jvp_by_double_vjp
 
@@ -35,22 +37,7 @@ def has_tangent(t: torch.Tensor) -> bool:
     return unpack_dual(t).tangent is not None
 
 
-try:  # what SomeFunction.apply(...) becomes under a functorch transform (a HigherOrderOperator)
-    from torch._functorch.autograd_function import custom_function_call as _CUSTOM_FUNCTION_CALL
-except ImportError:  # pragma: no cover - other PyTorch versions: custom Functions go their own way
-    _CUSTOM_FUNCTION_CALL = object()
-
 __all__ = ["OpFailed", "OpRules", "RULES", "reference_kernels", "register_forward_rule"]
-
-# Tensor queries that read metadata only: a tensor passed to them is not "used" by the segment.
-_METADATA = frozenset(
-    (getattr(torch.Tensor, name).__get__ if hasattr(getattr(torch.Tensor, name), "__get__")
-     and not callable(getattr(torch.Tensor, name)) else getattr(torch.Tensor, name))
-    for name in ("size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "element_size",
-                 "data_ptr", "__len__", "shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "layout",
-                 "is_complex", "storage_offset")
-)
-
 
 def _double_vjp(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """The fallback: the op's forward tangent from its backward rule, differentiated once more."""
@@ -118,17 +105,14 @@ def _native_rnn(mode: OpRules, name: str, func: Callable[..., Any], args: tuple,
 def _storage_pointer(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     # torch raises for data_ptr() of functorch's wrappers (no storage of their own); the plain tensor under
     # them holds the values. nn.LSTM/GRU/RNN.flatten_parameters reads it on CUDA before each call.
-    t = args[0]
-    while isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return func(t, *args[1:], **kwargs)
+    return func(unwrap(args[0]), *args[1:], **kwargs)
 
 
 def _skip_flatten(mode: OpRules, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     # flatten_parameters' copy of an RNN's weights into one cuDNN buffer (its result is unused): a speed-up for
     # cuDNN, which runs with cuDNN off here (_native_rnn), and impossible on wrapped weights. Not done.
     weights = args[0] if args else kwargs.get("weight_arr", ())
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(w) for w in weights):
+    if any(is_wrapped(w) for w in weights):
         return None
     return func(*args, **kwargs)
 
@@ -155,6 +139,13 @@ RULES: dict[Any, Callable[..., Any]] = {
     torch.Tensor.data_ptr: _storage_pointer,
     torch._cudnn_rnn_flatten_weight: _skip_flatten,
 }
+
+
+# Ops found at run time to drop tangents (see OpRules._strict), routed to the checked fallback from then on.
+# Kept apart from RULES (ours and the user's register_forward_rule): a reset (core.registry) forgets these only.
+LEARNED: dict[Any, Callable[..., Any]] = REGISTRY.register(
+    "ops.learned", dict, "ops found to drop tangents, routed to the fallback"
+)
 
 
 def register_forward_rule(op: Any, rule: Callable[..., Any] | None = None) -> None:
@@ -231,10 +222,10 @@ class OpRules(TorchFunctionMode):
         return self._run(func, args, kwargs)
 
     def _run(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
-        if self.watched and func not in _METADATA:
+        if self.watched and func not in METADATA_OPS:
             self._record(args)
             self._record(kwargs.values())
-        rule = RULES.get(func)
+        rule = RULES.get(func) or LEARNED.get(func)
         if rule is None and func in RNG_RULES:
             # Dropout whose own draw inside the passes is not the plain code's: drawn as that (_dropout). None:
             # it is (CPU under torch.func), and the op runs as any other, leaving later passes free to go bare.
@@ -245,7 +236,7 @@ class OpRules(TorchFunctionMode):
         if rule is not None:
             self.touched = True
             return rule(self, _name(func), func, args, kwargs)
-        if func is _CUSTOM_FUNCTION_CALL:  # SomeFunction.apply(...) under a functorch transform
+        if func is CUSTOM_FUNCTION_CALL:  # SomeFunction.apply(...) under a functorch transform
             self.touched = True
             return self._custom_function(args[0], args[1:], kwargs)
         try:
@@ -272,7 +263,8 @@ class OpRules(TorchFunctionMode):
             return out
 
     def _strict(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
-        if (self._stack and self._stack[-1] == func) or func in RULES or func is _CUSTOM_FUNCTION_CALL:
+        ruled = func in RULES or func in LEARNED or func is CUSTOM_FUNCTION_CALL
+        if (self._stack and self._stack[-1] == func) or ruled:
             # A Python-level function handing itself back to torch-function dispatch (as torch.cdist and
             # Tensor methods written in Python do), or an op with a rule of ours (trusted, and it may call
             # the op itself): run it without re-entering, or it would recurse forever.
@@ -288,8 +280,8 @@ class OpRules(TorchFunctionMode):
             self._stack.pop()
         if getattr(func, "__name__", "") not in _DROPS_BY_DESIGN and _drops_tangent(args, kwargs, out):
             self._dropped = True
-        if top and self._dropped and func not in RULES and func not in _METADATA and not _in_place(func, kwargs):
-            RULES[func] = _checked
+        if top and self._dropped and func not in RULES and func not in METADATA_OPS and not _in_place(func, kwargs):
+            LEARNED[func] = _checked
             self.learned.add(getattr(func, "__name__", str(func)))
         return out
 
@@ -298,7 +290,7 @@ class OpRules(TorchFunctionMode):
         if rule is not None:
             return rule(self, cls.__name__, cls.apply, args, kwargs)
         if has_jvp(cls):
-            return _CUSTOM_FUNCTION_CALL(cls, *args, **kwargs)
+            return CUSTOM_FUNCTION_CALL(cls, *args, **kwargs)
         self.fallbacks.add(f"{cls.__name__}.apply")
         try:
             return function_with_fallback(cls)(*args, **kwargs)
@@ -337,10 +329,7 @@ def _first_line(error: BaseException) -> str:
 
 def _in_place(func: Any, kwargs: dict) -> bool:
     """Whether ``func`` writes to an operand (it must never be re-run by the fallback)."""
-    name = getattr(func, "__name__", "")
-    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__" or (
-        "out" in kwargs
-    )
+    return writes_first_operand(func) or "out" in kwargs
 
 
 def _drops_tangent(args: tuple, kwargs: dict, out: Any) -> bool:

@@ -30,7 +30,8 @@ from typing import ClassVar
 import torch
 
 from madfunc.core.autocast import without_autocast
-from madfunc.core.checks import _is_batched
+from madfunc.core.functorch import is_batched
+from madfunc.core.registry import REGISTRY
 from madfunc.strategies.base import EngineView, Meta, Passes, SegmentStats, Shared, Strategy, StrategyState, zeros
 from madfunc.strategies.kernels import accumulation_dtype, combine_tangents, contract
 from madfunc.strategies.random import RandomState, check_distribution, parse_random_fields, push_random, regenerate
@@ -39,7 +40,7 @@ from madfunc.strategies.tangents import DISTRIBUTIONS
 __all__ = ["Activity"]
 
 # Segments (and input shapes) already found batch-separable in this process: the check runs once each.
-_SEPARABLE: set[tuple] = set()
+_SEPARABLE: set[tuple] = REGISTRY.register("activity.separable", set, "segments found batch-separable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +215,7 @@ class Activity(Strategy, kind="activity", fields=("K", "DISTRIBUTION", "SEEDING"
         _, ydots, _ = engine.push(tensors, engine.diff, probe, check=False)
         for i in outputs:
             rest = self._units(ydots[i][0], 0)[1:]
-            if _is_batched(rest):  # under an outer vmap its values cannot be read: check on a plain call
+            if is_batched(rest):  # under an outer vmap its values cannot be read: check on a plain call
                 return
             if rest.count_nonzero():
                 raise ValueError(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from madfunc.core.guards import EXACT_BASIS_BYTES, EXACT_WARN_TANGENTS, check_basis_size, warn_exact_cost
+from madfunc.core.registry import REGISTRY
 from madfunc.strategies.base import (
     EngineView,
     Meta,
@@ -30,7 +31,8 @@ __all__ = ["Exact"]
 MERGED_BASIS_BYTES = 32 * 2**20
 # Those bases depend only on shapes, dtypes and devices: the last few are kept (building them took ~5% of
 # a small CNN's Exact step). Nothing writes to them: passes read tangents, and replayed graphs mutate nothing.
-_BASES: collections.OrderedDict[tuple, tuple[list, int]] = collections.OrderedDict()
+_BASES: collections.OrderedDict[tuple, tuple[list, int]] = REGISTRY.register(
+    "exact.bases", collections.OrderedDict, "merged basis tangents by shapes")
 _BASES_KEPT_BYTES = 64 * 2**20
 NO_STATE = StrategyState()  # Exact keeps nothing per call: s is the gradient
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from madfunc.core.autocast import without_autocast
-from madfunc.core.checks import _is_batched
+from madfunc.core.functorch import is_batched
 
 __all__ = ["accumulation_dtype", "combine_tangents", "contract"]
 
@@ -59,7 +59,7 @@ def combine_tangents(coef: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, re
     """``sum_j coef_j v_j`` for tangents ``v`` of shape ``(k, *shape)``, as ``dtype``; with ``reuse``
     (``v`` is a fresh tensor of our own), it may be overwritten."""
     acc = accumulation_dtype(v.dtype)
-    if v.shape[0] == 1 and acc == v.dtype and not _is_batched(coef):
+    if v.shape[0] == 1 and acc == v.dtype and not is_batched(coef):
         if reuse:
             return v[0].mul_(coef[0].to(acc))  # in place: the regenerated tangent becomes the gradient
         return v[0] * coef[0].to(acc)  # one tangent: a scaled copy, without tensordot's reshapes

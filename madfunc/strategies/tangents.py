@@ -21,6 +21,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
 
+from madfunc.core.checks import writes_first_operand
+from madfunc.core.functorch import METADATA_OPS
+from madfunc.core.registry import REGISTRY
+
 __all__ = [
     "DISTRIBUTIONS", "Distribution", "LazySeeds", "SMALL_LEAF", "basis_block", "draw_leaf", "draw_tangents",
     "group_leaves", "leaf_seed",
@@ -47,7 +51,8 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return generator
 
 
-_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = REGISTRY.register(
+    "tangents.sign_tables", dict, "Rademacher sign tables by dtype and device")
 
 
 def _sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -200,15 +205,6 @@ def draw_tangents(
     ]
 
 
-# Tensor queries that read metadata only: a leaf passed to them needs no tangent.
-_METADATA = frozenset(
-    getattr(torch.Tensor, name).__get__ if isinstance(getattr(torch.Tensor, name), property) or
-    type(getattr(torch.Tensor, name)).__name__ == "getset_descriptor" else getattr(torch.Tensor, name)
-    for name in ("size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "element_size",
-                 "data_ptr", "__len__", "shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "layout")
-)
-
-
 class LazySeeds(TorchFunctionMode):
     """Seeds each leaf's tangents where an op first uses it, instead of on entry: lazy seeding.
 
@@ -236,15 +232,12 @@ class LazySeeds(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        if func in _METADATA:
+        if func in METADATA_OPS:
             return func(*args, **kwargs)
         flat, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
         # In-place methods keep their own first argument: mutating a leaf must still mutate the leaf,
         # so that the purity check names the segment.
-        name = getattr(func, "__name__", "")
-        keep_first = (
-            name.endswith("_") and not name.endswith("__") or name.startswith("__i") or name == "__setitem__"
-        )
+        keep_first = writes_first_operand(func)
         self.saw_inplace |= keep_first or "out" in kwargs
         hit = False
         for pos, arg in enumerate(flat):
