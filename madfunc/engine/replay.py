@@ -40,6 +40,7 @@ from madfunc.core.autocast import enabled_devices
 from madfunc.core.functorch import is_batched, layer_depth, restore_layer_depth
 from madfunc.core.registry import REGISTRY
 from madfunc.engine.graphclean import mutates, simplify
+from madfunc.engine.recordable import Refused, check_recordable
 
 __all__ = ["RECORD_AFTER", "REFUSED", "Replay", "clear", "key_of", "lookup", "note_clean", "replayed"]
 
@@ -206,7 +207,7 @@ def note_clean(engine: Any, key: tuple | None, tensors: Sequence[torch.Tensor], 
             recording.used = used
             _verify(recording, tensors, passes, expected)
             _CACHE[key] = recording
-        except _Refused as refusal:
+        except Refused as refusal:
             _CACHE[key] = REFUSED[engine.name] = str(refusal)
         except Exception as error:  # noqa: BLE001 - any tracing failure: the eager engine stays, never a wrong graph
             data = "DataDependent" in type(error).__name__ or "data-dependent" in str(error).lower()
@@ -246,45 +247,13 @@ def _restored_state() -> Iterator[None]:
 
 # Ops whose result depends on storage, offsets or strides, which the clean-up passes may change (a view
 # that becomes a copy) and the key does not fully pin (the storage's size).
-_LAYOUT_READERS = frozenset(
-    getattr(torch.ops.aten, name).default for name in ("as_strided", "as_strided_", "as_strided_scatter", "set_")
-    if hasattr(getattr(torch.ops.aten, name, None), "default")
-)
-
-
-def _mutated_inputs(gm: torch.fx.GraphModule) -> str:
-    """The first in-place op that writes to an input (or a view of one), or ''. In-place ops on the pass's
-    own intermediates (forward-mode rules use them: layer_norm's ``div_``) replay as recorded."""
-    of_inputs: set[torch.fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            of_inputs.add(node)
-            continue
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None:
-            continue
-        written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-        args = dict(zip((a.name for a in schema.arguments), node.args, strict=False)) | dict(node.kwargs)
-        if any(args.get(name) in of_inputs for name in written):
-            return str(node.target)
-        # a view of an input (its result aliases an argument) is an input too
-        aliases = schema.returns and schema.returns[0].alias_info is not None
-        if aliases and any(a in of_inputs for a in node.args if isinstance(a, torch.fx.Node)):
-            of_inputs.add(node)
-    return ""
-
-
-class _Refused(Exception):  # noqa: N818 - a reason, not an error
-    pass
-
-
 def _verify(recording: Replay, tensors: Sequence[torch.Tensor], passes: Sequence[Pass], expected: tuple) -> None:
     """The recording, run once on the inputs the eager passes just had, must give their values (up to the
     rounding of reordered sums: pooling by slices, CSE). A safety net under the clean-up passes: any
     disagreement keeps the segment on the eager engine."""
     got = recording.run(tensors, passes)
     if got is None:
-        raise _Refused("its recording could not run on the inputs it was made from")
+        raise Refused("its recording could not run on the inputs it was made from")
     for a, b in zip((*got[0], *got[1]), (*expected[0], *expected[1]), strict=True):
         if not (a.is_floating_point() or a.is_complex()):
             same = a.shape == b.shape and torch.equal(a, b)
@@ -293,7 +262,7 @@ def _verify(recording: Replay, tensors: Sequence[torch.Tensor], passes: Sequence
             scale = float(b.abs().max()) if b.numel() else 0.0
             same = a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol * (1.0 + scale), equal_nan=True)
         if not same:
-            raise _Refused("its recording disagreed with the eager pass (please report this; it stays eager)")
+            raise Refused("its recording disagreed with the eager pass (please report this; it stays eager)")
 
 
 def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> Replay:
@@ -340,21 +309,7 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
     finally:
         fake_log.setLevel(level)
     buffers = _lift_buffers(gm, engine.modules())
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            raise _Refused("it reads tensors that are not its inputs (they would be frozen into the recording)")
-        if node.op != "call_function":
-            continue
-        tags = getattr(node.target, "tags", ())
-        if torch.Tag.nondeterministic_seeded in tags and not _draws_nothing(node):
-            raise _Refused(f"it draws random numbers ({node.target})")
-        if node.target in _LAYOUT_READERS:
-            raise _Refused(f"it reads the memory layout of its tensors ({node.target})")
-        if torch.Tag.dynamic_output_shape in tags or torch.Tag.data_dependent_output in tags:
-            raise _Refused(f"its shapes or Python values depend on tensor values ({node.target})")
-    mutated = _mutated_inputs(gm)
-    if mutated:
-        raise _Refused(f"it mutates an input in place ({mutated})")
+    check_recordable(gm)
     if simplify(gm) or not any(mutates(node) for node in gm.graph.nodes):
         # The passes of one recording share their primal work (each pass computes the same primal values):
         # common subexpressions are computed once. Only without in-place ops (simplify leaves a graph with
@@ -366,18 +321,6 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
     gm.recompile()
     outputs = next(iter(reversed(gm.graph.nodes))).args[0]
     return Replay(engine.name, gm, len(outputs) // 2, out_spec[0], buffers)  # one tangent batch per output
-
-
-def _draws_nothing(node: torch.fx.Node) -> bool:
-    """An op tagged as drawing random numbers that draws none here: an attention kernel with ``dropout_p`` 0
-    (under autocast a segment's attention takes its value from the plain call's kernel: ``_autocast``)."""
-    schema = getattr(node.target, "_schema", None)
-    names = [a.name for a in schema.arguments] if schema is not None else []
-    if "dropout_p" not in names:
-        return False
-    i = names.index("dropout_p")
-    p = node.args[i] if i < len(node.args) else node.kwargs.get("dropout_p", schema.arguments[i].default_value)
-    return isinstance(p, (int, float)) and not isinstance(p, bool) and p == 0
 
 
 def _lift_buffers(gm: torch.fx.GraphModule, modules: Sequence[torch.nn.Module]) -> list:

@@ -17,7 +17,7 @@ from typing import Any
 
 import optree
 import torch
-from torch.func import jvp, vmap
+from torch.func import jvp
 
 from madfunc.core.checks import (
     _check_not_mutated,
@@ -33,17 +33,13 @@ from madfunc.engine.captured import Captured
 from madfunc.engine.context import SegmentCall
 from madfunc.engine.lazy import push_lazy
 from madfunc.engine.passes import (
-    BARE,
     Retry,
     all_zero_tangents,
-    batching_warnings,
-    diagnosed,
-    vmap_may_be_at_fault,
-    warn_loop,
 )
+from madfunc.engine.pushes import PassRunner
 from madfunc.engine.rng import Snapshot
 from madfunc.engine.state import State, containers_changed
-from madfunc.ops.rules import OpRules, reference_kernels
+from madfunc.ops.rules import reference_kernels
 from madfunc.strategies.base import Passes, SegmentStats, Strategy, StrategyState
 
 NO_STATE = StrategyState()
@@ -51,7 +47,7 @@ NO_STATE = StrategyState()
 __all__ = ["Engine"]
 
 
-class Engine:
+class Engine(PassRunner):
     """Everything one forward-segment call needs, passed to the autograd.Function as a constant.
 
     The tensors given to ``apply`` are the segment's argument tensors followed by the differentiable
@@ -170,9 +166,9 @@ class Engine:
         ]
 
     def push(
-        self, tensors, which: Sequence[int], tangents: Sequence[torch.Tensor], watch: bool = False, diagnose=(),
-        check: bool = True, record: bool = True,
-    ):
+        self, tensors: Sequence[torch.Tensor], which: Sequence[int], tangents: Sequence[torch.Tensor], *,
+        watch: bool = False, diagnose: Sequence[int] = (), check: bool = True, record: bool = True,
+    ) -> Passes:
         """Primal outputs and output tangents for tangent batches ``tangents`` seeded on leaves ``which``.
 
         Returns ``(ys, ydots, buffers)``: ``buffers`` are the module buffers as the pass left them.
@@ -262,56 +258,6 @@ class Engine:
                 self.snapshot.restore()
         return self._push_pass(tensors, which, tangents, watch, diagnose, bare=False, check=check)
 
-    def _push_pass(self, tensors, which, tangents, watch: bool, diagnose, bare: bool, check: bool = True):
-        buffers = self._pass_buffers()
-        rules: list[OpRules] = []
-
-        def single(*tangent):
-            def body(*seeded, passed):
-                mode = BARE if bare else OpRules(self.name, seeded if watch else (), strict=bool(diagnose),
-                                                 plain_rng=self.plain_call)
-                rules.append(mode)
-                with mode:
-                    outs = self.seeded_call(tensors, which, seeded, passed)
-                if diagnose:
-                    diagnosed(self._zero_key(which), diagnose, mode.learned)  # Retry if it routed an op
-                return outs
-
-            return self._jvp(body, tuple(tensors[i] for i in which), tangent, buffers)
-
-        count = tangents[0].shape[0]
-        if count == 1:  # one tangent: a vmap of size 1 would only add overhead
-            ys, ydots = single(*(t[0] for t in tangents))
-            ydots = tuple(d.unsqueeze(0) for d in ydots)
-        else:
-            # out_dims=0 for the primal too: under an outer vmap (per-example gradients) it may carry our
-            # batch level; when it does not, vmap returns an expanded view, and [0] undoes that for free.
-            # randomness="same": one draw for the whole tangent batch, the one a plain call makes.
-            try:
-                with batching_warnings(self.name):
-                    ys, ydots = vmap(single, in_dims=0, out_dims=0, randomness="same")(*tangents)
-            except (RuntimeError, NotImplementedError) as error:
-                if bare or not vmap_may_be_at_fault(error):
-                    raise  # (a bare pass that fails runs again under the seam first: see _push)
-                result = self._push_loop(tensors, which, tangents, watch)
-                warn_loop(self.name, count, error)  # only once it worked: a failure says enough
-                return result
-            ys = tuple(y[0] for y in ys)
-        suspicious = all_zero_tangents(self._zero_key(which), ys, ydots) if check else []
-        if suspicious:  # a dropped tangent comes back as zeros: look closer, once
-            self.snapshot.restore()
-            self.push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
-        self.fallbacks.update(*(mode.fallbacks for mode in rules))
-        if not bare:
-            self.bare = not any(mode.touched for mode in rules)
-        self.clean = self.bare and not self.fallbacks and check
-        if watch:
-            used = set().union(*(mode.used for mode in rules))
-            for slot, j in enumerate(which):
-                if slot not in used:
-                    self.used[self.diff.index(j)] = False
-        return ys, list(ydots), buffers
-
     def _zero_key(self, which: Sequence[int]) -> tuple:
         """What an output's known-real zero tangents are remembered under: the segment's name, the function
         object (and module) it runs, and the seeded inputs. Not the code alone: one wrapper function can run
@@ -319,21 +265,6 @@ class Engine:
         diagnosed again on each call (slower, never wrong)."""
         fn = self.fn
         return (self.name, id(fn), id(getattr(fn, "__self__", None)), tuple(which))
-
-    def _push_loop(self, tensors, which, tangents, watch: bool):
-        """The pass vmap could not batch, one tangent at a time (each from the same RNG state)."""
-        parts = []
-        for j in range(tangents[0].shape[0]):
-            self.snapshot.restore()
-            # One basis tangent may well give zeros: the all-zero check belongs to the whole batch (below).
-            ys, ydots, buffers = self.push(tensors, which, [t[j : j + 1] for t in tangents], watch, check=False)
-            parts.append(ydots)
-        ydots = [torch.cat(p) for p in zip(*parts, strict=True)]
-        suspicious = all_zero_tangents(self._zero_key(which), ys, ydots)
-        if suspicious:
-            self.snapshot.restore()
-            self.push(tensors, which, [t[:1] for t in tangents], watch, diagnose=suspicious)
-        return ys, ydots, buffers
 
     def forward(self, tensors: Sequence[torch.Tensor]) -> tuple:
         # Detached: with the caller's grad mode on inside the body, autograd must not record the body's
