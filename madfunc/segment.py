@@ -193,12 +193,13 @@ def fwd(
             ``seg(params, *inputs)`` or ``seg(*inputs)``). Omit it to use ``fwd`` as a decorator factory.
         name: the segment's name in plans. Default: ``fn.__name__`` (a lambda, partial or module
             needs an explicit name).
-        strategy: the strategy when the plan does not name the segment: a Strategy, ``"exact"`` or
-            ``"rev"``. Default: ``Exact()``.
+        strategy: the strategy when the plan does not name the segment: a Strategy or its string form
+            (``"exact"``, ``"rev"``, ``"random:16"``). Default: ``Exact()``.
         record: whether forward mode may record the segment's tangent passes once per input signature
-            and replay them (README, "Performance": no effect on values). Pass ``False`` for a body whose
-            ops depend on Python state other than its arguments and its modules' ``training`` flags, such
-            as a global flag or a module attribute reassigned between calls. Default: ``True``.
+            and replay them (docs/guides/performance.md, "Record and replay": no effect on values). Pass
+            ``False`` for a body whose ops depend on Python state other than its arguments and its modules'
+            ``training`` flags, such as a global flag or a module attribute reassigned between calls.
+            Default: ``True``.
 
     Returns:
         The segment (a callable with ``fn``'s signature), or a decorator if ``fn`` was omitted.

@@ -120,10 +120,11 @@ def mixed_grad_and_value(
         argnums: which positional argument(s) to differentiate. Default: ``0``.
         has_aux: whether ``fn`` returns ``(loss, aux)``. Default: ``False``.
         generator: where ``Random`` segments' tangents come from: one number is drawn from it per call.
-            ``None`` derives them from torch's default generator (see README, "Randomness"). Default: ``None``.
+            ``None`` derives them from torch's default generator (docs/guides/randomness.md).
+            Default: ``None``.
         allow_unused: if True, a plan key that matches no segment of a call is not an error (for segments
             that run only on some steps). Default: ``False``.
-        process_group: data parallelism (README, "Distributed"): a ``torch.distributed`` process group (or
+        process_group: data parallelism (docs/guides/distributed.md): a ``torch.distributed`` process group (or
             ``"world"`` for the default one) over which the returned gradient is reduced: each ``Random``
             segment all-reduces its k coefficients and rebuilds its parameters' gradients from the shared
             seed, and the other gradients are all-reduced in one call per dtype. Every differentiated
@@ -131,8 +132,8 @@ def mixed_grad_and_value(
             Default: ``None`` (one process, no communication).
         reduction: ``"mean"`` (the gradient of the mean of the ranks' losses, as DDP) or ``"sum"``.
             Default: ``"mean"``.
-        traceable: if True, forward segments run as plain torch code with the same estimator (README,
-            "torch.compile"), which ``torch.compile`` traces into the step's graph (``fullgraph=True``
+        traceable: if True, forward segments run as plain torch code with the same estimator
+            (docs/guides/compile.md), which ``torch.compile`` traces into the step's graph (``fullgraph=True``
             works). Tangents are then drawn in the graph from torch's default generator (other numbers than
             the default engine's) and kept for backward; segments take ``Reverse``, ``Exact`` or ``Random``
             with Gaussian or Rademacher tangents; ``generator`` and ``process_group`` are unavailable.
@@ -249,7 +250,7 @@ def use_plan(
         plan: as for :func:`mixed_grad`. Default: ``None``.
         generator: as for :func:`mixed_grad`: the source of ``Random`` tangents. Default: ``None``.
         allow_unused: as for :func:`mixed_grad`. Default: ``False``.
-        process_group: data parallelism (README, "Distributed"): each ``Random`` segment call's backward
+        process_group: data parallelism (docs/guides/distributed.md): each ``Random`` segment call's backward
             all-reduces its k coefficients over this ``torch.distributed`` process group (or ``"world"``)
             and gives its parameters (leaf tensors) the gradient rebuilt from them, identical on every
             rank; its activation inputs keep this rank's share. Register :func:`ddp_comm_hook` on the DDP

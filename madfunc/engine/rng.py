@@ -1,6 +1,6 @@
 """Randomness: the model's own draws inside forward segments, and the tangents' separate stream.
 
-Two promises (README, "Randomness"):
+Two promises (docs/guides/randomness.md):
 
 1. A forward segment computes exactly what a plain call computes, *including its random draws*
    (dropout masks, ``torch.randn`` in the body): one draw per call, shared by the primal and every
