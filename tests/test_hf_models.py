@@ -127,7 +127,7 @@ def test_kv_cache_is_filled_once_and_generate_continues() -> None:
 
 # -- Random on GPT-2 with dropout and caches on: unbiased -------------------------------------------------
 # Draws: every call with the same torch seed (the same dropout masks, so one exact gradient g) and its own
-# tangent generator. False-failure rates (the derivation is tests/test_random_stats.py's):
+# tangent generator. False-failure rates (the derivation is tests/strategies/test_random.py's):
 #   along g: u_i = <g^_i, g>/||g||^2 has mean 1; |z| <= 5 on its mean: two-sided normal tail 5.7e-7 (with
 #     N = 400 the Edgeworth correction for a skewness below 3 adds under 2e-6).
 #   all directions: T = N ||mean(g^) - g||^2 / tr(S) <= chi2.isf(1e-6, 1) = 23.9 (Szekely & Bakirov 2003).

@@ -4,7 +4,7 @@ Each: blocks marked by module path, ``Exact`` under ``use_plan`` in train and ev
 defaults, against plain autograd under the same seed (tolerances: tests/support/hf_zoo.py). Not tried here,
 with the reason: Mixtral in float64 (its grouped matmul has no float64 kernel, plain calls fail too; in
 float32 it runs in forward mode), BLOOM (an old-style autograd.Function in its GeLU, which torch.func cannot
-run: a ForwardModeError names the segment and the fix, tests/test_errors.py).
+run: a ForwardModeError names the segment and the fix, tests/core/test_checks.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ gets the exact gradient (and the same running statistics) or is refused with an 
 
 Each module runs as ``mf.fwd(module, name="mod")`` called as ``seg(params, *inputs)``, differentiating its
 parameters and its floating inputs, under ``Exact``; it is compared with ``torch.func.grad`` of the plain call
-and with plain ``.backward()`` under ``mf.use_plan`` (see tests/sweep_harness.py). Random modules (dropout) run
+and with plain ``.backward()`` under ``mf.use_plan`` (see tests/support/sweep_harness.py). Random modules (dropout) run
 from the same seed on both sides. The default run covers a quick subset; ``pytest -m sweep`` runs all of them.
 """
 
@@ -13,7 +13,7 @@ import pytest
 
 # torch's op_db / module_db import torch's own test dependency, expecttest (a dev dependency of madfunc).
 pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest: pip install expecttest")
-import sweep_harness as H  # noqa: E402
+from support import sweep_harness as H  # noqa: E402
 
 # Tiny modules: one intra-op thread is much faster here (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

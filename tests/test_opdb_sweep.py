@@ -2,7 +2,7 @@
 with an error naming the segment; never a raw torch error, a silently wrong gradient or an anonymous warning.
 
 Each sample runs as one ``mf.fwd(..., name="op")`` segment under ``Exact`` and is compared with torch's reverse
-mode through ``mf.mixed_grad`` and through ``.backward()`` under ``mf.use_plan`` (see tests/sweep_harness.py).
+mode through ``mf.mixed_grad`` and through ``.backward()`` under ``mf.use_plan`` (see tests/support/sweep_harness.py).
 The default run covers a quick, representative subset; ``pytest -m sweep`` runs every op (about a minute), and
 ``python benchmarks/sweep.py`` prints the summary table.
 """
@@ -13,8 +13,8 @@ import pytest
 
 # torch's op_db / module_db import torch's own test dependency, expecttest (a dev dependency of madfunc).
 pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest: pip install expecttest")
-import sweep_harness as H  # noqa: E402
 import torch
+from support import sweep_harness as H  # noqa: E402
 
 # Tiny samples: one intra-op thread is much faster here (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,8 +1,9 @@
-"""One rank of the distributed tests (tests/test_distributed.py starts two of these on 127.0.0.1).
+"""One rank of the distributed tests (tests/engine/test_distributed.py starts two of these on 127.0.0.1).
 
 Every case runs here in one process group, so the suite pays for one start-up of torch per rank. Each rank
 also computes the single-process references (no communication), and saves everything to
-``<out>/rank<r>.pt`` for the tests to check. Usage: ``python distributed_worker.py RANK WORLD PORT OUT``.
+``<out>/rank<r>.pt`` for the tests to check. Usage: ``python -m support.distributed_worker RANK WORLD PORT OUT``
+(from ``tests/``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
-import distributed_marking_worker as marking  # a sibling module: its folder is on sys.path (script or test)
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import madfunc as mf
+from support import distributed_marking_worker as marking
 
 DT = torch.float64
 STEPS, LR, BATCH = 3, 0.1, 8  # BATCH: the concatenated batch, split evenly over the ranks

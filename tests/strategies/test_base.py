@@ -1,4 +1,4 @@
-"""Generic tests over the strategies-under-test table (tests/strategies.py): every row, every setting.
+"""Generic tests over the strategies-under-test table (tests/support/strategies.py): every row, every setting.
 
 * deterministic rows equal their value in float64 (Exact: torch.func.grad; Guessed(k=0): the projection
   of the gradient on the guess); stochastic rows are unbiased and their relative variance matches theory;
@@ -8,7 +8,7 @@
 * ``inspect``/``compare`` report the same schema for every row, and the string form round-trips.
 
 False-failure rates (seeds are fixed; the rate is for a seed chosen at random), as in
-test_random_stats.py: each of the three statistical assertions of ``test_mean_and_variance`` is set at
+test_random.py: each of the three statistical assertions of ``test_mean_and_variance`` is set at
 a two-sided normal tail of 5.7e-7 (``|z| <= 5``, with an Edgeworth margin for the skewed squared errors
 keeping it below 1e-5) or a chi-square(1) tail of 1e-6 (``T <= 23.9``, a bound for any Gaussian quadratic
 form), so each test fails falsely with probability below 3e-5.
@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import record_relative_variance
 from scipy import stats
-from strategies import STRATEGIES, Row, Setting, body, make_setting
+from support.strategies import STRATEGIES, Row, Setting, body, make_setting
 
 import madfunc as mf
 from madfunc.plan import parse_strategy

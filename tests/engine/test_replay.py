@@ -16,11 +16,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from test_forward_engine import _cnn  # AutoMAD's test CNN (conv, tanh, conv, relu, pools, linear)
 from torch.func import grad
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import madfunc as mf
+from engine.test_forward import _cnn  # AutoMAD's test CNN (conv, tanh, conv, relu, pools, linear)
 from madfunc.engine import replay as _replay
 from madfunc.engine.graphclean import pool_by_slices
 

@@ -28,14 +28,13 @@ import optree
 import pytest
 import torch
 from scipy import stats
+from support import distributed_marking_worker as marking
+from support import distributed_worker as worker
 
 import madfunc as mf
 from madfunc.engine.distributed import FINGERPRINT_NUMBERS
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import distributed_marking_worker as marking  # noqa: E402  (sibling modules, not a package)
-import distributed_worker as worker  # noqa: E402
+TESTS = pathlib.Path(__file__).resolve().parents[1]
 
 WORLD, TIMEOUT_S = 2, 90
 STYLES = ("ddp", "ddp_scalar", "functional")
@@ -55,8 +54,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "distributed_worker.py"), str(r), str(WORLD), str(port), str(out)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+            [sys.executable, "-m", "support.distributed_worker", str(r), str(WORLD), str(port), str(out)],
+            cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
         )
         for r in range(WORLD)
     ]
@@ -282,7 +281,7 @@ def test_process_group_without_torch_distributed_is_refused() -> None:
 # that mean, and many draws need no processes. The plan is "activation": a Random segment after a
 # reverse one, where using the all-reduced s for activations would bias the upstream gradient.
 #
-# Statistic (as tests/test_random_stats.py): T = D ||mean(g^) - g||^2 / tr(S) over all D draws and every
+# Statistic (as tests/strategies/test_random.py): T = D ||mean(g^) - g||^2 / tr(S) over all D draws and every
 # parameter, S the sample covariance of one draw. By the CLT, D ||mean - g||^2 is a Gaussian quadratic form
 # sum_i l_i chi2_1 with sum_i l_i = tr(Cov), whose tail beyond 1.54 is largest with all weight on one
 # term (Szekely & Bakirov 2003): P(T > t) <= P(chi2_1 > t). t = chi2.isf(1e-6, 1) = 23.9; a trace

@@ -2,7 +2,7 @@
 
 Every gradient is compared with plain autograd or ``torch.func.grad`` in float64 (Exact: to 1e-12); marking
 must leave parameter names, checkpoints, hooks, copies and pickles as they were, and its errors name the key.
-HuggingFace models (Llama, GPT-2, PEFT, save/load, generate, compile): tests/test_mark_segments_hf.py.
+HuggingFace models (Llama, GPT-2, PEFT, save/load, generate, compile): tests/test_marking_hf.py.
 """
 
 from __future__ import annotations

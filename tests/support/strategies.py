@@ -1,4 +1,4 @@
-"""The strategies under test: one row per estimator, read by every generic test in test_strategies.py.
+"""The strategies under test: one row per estimator, read by every generic test in tests/strategies/test_base.py.
 
 A new strategy is tested everywhere by adding a row here: how to build it for a setting (``make``), and
 its theoretical relative variance ``E||g^ - g||^2 / ||g||^2`` in that setting (``theory``; ``None``: not

@@ -1,5 +1,5 @@
 """Random strategies: unbiasedness in mixed models, reproducibility, and tangent memory. (Mean and variance
-against theory for every strategy and distribution: test_strategies.py, over tests/strategies.py.)
+against theory for every strategy and distribution: strategies/test_base.py, over tests/support/strategies.py.)
 
 Theory (issue 2; ``n`` = number of scalars the segment differentiates, ``k`` = tangents per call):
 ``E||g^ - g||^2 / ||g||^2`` is ``(n+1)/k`` (Gaussian), ``(n-1)/k`` (Rademacher), ``n/k - 1`` (orthogonal).

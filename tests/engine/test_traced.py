@@ -4,7 +4,7 @@ Checked eagerly against ``torch.func.grad`` in float64 (Exact), against the esti
 tangents drawn again from the same seed (Random), statistically (Random, eagerly and compiled), and under
 ``torch.compile(fullgraph=True)``: one graph, no recompiles, the same values as eager for Exact.
 
-False-failure rates: the statistical tests reuse ``test_random_stats._assert_unbiased`` (each assertion at
+False-failure rates: the statistical tests reuse ``strategies/test_random._assert_unbiased`` (each assertion at
 or below 1e-5, derivation there) and a variance test with the same ``|z| <= 5`` bound (5.7e-7 two-sided).
 The formula and Exact tests are deterministic identities checked to float64 rounding.
 """
@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from test_random_stats import N_SCALARS, PARAMS, Z_MAX, C, X, _assert_unbiased, _exact_gradient, _flat
+from strategies.test_random import N_SCALARS, PARAMS, Z_MAX, C, X, _assert_unbiased, _exact_gradient, _flat
 
 import madfunc as mf
 
@@ -150,15 +150,15 @@ def test_compiled_random_is_the_forward_gradient_for_each_k() -> None:
 
 
 def _draws_traced(strategy: mf.Random, n_draws: int, step=None) -> torch.Tensor:
-    """Independent estimates of ``test_random_stats.LAYER``'s gradient: one traced call each."""
-    from test_random_stats import LAYER
+    """Independent estimates of ``strategies/test_random.LAYER``'s gradient: one traced call each."""
+    from strategies.test_random import LAYER
 
     grad = step or mf.mixed_grad(lambda p, x: (LAYER(p, x) * C).sum(), {"layer": strategy}, traceable=True)
     return torch.stack([_flat(grad(dict(PARAMS), X)) for _ in range(n_draws)])
 
 
 def _assert_variance(draws: torch.Tensor, g: torch.Tensor, rho: float) -> None:
-    """E||g^ - g||^2 / ||g||^2 = rho (test_random_stats' theory); |z| <= 5 on the mean of the ratios."""
+    """E||g^ - g||^2 / ||g||^2 = rho (strategies/test_random's theory); |z| <= 5 on the mean of the ratios."""
     r = ((draws - g) ** 2).sum(1) / g.dot(g)
     z = (float(r.mean()) - rho) / (float(r.std()) / math.sqrt(r.shape[0]))
     assert abs(z) <= Z_MAX, f"relative variance {float(r.mean()):.3f}, theory {rho:.3f}, z = {z:.2f}"
@@ -191,7 +191,7 @@ def test_compiled_exact_is_one_graph_with_eager_values() -> None:
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 def test_compiled_random_is_unbiased_and_never_recompiles(distribution: str) -> None:
     """Inductor draws the tangents with its own generator: statistics, not values, are compared with eager."""
-    from test_random_stats import LAYER
+    from strategies.test_random import LAYER
 
     torch._dynamo.reset()
     strategy = mf.Random(2, distribution)
