@@ -89,7 +89,7 @@ def test_no_grad_evaluation_runs_forward_segments_as_plain_code():
         with torch.no_grad():
             y = seg(x)
         state = mf.engine.context.active()
-        assert state is not None and state.calls[-1].stats["tangents"] == 0
+        assert state is not None and state.calls[-1].stats.tangents == 0
     assert not y.requires_grad
     torch.testing.assert_close(y, layer(x).detach())
 

@@ -21,6 +21,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import madfunc as mf
 from engine.test_forward import _cnn  # AutoMAD's test CNN (conv, tanh, conv, relu, pools, linear)
+from madfunc.engine import recordable
 from madfunc.engine import replay as _replay
 from madfunc.engine.graphclean import pool_by_slices
 
@@ -207,8 +208,8 @@ def test_in_place_ops_on_intermediates_replay_and_writes_to_inputs_are_refused()
     assert _replay.replayed("inplace") == 1
     # a body that writes to an input fails in the eager engine first; the recorder refuses it too
     traced = make_fx(lambda x, y: x.t().add_(y.t()) * 2)(torch.randn(3, 3), torch.randn(3, 3))
-    assert _replay._mutated_inputs(traced) == "aten.add_.Tensor"
-    assert _replay._mutated_inputs(make_fx(lambda x: (x * 2).add_(1))(torch.randn(3))) == ""
+    assert recordable._mutated_inputs(traced) == "aten.add_.Tensor"
+    assert recordable._mutated_inputs(make_fx(lambda x: (x * 2).add_(1))(torch.randn(3))) == ""
 
 
 def test_a_recording_that_disagrees_with_the_eager_pass_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -242,7 +242,7 @@ def test_bad_input_is_refused_by_name() -> None:
     with pytest.raises(MemoryError, match="segment 'big': traceable Exact.* 24000 basis tangents"):
         mf.mixed_grad(lambda w: big(w).sum(), traceable=True)(torch.zeros(24000))
     silent = mf.fwd(lambda p, x: None, name="silent")
-    with pytest.raises(TypeError, match="segment 'silent' returned NoneType; a forward segment must return a tensor"):
+    with pytest.raises(TypeError, match="segment 'silent' returned None; a segment must return a tensor"):
         mf.mixed_grad(lambda p, x: silent(p, x), traceable=True)(P, XS)
     cseg = mf.fwd(lambda z, x: (x.to(z.dtype) @ z).abs(), name="cseg")
     with pytest.raises(TypeError, match="segment 'cseg': complex inputs that need gradients"):
