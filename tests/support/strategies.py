@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 import madfunc as mf
+from madfunc.strategies.frog import Frog
 from madfunc.strategies.tangents import DISTRIBUTIONS
 
 DT = torch.float64
@@ -181,4 +182,5 @@ STRATEGIES: list[Row] = [
     _guessed(3, "rademacher"),
     _guessed(0, directions=2),
     _guessed(2, directions=2),
+    *(_fixed(f, lambda s, k=f.k: s.n / k - 1) for f in (Frog(4), Frog(3, "rademacher"))),  # n/k - 1: frog.py
 ]
