@@ -74,7 +74,9 @@ class _MarkedForward:
             return self.bound()(*args, **kwargs)  # outside madfunc transforms: exactly the plain forward
         params: dict[str, torch.Tensor] = {}
         for owner, attr, name in _slots(self.module):
-            params.setdefault(name, owner._parameters[attr])
+            p = owner._parameters[attr]
+            assert p is not None  # (_slots lists filled slots only)
+            params.setdefault(name, p)
         return call_segment(self.name, self.default, self.module, ("object", id(self.module)), self.functional,
                             (params, *args), kwargs, own_module=self.module, record_passes=self.record)
 
@@ -84,7 +86,8 @@ class _MarkedForward:
         saved = [owner._parameters[attr] for owner, attr, _ in slots]
         try:
             for owner, attr, name in slots:
-                owner._parameters[attr] = params[name]
+                # a plain tensor stands in for the Parameter, as in torch.func.functional_call
+                owner._parameters[attr] = params[name]  # pyright: ignore[reportArgumentType]
             return self.bound()(*args, **kwargs)
         finally:
             for (owner, attr, _), t in zip(slots, saved, strict=True):

@@ -70,7 +70,9 @@ def call_segment(
     traced = _traced.active()
     if traced is not None:
         return _traced.dispatch(traced, seg_name, default, identity, fn, args, kwargs)
-    return _dispatch(seg_name, default, owner, identity, fn, args, kwargs, own_module, record_passes)
+    # torch.compiler.disable is unannotated: pyright takes its result for its one-argument wrapper
+    return _dispatch(seg_name, default, owner, identity, fn, args, kwargs, own_module,  # pyright: ignore[reportCallIssue]
+                     record_passes)
 
 
 def _identity(fn: Any) -> Any:

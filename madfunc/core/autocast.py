@@ -54,14 +54,16 @@ try:  # PyTorch >= 2.4: one API for every device
     _is_on, _set, _dtype = torch.is_autocast_enabled, torch.set_autocast_enabled, torch.get_autocast_dtype
 except TypeError:  # pragma: no cover - PyTorch 2.3: CPU and CUDA apart
 
-    def _is_on(device: str) -> bool:
+    def _is_on_apart(device: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
 
-    def _set(device: str, enabled: bool) -> None:
+    def _set_apart(device: str, enabled: bool) -> None:
         (torch.set_autocast_cpu_enabled if device == "cpu" else torch.set_autocast_enabled)(enabled)
 
-    def _dtype(device: str) -> torch.dtype:
+    def _dtype_apart(device: str) -> torch.dtype:
         return torch.get_autocast_cpu_dtype() if device == "cpu" else torch.get_autocast_gpu_dtype()
+
+    _is_on, _set, _dtype = _is_on_apart, _set_apart, _dtype_apart
 
 
 def enabled_devices() -> tuple[str, ...]:

@@ -17,7 +17,7 @@ __all__ = [
     "restore_layer_depth", "unwrap", "vmap_randomness_same",
 ]
 
-_F = torch._C._functorch
+_F = torch._C._functorch  # pyright: ignore[reportAttributeAccessIssue]  (torch._C's stubs lack it)
 TransformType = _F.TransformType
 
 try:  # what SomeFunction.apply(...) becomes under a functorch transform (a HigherOrderOperator)

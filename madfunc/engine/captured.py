@@ -64,7 +64,8 @@ class Captured:
         try:
             for module, name, t in self.params:
                 undo.append((module._parameters, name, t))
-                module._parameters[name] = by_id[id(t)]
+                # a plain tensor stands in for the Parameter, as in torch.func.functional_call
+                module._parameters[name] = by_id[id(t)]  # pyright: ignore[reportArgumentType]
             for module, name, t in self.buffers:
                 undo.append((module._buffers, name, t))
                 module._buffers[name] = by_id[id(t)]

@@ -6,7 +6,7 @@ import contextlib
 import contextvars
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -70,7 +70,15 @@ class CallState:
         check_plan_used(self.plan, self.where, top, nested)
 
 
-def check_plan_used(plan: Plan, where: str, top: list[str], nested: dict[str, str]) -> None:
+class PlanKeys(Protocol):
+    """What ``check_plan_used`` reads of a plan: its keys, and which of them apply to a segment."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def matching_keys(self, name: str) -> list[str]: ...
+
+
+def check_plan_used(plan: PlanKeys, where: str, top: list[str], nested: dict[str, str]) -> None:
     """Raise if a key of ``plan`` matches none of the segments ``top`` that ran on their own.
 
     ``nested`` maps segments that ran only inside a forward segment to it: a key matching only those has

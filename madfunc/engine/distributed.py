@@ -147,7 +147,8 @@ class FunctionalCall:
 
     def bind(self, args: tuple, argnums: int | tuple[int, ...]) -> None:
         chosen = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
-        self.slots = {id(t): i for i, t in enumerate(optree.tree_leaves(chosen)) if isinstance(t, torch.Tensor)}
+        leaves = optree.tree_leaves(chosen)  # pyright: ignore[reportArgumentType]  (optree's PyTree: a stub limit)
+        self.slots = {id(t): i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)}
 
     def add(self, slot: int, grad: torch.Tensor) -> None:
         part = _plain(grad)
@@ -225,7 +226,7 @@ def prepare(engine: Any, state: Any) -> SegmentReduction | None:
 
         def record(grads: list[torch.Tensor | None]) -> None:
             for slot, r, g in zip(slots, read, grads, strict=True):
-                if r and g is not None:
+                if r and slot is not None and g is not None:  # (r: a parameter, which has a slot)
                     call.add(slot, g)
     else:
 

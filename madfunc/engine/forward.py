@@ -57,7 +57,8 @@ class _ForwardSegment(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:  # type: ignore[override]
-        return _backward(ctx, grads)
+        # torch.compiler.disable is unannotated: pyright takes its result for its one-argument wrapper
+        return _backward(ctx, grads)  # pyright: ignore[reportCallIssue]
 
 
 # Eager even when the autograd engine calls it from inside a torch.compile'd step (loss.backward() under
@@ -99,7 +100,8 @@ def run_forward(
     replayed (``_replay``). With ``measure`` (diagnostics), also record the
     differentiated sizes per argument.
     """
-    leaves, spec = optree.tree_flatten((args, kwargs))
+    # optree's PyTree is a class to type checkers, so no plain tuple matches it (a stub limit)
+    leaves, spec = optree.tree_flatten((args, kwargs))  # pyright: ignore[reportArgumentType]
     positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     captured = discover(fn if owner is None else owner, leaves, own_module)
     tensors = [leaves[i] for i in positions] + captured.tensors()

@@ -24,6 +24,7 @@ primal factor: the clean graph gives 0 there, the exact derivative of a term tha
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from torch import fx
@@ -52,7 +53,7 @@ _ZERO_IN_FIRST = {
     aten.expand_copy.default, aten.view_copy.default, aten.permute_copy.default, aten._to_copy.default,
 }
 # Bilinear ops: zero if any of the listed arguments is zero (and there is no additive term).
-_ZERO_IF_ANY = {
+_ZERO_IF_ANY: dict[Any, tuple[int, ...]] = {  # (looked up by any node target)
     aten.mul.Tensor: (0, 1), aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.matmul.default: (0, 1),
     aten.convolution.default: (0, 1),  # only without bias (argument 2 None), checked below
 }
@@ -140,6 +141,7 @@ def simplify(gm: fx.GraphModule) -> int:
         if all(user in zero for user in node.users):
             continue
         val = _meta(node)
+        assert isinstance(val, torch.Tensor)  # (zero holds tensor nodes: checked, or add/sub of two of them)
         with graph.inserting_before(node):
             fresh = graph.call_function(aten.zeros.default, (list(val.shape),),
                                         {"dtype": val.dtype, "device": val.device})
@@ -164,7 +166,8 @@ POOL_SLICES_NUMEL = 2**17
 
 def _pools_by_slices(node: fx.Node) -> bool:
     """avg_pool2d(x, [k, k]) with stride k (or default), no padding, floor mode, no divisor, on a big input."""
-    x, kernel, stride, padding, ceil, _count_pad, divisor = (list(node.args) + [[], 0, False, True, None])[:7]
+    args: list[Any] = [*node.args, [], 0, False, True, None]  # (aten's defaults after the given arguments)
+    x, kernel, stride, padding, ceil, _count_pad, divisor = args[:7]
     val = _meta(x)
     if not isinstance(val, torch.Tensor) or val.device.type != "cpu" or val.numel() < POOL_SLICES_NUMEL:
         return False
@@ -182,4 +185,5 @@ def pool_by_slices(x: torch.Tensor, k: int) -> torch.Tensor:
         for j in range(k):
             part = x[..., i:h:k, j:w:k]
             total = part.clone() if total is None else total.add_(part)
+    assert total is not None  # (k >= 1: the loops ran)
     return total.mul_(1.0 / (k * k))

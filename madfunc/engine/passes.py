@@ -18,6 +18,7 @@ import contextlib
 import re
 import warnings
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 
 import torch
 
@@ -27,11 +28,13 @@ from madfunc.core.guards import PerformanceWarning
 from madfunc.core.registry import REGISTRY
 from madfunc.ops.rules import OpFailed
 
-__all__ = ["BARE", "Retry", "all_zero_tangents", "batching_warnings", "diagnosed", "vmap_may_be_at_fault", "warn_loop"]
+__all__ = [
+    "BARE", "Bare", "Retry", "all_zero_tangents", "batching_warnings", "diagnosed", "vmap_may_be_at_fault", "warn_loop",
+]
 
 # (key, output index) pairs whose all-zero tangents were diagnosed as real (no op dropped them), so later
 # calls need not diagnose again; the key names segment, function and seeded inputs (Engine._zero_key).
-_INDEPENDENT: set[tuple[str, int]] = REGISTRY.register(
+_INDEPENDENT: set[tuple[tuple, int]] = REGISTRY.register(
     "passes.real_zeros", set, "outputs whose all-zero tangents were diagnosed as real")
 _warned: set[tuple[str, str]] = REGISTRY.register("passes.warned", set, "batching warnings given")
 
@@ -64,7 +67,7 @@ def _any_nonzero(d: torch.Tensor) -> bool:
     return bool((d != 0).any()) if d.is_complex() else bool(d.any())
 
 
-def diagnosed(key: tuple, suspicious: Sequence[int], learned: set[str]) -> None:
+def diagnosed(key: tuple, suspicious: Sequence[int], learned: AbstractSet[str]) -> None:
     """Inside the diagnostic pass (the body under ``OpRules(strict=True)``, at its jvp level): conclude.
 
     If the strict mode routed ops that dropped tangents (``learned``), the segment must run again: ``Retry``.
@@ -126,6 +129,7 @@ class Bare:
 
     used: frozenset = frozenset()
     fallbacks: frozenset = frozenset()
+    learned: frozenset[str] = frozenset()
     touched = False
 
     def __enter__(self) -> Bare:

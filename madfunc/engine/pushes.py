@@ -14,7 +14,15 @@ from typing import Any
 import torch
 from torch.func import vmap
 
-from madfunc.engine.passes import BARE, all_zero_tangents, batching_warnings, diagnosed, vmap_may_be_at_fault, warn_loop
+from madfunc.engine.passes import (
+    BARE,
+    Bare,
+    all_zero_tangents,
+    batching_warnings,
+    diagnosed,
+    vmap_may_be_at_fault,
+    warn_loop,
+)
 from madfunc.ops.rules import OpRules
 
 __all__ = ["PassRunner"]
@@ -54,7 +62,7 @@ class PassRunner:
 
     def _push_pass(self, tensors, which, tangents, watch: bool, diagnose, bare: bool, check: bool = True):
         buffers = self._pass_buffers()
-        rules: list[OpRules] = []
+        rules: list[OpRules | Bare] = []
 
         def single(*tangent):
             def body(*seeded, passed):

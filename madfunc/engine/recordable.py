@@ -63,7 +63,9 @@ def _draws_nothing(node: torch.fx.Node) -> bool:
     """An op tagged as drawing random numbers that draws none here: an attention kernel with ``dropout_p`` 0
     (under autocast a segment's attention takes its value from the plain call's kernel: ``_autocast``)."""
     schema = getattr(node.target, "_schema", None)
-    names = [a.name for a in schema.arguments] if schema is not None else []
+    if schema is None:
+        return False
+    names = [a.name for a in schema.arguments]
     if "dropout_p" not in names:
         return False
     i = names.index("dropout_p")

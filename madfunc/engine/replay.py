@@ -267,6 +267,7 @@ def _verify(recording: Replay, tensors: Sequence[torch.Tensor], passes: Sequence
 
 def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> Replay:
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.graph import CodeGen
     from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
     n = len(tensors)
@@ -288,12 +289,13 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
         return [y[0] for y in ys], ydots
 
     def traced(*flat: torch.Tensor) -> tuple:
-        ts, rest, parts = flat[:n], list(flat[n:]), []
+        ts, rest = flat[:n], list(flat[n:])
+        parts: list[list[torch.Tensor]] = []
         for which, tans in passes:
             ys, ydots = one_pass(ts, which, rest[: len(tans)])
             rest = rest[len(tans) :]
             parts.append(ydots)
-        ydots = [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts, strict=True)]
+        ydots = [torch.cat(p) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True)]
         return (*ys, *ydots)
 
     # Quiet: the eager pass already reported vmap's warnings (as PerformanceWarning), and a trace that fails
@@ -314,10 +316,12 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
         # The passes of one recording share their primal work (each pass computes the same primal values):
         # common subexpressions are computed once. Only without in-place ops (simplify leaves a graph with
         # them as it is), and no random op is left.
-        gm = CSEPass()(gm).graph_module
+        cse = CSEPass()(gm)
+        assert cse is not None  # (CSEPass.call always returns a PassResult; PassBase types it Optional)
+        gm = cse.graph_module
     # Flat tensors in, a flat tuple out: plain code generation, without make_fx's pytree (un)flattening
     # of inputs and outputs on every call (~0.2 ms a call).
-    gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm.graph._codegen = CodeGen()
     gm.recompile()
     outputs = next(iter(reversed(gm.graph.nodes))).args[0]
     return Replay(engine.name, gm, len(outputs) // 2, out_spec[0], buffers)  # one tangent batch per output

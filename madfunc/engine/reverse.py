@@ -34,7 +34,8 @@ def run_reverse(
 
     With ``record`` (diagnostics), also count the bytes autograd saves for backward inside it.
     """
-    leaves = optree.tree_leaves((args, kwargs))
+    # optree's PyTree is a class to type checkers, so no plain tuple matches it (a stub limit)
+    leaves = optree.tree_leaves((args, kwargs))  # pyright: ignore[reportArgumentType]
     before = _versions(leaves)
     try:
         out = _call_reverse(fn, args, kwargs, leaves, record)

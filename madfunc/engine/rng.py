@@ -92,13 +92,15 @@ class TangentStream:
     def _draw_base(self) -> int:
         if self.generator is not None:
             return int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=self.generator))
+        entry = self.entry
+        assert entry is not None  # (taken whenever there is no generator of its own)
         cls = TangentStream
         last = cls._last_exit
-        cls._repeats = cls._repeats + 1 if last is not None and torch.equal(last, self.entry) else 0
+        cls._repeats = cls._repeats + 1 if last is not None and torch.equal(last, entry) else 0
         # A private copy of the entry state: the same state gives the same base, and the default
         # generator itself is not advanced here (the model's draws stay those of a plain call).
         copy = torch.Generator()
-        copy.set_state(self.entry)
+        copy.set_state(entry)
         drawn = int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=copy))
         return leaf_seed(drawn, cls._repeats)
 

@@ -13,7 +13,7 @@ A pass that ran cleanly before with the same key is replayed from its recording 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -121,6 +121,7 @@ class Engine(PassRunner):
         values = list(tensors)
         for i, value in zip(self.diff, diff_values, strict=True):
             values[i] = value
+        assert self.leaves is not None  # (None only after release(), once the call is over)
         leaves = list(self.leaves)
         for pos, t in zip(self.positions, values, strict=False):
             leaves[pos] = t
@@ -223,10 +224,11 @@ class Engine(PassRunner):
 
     def arguments(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
         """The segment's ``(args, kwargs)`` with its argument tensors replaced by ``tensors`` (EngineView)."""
+        assert self.leaves is not None  # (None only after release(), once the call is over)
         leaves = list(self.leaves)
         for pos, t in zip(self.positions, tensors, strict=False):
             leaves[pos] = t
-        return optree.tree_unflatten(self.spec, leaves)
+        return cast(tuple[tuple, dict], optree.tree_unflatten(self.spec, leaves))  # spec: of (args, kwargs)
 
     def replay(self, key, tensors, passes, check: bool = True, watched=None) -> tuple[tuple, list] | None:
         """``(ys, ydots)`` of ``passes`` from the recording under ``key``, or None (no recording, or its

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.utils._pytree as pytree
@@ -131,8 +131,8 @@ def run_segment(state: TracedState, name: str, strategy: Strategy, fn: Callable[
     if not any(used):  # the output does not depend on the differentiated inputs: zero gradients, as eagerly
         return y
     # Inputs no op read get exact zeros, as in the default engine (their tangents would add only noise).
-    c = sum((v * (t - d).unsqueeze(0)).flatten(1).sum(1)
-            for v, t, d, u in zip(tangents, leaves, detached, used, strict=True) if u)
+    c = cast(torch.Tensor, sum((v * (t - d).unsqueeze(0)).flatten(1).sum(1)  # (a tensor: any(used) above)
+                               for v, t, d, u in zip(tangents, leaves, detached, used, strict=True) if u))
 
     def attach(out: Any, dots: Any) -> Any:
         if not (isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex())):

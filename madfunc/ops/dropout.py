@@ -116,8 +116,8 @@ def _kernels_as_plain(plain_call: bool) -> bool:
 def _plain(t: torch.Tensor) -> torch.Tensor | None:
     """The plain tensor under ``t``'s functorch wrappers (the value the plain call's kernel would read), or
     None where there is none to read (a batched value, a tensor subclass)."""
-    t = plain_value(t)
-    return t if t is not None and type(t) in _PLAIN_TYPES and t.layout == torch.strided else None
+    p = plain_value(t)
+    return p if p is not None and type(p) in _PLAIN_TYPES and p.layout == torch.strided else None
 
 
 def _ones_like(plain: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -50,7 +50,8 @@ class _Call:
         self.func = func
         owner = getattr(func, "__self__", None)  # Function.apply is bound to the Function class
         self.name = f"{owner.__name__}.apply" if isinstance(owner, type) else getattr(func, "__name__", repr(func))
-        self.leaves, self.spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
+        # optree's PyTree is a class to type checkers, so no plain tuple matches it (a stub limit)
+        self.leaves, self.spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # pyright: ignore[reportArgumentType]
         self.positions = [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, torch.Tensor)]
         self.out_leaves: list[Any] = []
         self.out_spec: Any = None
@@ -97,7 +98,7 @@ def _output_tangents(call: _Call, primals: tuple, tangents: tuple) -> tuple:
     which = [i for i, t in enumerate(tangents) if t is not None and primals[i].is_floating_point()]
     f = call.restricted(primals, which)
     try:
-        ys, vjp_fn = vjp(f, *(primals[i] for i in which))
+        ys, vjp_fn = vjp(f, *(primals[i] for i in which))  # pyright: ignore[reportAssignmentType]  (vjp's annotation includes has_aux's 3-tuple)
     except (RuntimeError, NotImplementedError) as error:  # e.g. a custom op whose autograd torch.func refuses
         raise _fail(call, "its backward cannot run under torch.func", error) from error
     us = tuple(tangents[i] for i in which)
@@ -121,7 +122,7 @@ def _output_tangents(call: _Call, primals: tuple, tangents: tuple) -> tuple:
     try:
         # Any point w works since the map is linear; ones, not zeros, so the check above can see a
         # detached backward, and not random, so vmap(randomness="error") is fine.
-        _, vjp_vjp = vjp(transposed, *(torch.ones_like(y) for y in ys))
+        _, vjp_vjp = vjp(transposed, *(torch.ones_like(y) for y in ys))  # pyright: ignore[reportAssignmentType]  (vjp's annotation includes has_aux's 3-tuple)
         with warnings.catch_warnings():
             # Some double-backward ops lack batching rules (grid_sample's uses addcmul_): vmap loops
             # over the tangents for that op alone and warns; that is ours to know, not the user's.
@@ -160,9 +161,9 @@ def _by_jacobian_rows(ys: tuple, vjp_fn: Callable, us: tuple) -> tuple:
     basis = torch.eye(m, dtype=torch.float64, device=ys[0].device).split([y.numel() for y in ys], dim=1)
     cotangents = [e.reshape(m, *y.shape).to(y.dtype) for e, y in zip(basis, ys, strict=True)]
     rows = [vjp_fn(tuple(c[r] for c in cotangents)) for r in range(m)]
-    flat = sum(
+    flat = cast(torch.Tensor, sum(  # (a tensor: the caller passes at least one tangent)
         torch.stack([row[i] for row in rows]).reshape(m, -1).to(u.dtype) @ u.reshape(-1) for i, u in enumerate(us)
-    )
+    ))
     return tuple(part.reshape(y.shape) for part, y in zip(flat.split([y.numel() for y in ys]), ys, strict=True))
 
 
@@ -202,7 +203,8 @@ class _DoubleVjp(torch.autograd.Function):
         result: list[torch.Tensor | None] = [None] * (len(primals) + 1)
         if not which:
             return tuple(result)
-        ys, vjp_fn = vjp(call.restricted(primals, which), *(primals[i] for i in which))
+        ys, vjp_fn = vjp(  # pyright: ignore[reportAssignmentType]  (vjp's annotation includes has_aux's 3-tuple)
+            call.restricted(primals, which), *(primals[i] for i in which))
         cot = tuple(
             torch.zeros_like(y) if grads[j] is None else grads[j] for j, y in zip(call.float_out, ys, strict=True)
         )

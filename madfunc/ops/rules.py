@@ -290,7 +290,8 @@ class OpRules(TorchFunctionMode):
         if rule is not None:
             return rule(self, cls.__name__, cls.apply, args, kwargs)
         if has_jvp(cls):
-            return CUSTOM_FUNCTION_CALL(cls, *args, **kwargs)
+            # torch types HigherOrderOperator.__call__ with a ParamSpec that this operator leaves unbound
+            return CUSTOM_FUNCTION_CALL(cls, *args, **kwargs)  # pyright: ignore[reportCallIssue]
         self.fallbacks.add(f"{cls.__name__}.apply")
         try:
             return function_with_fallback(cls)(*args, **kwargs)
@@ -341,7 +342,8 @@ def _drops_tangent(args: tuple, kwargs: dict, out: Any) -> bool:
     # statistics); an op that drops the tangent of one output among several is not caught here.
     if not outs or any(has_tangent(o) for o in outs):
         return False
-    inputs = optree.tree_leaves((args, kwargs), is_leaf=lambda x: isinstance(x, torch.Tensor))
+    # optree's PyTree is a class to type checkers, so no plain tuple matches it (a stub limit)
+    inputs = optree.tree_leaves((args, kwargs), is_leaf=lambda x: isinstance(x, torch.Tensor))  # pyright: ignore[reportArgumentType]
     return any(isinstance(t, torch.Tensor) and has_tangent(t) for t in inputs)
 
 

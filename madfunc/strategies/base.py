@@ -91,40 +91,56 @@ class Shared:
 class EngineView(Protocol):
     """What the engine offers a strategy during one segment call (``madfunc.engine.runner.Engine``)."""
 
-    name: str  # the segment's name (for messages)
-    seed: int | None  # the call's tangent seed (stochastic strategies), else None
-    diff: Sequence[int]  # indices of the differentiated tensors among ``tensors``
-    used: Sequence[bool]  # per differentiated tensor: read by the body (after a watched push)
-    activation: Sequence[bool]  # per differentiated tensor: computed upstream (an activation)
-    stats: SegmentStats
-    measure: bool  # inspect: a costly strategy may predict its sizes instead of running
-    data_parallel: bool  # under a process group (coefficients are reduced over ranks in backward)
-    identity: tuple  # what the body is (name, function, owner): a key for per-segment caches
+    # Read-only to a strategy (properties, so that the engine's plain attributes, lists among them, match).
+    @property
+    def name(self) -> str: ...  # the segment's name (for messages)
+    @property
+    def seed(self) -> int | None: ...  # the call's tangent seed (stochastic strategies), else None
+    @property
+    def diff(self) -> Sequence[int]: ...  # indices of the differentiated tensors among ``tensors``
+    @property
+    def used(self) -> Sequence[bool]: ...  # per differentiated tensor: read by the body (after a watched push)
+    @property
+    def activation(self) -> Sequence[bool]: ...  # per differentiated tensor: computed upstream (an activation)
+    @property
+    def stats(self) -> SegmentStats: ...  # its fields a strategy may fill
+    @property
+    def measure(self) -> bool: ...  # inspect: a costly strategy may predict its sizes instead of running
+    @property
+    def data_parallel(self) -> bool: ...  # under a process group (coefficients are reduced over ranks in backward)
+    @property
+    def identity(self) -> tuple: ...  # what the body is (name, function, owner): a key for per-segment caches
 
     def begin_pass(self) -> None:
         """Call before each push: every pass starts from the RNG state of the first."""
+        ...
 
     def push(self, tensors: Sequence[torch.Tensor], which: Sequence[int], tangents: Sequence[torch.Tensor], *,
              watch: bool = False, check: bool = True) -> Passes:
         """One pass: tangent batches ``tangents`` seeded on ``tensors[which]``; ``watch``: record which the body
         reads (into ``used``); ``check``: look closer at all-zero output tangents."""
+        ...
 
     def push_groups(self, tensors: Sequence[torch.Tensor],
                     groups: Sequence[tuple[Sequence[int], Callable[[], Sequence[torch.Tensor]]]],
                     together: Sequence[Sequence[torch.Tensor]] | None = None) -> Passes:
         """Several passes, one per group ``(which, make_tangents)``, their output tangents concatenated; with
         ``together`` (the groups' tangents built already), recorded and replayed as one."""
+        ...
 
     def push_lazy(self, tensors: Sequence[torch.Tensor], device: torch.device, k: int,
                   make: Callable[[int, torch.Tensor], torch.Tensor]) -> Passes | None:
         """One pass of ``k`` tangents per input, ``make(index, input)``, seeded where each input is first used
         (so at most one input's tangents exist at once); None if the segment does not allow it."""
+        ...
 
     def plain_pass(self, tensors: Sequence[torch.Tensor]) -> Passes:
         """One pass without tangents (empty output tangents)."""
+        ...
 
     def arguments(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
         """The segment's ``(args, kwargs)`` with its argument tensors replaced by ``tensors``."""
+        ...
 
 
 class Strategy:

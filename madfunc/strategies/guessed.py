@@ -120,6 +120,7 @@ class Guessed(Strategy):
         basis = self._basis(engine, tensors, diff_tensors, work)  # (G', n) orthonormal rows, or None
         rows = [] if basis is None else [basis]
         if self.k:
+            assert engine.seed is not None  # (k > 0: stochastic, and a stochastic strategy's call always has one)
             v = draw_tangents(self.distribution, self.k, [t.shape for t in diff_tensors],
                               [t.dtype for t in diff_tensors], device, engine.seed)
             v = torch.cat([vi.reshape(self.k, -1).to(work) for vi in v], dim=1)

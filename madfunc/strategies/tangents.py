@@ -137,8 +137,9 @@ _POOL: list = [None, 0]  # the drawing threads and their number, made on first u
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     if _POOL[1] != workers:
-        if _POOL[0] is not None:
-            _POOL[0].shutdown(wait=False)
+        old = _POOL[0]
+        if old is not None:
+            old.shutdown(wait=False)
         _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="madfunc-draw"), workers]
     return _POOL[0]
 
@@ -165,10 +166,12 @@ def draw_leaf(
     count, size = math.prod(full), law.chunk
     if size is None or device.type != "cpu" or count <= size:  # (accelerators draw in parallel already)
         return law.draw(full, dtype, device, _generator(device, own))
+    draw_into = law.draw_into
+    assert draw_into is not None, distribution  # a distribution drawn in chunks draws into them
     out = torch.empty(count, dtype=dtype, device=device)
 
     def fill(chunk: int) -> None:
-        law.draw_into(out[chunk * size : (chunk + 1) * size], _generator(device, leaf_seed(own, chunk)))
+        draw_into(out[chunk * size : (chunk + 1) * size], _generator(device, leaf_seed(own, chunk)))
 
     chunks = range((count + size - 1) // size)
     workers = min(torch.get_num_threads(), len(chunks))
@@ -234,7 +237,8 @@ class LazySeeds(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in METADATA_OPS:
             return func(*args, **kwargs)
-        flat, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)
+        # optree's PyTree is a class to type checkers, so no plain tuple matches it (a stub limit)
+        flat, spec = optree.tree_flatten((args, kwargs), none_is_leaf=True)  # pyright: ignore[reportArgumentType]
         # In-place methods keep their own first argument: mutating a leaf must still mutate the leaf,
         # so that the purity check names the segment.
         keep_first = writes_first_operand(func)

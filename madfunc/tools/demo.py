@@ -46,9 +46,9 @@ def digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tensor, ...
         from sklearn.datasets import load_digits
     except ImportError as error:  # pragma: no cover - dev extra installs it
         raise _missing("scikit-learn", error) from None
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
+    data = load_digits()  # a Bunch (sklearn's stubs also allow the return_X_y tuple, not asked for here)
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pyright: ignore[reportAttributeAccessIssue]
+    y = torch.tensor(data.target, dtype=torch.int64)  # pyright: ignore[reportAttributeAccessIssue]
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_test = int(len(y) * test_fraction)
     test, train_ = order[:n_test], order[n_test:]

@@ -189,7 +189,9 @@ def compare(
     ref_times = [_grad(fn, args, argnums, ref_plan)[2] for _ in range(min(draws, 8))]
     runs = [_grad(fn, args, argnums, checked, check=i == 0) for i in range(draws)]
     stacked = torch.stack([_flat(grads)[1] for grads, _, _ in runs])
-    calls = _top_level(runs[0][1])
+    state = runs[0][1]
+    assert state is not None  # (a run under a plan, as ``checked`` is, records its call)
+    calls = _top_level(state)
     ref_calls = _top_level(ref_state) if ref_state is not None else {}
 
     def reference_strategy(name: str) -> Strategy:
@@ -330,7 +332,7 @@ def _reverse_bytes(state: _context.CallState, rev_state: _context.CallState | No
             result[index] = 0
         elif index < 0:
             break  # the runs diverged (data-dependent control flow)
-        result[index] += call.stats.saved_bytes or 0
+        result[index] = (result[index] or 0) + (call.stats.saved_bytes or 0)  # (set to 0 above: an int)
     return result if index == len(top) - 1 else [None] * len(top)
 
 
@@ -340,7 +342,7 @@ def _flags(call: _context.SegmentCall, reverse_bytes: int | None) -> list[str]:
     saved = stats.saved_bytes or 0
     if strategy.is_forward and reverse_bytes is not None and saved > 2 * max(reverse_bytes, 1):
         per_arg = stats.differentiated_per_argument or {}
-        largest = max(per_arg, key=per_arg.get, default=None)
+        largest = max(per_arg, key=per_arg.__getitem__, default=None)
         where = f" (largest differentiated input: {largest}, {per_arg[largest]} scalars)" if largest else ""
         tangents, outputs = stats.tangents, stats.output_numel
         flags.append(
