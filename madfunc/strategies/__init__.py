@@ -5,6 +5,9 @@ strategy's own module for its estimator, ``tangents.py`` for the tangent distrib
 for the contractions they share. Strategies import nothing of the engine: the engine calls them.
 """
 
+import importlib
+import pkgutil
+
 # Imported in the order their kinds are listed in the string syntax (registration order).
 # isort: off
 from madfunc.strategies.base import StrategyState, EngineView, SegmentStats, Shared, Strategy
@@ -13,6 +16,11 @@ from madfunc.strategies.random import Random
 from madfunc.strategies.activity import Activity
 from madfunc.strategies.guessed import Guessed
 # isort: on
+
+# Every other module of the package is imported too, so that a new estimator's file registers its string kind
+# (``kind=``) by being there: adding a strategy is that one file plus a row in the shared test table.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = [
     "Activity", "EngineView", "Exact", "Guessed", "Random", "SegmentStats", "Shared", "Strategy", "StrategyState",
