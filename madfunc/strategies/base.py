@@ -198,7 +198,7 @@ class Strategy:
 
         The default reads each field as an integer (``positive_int``) in the order of ``_FIELDS``, passed as
         the keyword argument of the same name in lower case."""
-        values = {f.lower(): positive_int(text, where, f, cls.syntax())
+        values = {f.lower(): positive_int(text, where, f, ":".join((cls._KINDS[0], *cls._FIELDS)))
                   for f, text in zip(cls._FIELDS, fields, strict=False)}
         return cls(**values)
 
