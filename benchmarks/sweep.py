@@ -1,10 +1,13 @@
 """The full op_db and module_db sweeps (GitHub issue 7): ``python benchmarks/sweep.py [--ops] [--modules]``.
 
 Every OpInfo with autograd and float64 support, and every ModuleInfo in train and eval mode (plus the extra
-modules of tests/sweep_harness.py), run as one ``Exact`` forward segment and compared with torch's reverse mode
-(see tests/sweep_harness.py for the categories and tolerances). Prints a markdown summary to stdout (counts per
-category, then every raw_error / mismatch / warning / inherited / madfunc_error grouped by cause) and writes JSON
-to benchmarks/out/sweep.json. Not a test: nothing here asserts (``pytest -m sweep`` runs the same cases as tests).
+modules the tests add), run as one ``Exact`` forward segment and compared with torch's reverse mode. The cases
+are the sweep tests' (``pytest -m sweep``: tests/test_opdb_sweep.py, tests/test_moduledb_sweep.py; categories
+and tolerances in tests/support/sweep_harness.py): this script runs them in a child pytest with its settings in
+``MADFUNC_SWEEP_*`` environment variables, reads back the result each test appends to ``MADFUNC_SWEEP_RESULTS``,
+and prints a markdown summary to stdout (counts per category, then every raw_error / mismatch / warning /
+inherited / madfunc_error grouped by cause); ``--json PATH`` also writes every case. Run it from a checkout
+(it needs ``tests/``; madfunc is imported as installed). Not a test: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -14,16 +17,22 @@ import collections
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-import sweep_harness as H  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = {"ops": "tests/test_opdb_sweep.py::test_op_full", "modules": "tests/test_moduledb_sweep.py::test_module_full"}
 
-REPORTED = (H.RAW_ERROR, H.MISMATCH, H.WARNING, H.TIMEOUT, H.INHERITED, H.MADFUNC_ERROR)
+# The categories of tests/support/sweep_harness.py (CATEGORIES), in the same order.
+PASS, MADFUNC_ERROR, RAW_ERROR, MISMATCH, WARNING = "pass", "madfunc_error", "raw_error", "mismatch", "warning"
+INHERITED, TIMEOUT, REFERENCE_ERROR, NO_GRAD_INPUTS = "inherited", "timeout", "reference_error", "no_grad_inputs"
+CATEGORIES = (RAW_ERROR, MISMATCH, WARNING, TIMEOUT, MADFUNC_ERROR, INHERITED, PASS, REFERENCE_ERROR, NO_GRAD_INPUTS)
+
+REPORTED = (RAW_ERROR, MISMATCH, WARNING, TIMEOUT, INHERITED, MADFUNC_ERROR)
 
 # Causes recognised in a case's first error line, most specific first; anything else is grouped by its message
 # with names and numbers blanked out.
@@ -38,49 +47,55 @@ CAUSES = (
 )
 
 
-def cause(case: H.CaseResult) -> str:
+def cause(case: dict) -> str:
     for pattern, label in CAUSES:
-        if re.search(pattern, case.detail):
+        if re.search(pattern, case["detail"]):
             return label
-    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", case.detail)
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", case["detail"])
     text = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", text)
-    return f"{case.error_type}: {text}" if case.error_type else text
+    return f"{case['error_type']}: {text}" if case["error_type"] else text
 
 
-def op_detail(case: H.CaseResult) -> str:
+def op_detail(case: dict) -> str:
     """The op a ForwardModeError names, the ATen op a vmap warning names, else ''."""
-    match = re.search(r"but op '([^']+)'|batching rule for (\S+?)\.", case.detail)
+    match = re.search(r"but op '([^']+)'|batching rule for (\S+?)\.", case["detail"])
     return next((g for g in match.groups() if g), "") if match else ""
 
 
-def run(kind: str, names: list[str], samples: int, timeout: float, progress: bool) -> list[dict]:
-    rows = []
-    ops = H.ops_by_name() if kind == "ops" else None
-    for i, name in enumerate(names):
-        start = time.perf_counter()
-        if kind == "ops":
-            results = [H.run_op(ops[name], samples=samples, timeout=timeout)]
-        else:
-            results = [H.run_module(name, training, samples=samples, timeout=timeout) for training in (True, False)]
-        for result in results:
-            rows.append(
-                {
-                    "name": result.name,
-                    "category": result.category,
-                    "setup_error": result.setup_error,
-                    "seconds": round(time.perf_counter() - start, 3),
-                    "cases": [{"sample": s, **vars(c)} for s, c in result.cases],
-                }
-            )
-            if progress:
-                print(f"[{i + 1}/{len(names)}] {time.perf_counter() - start:6.2f}s {result.summary()}", file=sys.stderr)
+def selected(kind: str, names: set[str]) -> list[str]:
+    """The ids of the full sweep tests of the ops / modules in ``names`` (both training modes), in test order."""
+    listed = subprocess.run([sys.executable, "-m", "pytest", "-m", "sweep", "-p", "no:cacheprovider", "-q",
+                             "--collect-only", TESTS[kind]], cwd=ROOT, capture_output=True, text=True)
+    ids = [line for line in listed.stdout.splitlines() if line.startswith(TESTS[kind] + "[")]
+    if not ids:
+        sys.exit(f"collecting {TESTS[kind]} failed:\n{listed.stdout}{listed.stderr}")
+    param = (lambda i: i[i.index("[") + 1 : -1]) if kind == "ops" else (lambda i: i[i.index("[") + 1 : i.rindex("-")])
+    return [i for i in ids if param(i) in names]
+
+
+def run(kind: str, only: list[str] | None, env: dict[str, str], quiet: bool) -> list[dict]:
+    """The full sweep tests of ``kind`` (all, or the names in ``only``) in a child pytest: their results."""
+    targets = [TESTS[kind]] if only is None else selected(kind, set(only))
+    if not targets:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        results = os.path.join(tmp, "results.jsonl")
+        open(results, "w").close()
+        command = [sys.executable, "-m", "pytest", "-m", "sweep", "-p", "no:cacheprovider", "--tb=line",
+                   "-q" if quiet else "-v", *targets]
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, **env, "MADFUNC_SWEEP_RESULTS": results},
+                              stdout=subprocess.PIPE if quiet else sys.stderr, stderr=subprocess.STDOUT, text=True)
+        with open(results) as f:
+            rows = [json.loads(line) for line in f]
+    if done.returncode not in (0, 1):  # 1: some case was bad, which the summary reports
+        sys.exit(f"pytest exited with {done.returncode}: {' '.join(command)}\n{done.stdout or ''}")
     return rows
 
 
 def markdown(title: str, rows: list[dict]) -> str:
     counts = collections.Counter(row["category"] for row in rows)
     lines = [f"## {title}: {len(rows)} entries", "", "| category | count |", "|---|---|"]
-    lines += [f"| {c} | {counts[c]} |" for c in H.CATEGORIES if counts[c]]
+    lines += [f"| {c} | {counts[c]} |" for c in CATEGORIES if counts[c]]
     for category in REPORTED:
         hits = [row for row in rows if row["category"] == category]
         if not hits:
@@ -89,11 +104,10 @@ def markdown(title: str, rows: list[dict]) -> str:
         groups: dict[str, list[str]] = collections.defaultdict(list)
         for row in hits:
             first = next(c for c in row["cases"] if c["category"] == category)
-            case = H.CaseResult(**{k: v for k, v in first.items() if k != "sample"})
-            where = f" ({op_detail(case)})" if op_detail(case) else ""
-            error = f"{case.error_type}: " if case.error_type else ""
+            where = f" ({op_detail(first)})" if op_detail(first) else ""
+            error = f"{first['error_type']}: " if first["error_type"] else ""
             modes = "+".join(sorted({c["mode"] for c in row["cases"] if c["category"] == category}))
-            groups[cause(case)].append(f"`{row['name']}`{where} [{modes}] — {error}{case.detail}")
+            groups[cause(first)].append(f"`{row['name']}`{where} [{modes}] — {error}{first['detail']}")
         for label, entries in sorted(groups.items(), key=lambda item: -len(item[1])):
             lines += [f"**{label}** ({len(entries)})", ""]
             lines += [f"- {entry}" for entry in entries]
@@ -112,14 +126,14 @@ def main() -> None:
                         help="check recorded-and-replayed passes: each case's second call runs from its recording")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: tiny samples)")
     parser.add_argument("--device", default="cpu", help="where samples and modules live, e.g. cuda (default cpu)")
-    parser.add_argument("--json", default=os.path.join(HERE, "out", "sweep.json"))
+    parser.add_argument("--json", metavar="PATH", help="also write every case as JSON to PATH")
     parser.add_argument("--quiet", action="store_true", help="no per-op progress on stderr")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    H.DEVICE = args.device
-    if args.replay:
-        from madfunc.engine import replay as _replay
-        H.REPLAY, _replay.RECORD_AFTER = True, 1
+    env = {
+        "MADFUNC_SWEEP_SAMPLES": str(args.samples), "MADFUNC_SWEEP_TIMEOUT": str(args.timeout),
+        "MADFUNC_SWEEP_THREADS": str(args.threads), "MADFUNC_SWEEP_DEVICE": args.device,
+        "MADFUNC_SWEEP_REPLAY": "1" if args.replay else "",
+    }
     kinds = [k for k, wanted in (("ops", args.ops), ("modules", args.modules)) if wanted] or ["ops", "modules"]
     report = {
         "torch": torch.__version__, "device": args.device, "samples": args.samples, "threads": args.threads,
@@ -127,21 +141,23 @@ def main() -> None:
     }
     sections = []
     for kind in kinds:
-        names = list(H.ops_by_name()) if kind == "ops" else H.all_module_names()
-        if args.only is not None:
-            names = [n for n in names if n in args.only]
         start = time.perf_counter()
-        rows = run(kind, names, args.samples, args.timeout, not args.quiet)
-        report[kind] = {"seconds": round(time.perf_counter() - start, 1), "results": rows}
+        rows = run(kind, args.only, env, args.quiet)
+        report[kind] = {
+            "seconds": round(sum(row["seconds"] for row in rows), 1),  # in the cases, without pytest's start-up
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "results": rows,
+        }
         if kind == "ops":
             sections.append(markdown("op_db", rows))
         else:
             for mode in ("train", "eval"):
                 sections.append(markdown(f"module_db [{mode}]", [r for r in rows if r["name"].endswith(f"[{mode}]")]))
         sections[-1] += f"\n\n({kind}: {report[kind]['seconds']} s)"
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=1)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     notes = ", replayed from recordings" if args.replay else ""
     notes += f", on {args.device}" if args.device != "cpu" else ""
     print(f"# madfunc op_db / module_db sweep (torch {torch.__version__}, {args.samples} samples each{notes})\n")

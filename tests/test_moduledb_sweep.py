@@ -9,6 +9,8 @@ from the same seed on both sides. The default run covers a quick subset; ``pytes
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 # torch's op_db / module_db import torch's own test dependency, expecttest (a dev dependency of madfunc).
@@ -56,7 +58,11 @@ def test_module_quick(name: str, mode: str) -> None:
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", MODULES)
 def test_module_full(name: str, mode: str) -> None:
-    H.assert_not_bad(H.run_module(name, MODES[mode], samples=3, timeout=120.0))
+    start = time.perf_counter()
+    with H.sweep_threads():
+        result = H.run_module(name, MODES[mode], samples=H.SAMPLES, timeout=H.TIMEOUT)
+    H.report(result, time.perf_counter() - start)
+    H.assert_not_bad(result)
 
 
 @pytest.mark.parametrize(

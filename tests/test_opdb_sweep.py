@@ -9,6 +9,8 @@ The default run covers a quick, representative subset; ``pytest -m sweep`` runs 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 # torch's op_db / module_db import torch's own test dependency, expecttest (a dev dependency of madfunc).
@@ -87,7 +89,11 @@ def test_op_quick(name: str) -> None:
 @pytest.mark.sweep
 @pytest.mark.parametrize("name", list(OPS))
 def test_op_full(name: str) -> None:
-    H.assert_not_bad(H.run_op(OPS[name], samples=3, timeout=120.0))
+    start = time.perf_counter()
+    with H.sweep_threads():
+        result = H.run_op(OPS[name], samples=H.SAMPLES, timeout=H.TIMEOUT)
+    H.report(result, time.perf_counter() - start)
+    H.assert_not_bad(result)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-"""Shared machinery of the op_db and module_db sweeps (tests/test_opdb_sweep.py, tests/test_moduledb_sweep.py,
-benchmarks/sweep.py). No tests here.
+"""Shared machinery of the op_db and module_db sweeps (tests/test_opdb_sweep.py, tests/test_moduledb_sweep.py).
+No tests here. ``benchmarks/sweep.py`` runs the full sweep tests (``pytest -m sweep``) with the settings below
+(``MADFUNC_SWEEP_*`` in the environment) and summarises the results they append to ``MADFUNC_SWEEP_RESULTS``.
 
 Every case is one function of some float64 tensors run as a single ``Exact`` forward segment, differentiated
 two ways and compared with torch's own reverse mode:
@@ -20,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
+import os
 import signal
 import traceback
 import warnings
@@ -62,14 +65,26 @@ ATOL = 1e-9
 # Outputs in a lower precision (e.g. op ``half``) are rounded once in that precision on either side, in
 # possibly different places: allow a few of its ulps instead.
 LOW_PRECISION_ULPS = 16
-# Replay mode (benchmarks/sweep.py --replay): mode (a) calls each transform twice and keeps the second
-# result, with madfunc recording a pass on its first clean sighting, so every case that can be recorded is
-# checked as replayed from its recording (madfunc/_replay.py).
-REPLAY = False
 SEED = 0  # torch.manual_seed before every run, so random ops draw the same numbers in reference and madfunc
-# Where samples, modules and cotangents live (benchmarks/sweep.py --device). Random data is still drawn on CPU
-# generators and moved, so a case's numbers are the same on every device.
-DEVICE = "cpu"
+
+# -- settings (benchmarks/sweep.py sets them through the environment) ----------------------------------------
+# Replay mode (MADFUNC_SWEEP_REPLAY=1, benchmarks/sweep.py --replay): mode (a) calls each transform twice and
+# keeps the second result, with madfunc recording a pass on its first clean sighting, so every case that can be
+# recorded is checked as replayed from its recording (madfunc/engine/replay.py).
+REPLAY = os.environ.get("MADFUNC_SWEEP_REPLAY", "") == "1"
+if REPLAY:
+    from madfunc.engine import replay as _replay
+
+    _replay.RECORD_AFTER = 1
+# Where samples, modules and cotangents live (MADFUNC_SWEEP_DEVICE, benchmarks/sweep.py --device). Random data is
+# still drawn on CPU generators and moved, so a case's numbers are the same on every device.
+DEVICE = os.environ.get("MADFUNC_SWEEP_DEVICE", "cpu")
+# The full sweep tests' samples per op / module, seconds per sample and intra-op threads (tiny samples: one).
+SAMPLES = int(os.environ.get("MADFUNC_SWEEP_SAMPLES", "3"))
+TIMEOUT = float(os.environ.get("MADFUNC_SWEEP_TIMEOUT", "120"))
+THREADS = int(os.environ.get("MADFUNC_SWEEP_THREADS", "1"))
+# A JSON-lines file every full sweep test appends its result to (``report``), for benchmarks/sweep.py.
+RESULTS = os.environ.get("MADFUNC_SWEEP_RESULTS", "")
 
 
 def on_device(x: Any) -> Any:
@@ -566,7 +581,7 @@ def module_specs(info: Any, training: bool, samples: int) -> list[ModuleSpec]:
 
 
 def _extra(name: str, build: Callable[[], torch.nn.Module], *args: Any) -> tuple[str, Callable[[bool], list]]:
-    # The inputs move to DEVICE when the case is built (DEVICE is set after import).
+    # The inputs move to DEVICE when the case is built.
     return name, lambda training: [ModuleSpec(name, build, tuple(on_device(a) for a in args), {})]
 
 
@@ -685,6 +700,32 @@ def run_module(name: str, training: bool, samples: int = 3, timeout: float | Non
                 (index, CaseResult(REFERENCE_ERROR, detail=first_line(str(error)), error_type=type(error).__name__))
             )
     return result
+
+
+@contextlib.contextmanager
+def sweep_threads() -> Iterator[None]:
+    """Run on ``THREADS`` intra-op threads, restoring the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def report(result: SweepResult, seconds: float) -> None:
+    """Append ``result`` as one JSON line to ``RESULTS`` (benchmarks/sweep.py's summary), if it is set."""
+    if not RESULTS:
+        return
+    row = {
+        "name": result.name,
+        "category": result.category,
+        "setup_error": result.setup_error,
+        "seconds": round(seconds, 3),
+        "cases": [{"sample": s, **dataclasses.asdict(c)} for s, c in result.cases],
+    }
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def assert_not_bad(result: SweepResult) -> None:
