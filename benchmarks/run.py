@@ -16,6 +16,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -121,17 +122,15 @@ def automad_targets(quick: bool) -> list[dict]:
     """Issue 11, target 1: Exact on AutoMAD's test CNN vs AutoMAD, from automad_peer.py in a child process (it
     pins glibc's malloc thresholds, which must be set before start-up); no rows if AutoMAD is not beside us."""
     here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(here, "out", "automad_peer.json")
-    args = [sys.executable, os.path.join(here, "automad_peer.py"), "--threads", str(torch.get_num_threads()),
-            "--json", path] + (["--quick"] if quick else [])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.exists(path):
-        os.remove(path)
-    subprocess.run(args, check=True, capture_output=True, text=True)
-    if not os.path.exists(path):  # AutoMAD not found: the script said so and wrote nothing
-        return []
-    with open(path) as f:
-        found = json.load(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "automad_peer.json")
+        args = [sys.executable, os.path.join(here, "automad_peer.py"), "--threads", str(torch.get_num_threads()),
+                "--json", path] + (["--quick"] if quick else [])
+        subprocess.run(args, check=True, capture_output=True, text=True)
+        if not os.path.exists(path):  # AutoMAD not found: the script said so and wrote nothing
+            return []
+        with open(path) as f:
+            found = json.load(f)
     rows = []
     for row, limit in zip(found["rows"], (0.75, 0.85), strict=True):
         what = f"Exact() on AutoMAD's test CNN b{row['batch']} (malloc pinned)"
