@@ -1,5 +1,5 @@
 """torch.compile over a training step that calls mixed_grad or uses use_plan: madfunc's own calls run
-eagerly (one graph break each, see ``_transforms._eager``), the step gives eager's result under the same
+eagerly (one graph break each, see ``madfunc.transforms._eager``), the step gives eager's result under the same
 seed, and new tangent seeds never recompile (before, a seed was a Python int that Dynamo guarded on).
 Backends "eager" and "aot_eager" keep the test fast; what is tested is Dynamo's tracing, which they share
 with inductor."""

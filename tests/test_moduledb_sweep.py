@@ -74,7 +74,7 @@ def test_module_full(name: str, mode: str) -> None:
         ("nn.Dropout", "train", H.PASS),  # the same mask as the plain call, from the same seed
         # The attention output is a transposed view: plain autograd fills its dropout mask in memory order,
         # torch.func in logical order. Under use_plan the segment draws as plain autograd does (it was
-        # "inherited" before madfunc/_dropout.py: madfunc == torch.func.grad != backward()).
+        # "inherited" before madfunc/ops/dropout.py: madfunc == torch.func.grad != backward()).
         ("nn.TransformerEncoderLayer.dropout", "train", H.PASS),
     ],
 )

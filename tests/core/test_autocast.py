@@ -2,7 +2,7 @@
 
 The model is a tiny OPT decoder (transformers' ``OPTForCausalLM``, random weights in float32, ``use_cache=False``)
 whose two decoder layers are forward segments; the reference is the same model's gradient in float64 without
-autocast (plain autograd). Before ``madfunc/_autocast.py``, under CPU bf16 autocast the worst relative error per
+autocast (plain autograd). Before ``madfunc/core/autocast.py``, under CPU bf16 autocast the worst relative error per
 tensor was up to 7.6x backprop's (20 random models; 6.8% against 1.1% in the report that found it): inside a
 segment's passes, torch.func re-applied autocast to the float32 internals of scaled-dot-product attention's
 math kernel, so the segment's output differed from the plain call's in its last bits and ReLUs near zero

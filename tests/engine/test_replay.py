@@ -1,4 +1,4 @@
-"""Record-and-replay of forward segments' tangent passes (madfunc/_replay.py, _graphclean.py).
+"""Record-and-replay of forward segments' tangent passes (madfunc/engine/replay.py, graphclean.py).
 
 Every gradient is compared with torch.func.grad in float64. A replayed pass must give the eager engine's
 values; a key that changes (shapes, dtypes, differentiated arguments, non-tensor arguments, closure scalars,

@@ -2,7 +2,7 @@
 
 The engine runs a segment's body several times per call (here ``Exact(chunk_size=1)``: one pass per
 differentiated scalar, and ``Random``'s lazy and eager tries). Each pass must start from the state before
-the call, and the objects must end with one plain call's effects holding primal tensors (madfunc/_state.py).
+the call, and the objects must end with one plain call's effects holding primal tensors (madfunc/engine/state.py).
 Before issue 20, every pass appended (a KV cache's later passes attended to the earlier passes' keys: a
 silently wrong gradient), and a list passed as an argument got no append at all (the engine rebuilds the
 argument containers per pass).

@@ -1,4 +1,4 @@
-"""``mixed_grad(..., traceable=True)``: forward segments as plain torch code (``madfunc/_traced.py``).
+"""``mixed_grad(..., traceable=True)``: forward segments as plain torch code (``madfunc/engine/traced.py``).
 
 Checked eagerly against ``torch.func.grad`` in float64 (Exact), against the estimator's formula with the
 tangents drawn again from the same seed (Random), statistically (Random, eagerly and compiled), and under

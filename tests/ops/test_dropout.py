@@ -1,4 +1,4 @@
-"""Dropout in forward segments draws the mask the plain code draws under the same seed (madfunc/_dropout.py).
+"""Dropout in forward segments draws the mask the plain code draws under the same seed (madfunc/ops/dropout.py).
 
 Called from plain autograd (``use_plan``), the plain code's CPU dropout fills its noise in the memory order
 of its input; under torch.func's transforms it is drawn in logical order. On a non-contiguous activation
@@ -110,7 +110,8 @@ def test_mixed_grad_shares_torch_funcs_dropout(name: str) -> None:
 # On CUDA, F.dropout runs the fused Philox kernel (native_dropout) in the plain call and under torch.func.grad,
 # but vmap's batching rule (a segment's passes are vmap(jvp)) draws the mask with bernoulli_: other numbers from
 # the same generator state. Segments used to return another mask's output and gradient (an O(1) error) under
-# both transforms; they now draw with the plain kernel (madfunc/_dropout.py: _fused, _attention, _multi_head_attention).
+# both transforms; they now draw with the plain kernel (madfunc/ops/dropout.py: _fused, _attention,
+# _multi_head_attention).
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (its fused dropout kernel)")
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
 

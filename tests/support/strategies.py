@@ -81,7 +81,7 @@ def _random_theory(strategy: mf.Random) -> Callable[[Setting], float]:
 
 def _activity_theory(strategy: mf.Activity) -> Callable[[Setting], float]:
     """Per example ``(L(m)||a_b||^2 + m||w_b||^2)/k``; parameters ``(L(n_W)||g_W||^2 + n_W ||a||^2)/k``
-    (madfunc/_activity.py); without parameters only the first term's ``L(m)/k`` remains."""
+    (madfunc/strategies/activity.py); without parameters only the first term's ``L(m)/k`` remains."""
 
     def theory(s: Setting) -> float:
         k, d = strategy.k, strategy.distribution
@@ -111,7 +111,7 @@ def _span(s: Setting, directions: int) -> torch.Tensor:
 
 def _guessed_theory(k: int, directions: int) -> Callable[[Setting], float]:
     """``((n - G + 1)/k) ||P g||^2 / ||g||^2`` for Gaussian random directions off the guesses' span
-    (G = 1: ``(n/k) sin^2 t``; madfunc/_guessed.py)."""
+    (G = 1: ``(n/k) sin^2 t``; madfunc/strategies/guessed.py)."""
 
     def theory(s: Setting) -> float:
         q = _span(s, directions)
