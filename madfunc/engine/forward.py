@@ -23,7 +23,7 @@ from madfunc.engine.captured import discover
 from madfunc.engine.reverse import differentiated_per_argument, run_reverse
 from madfunc.engine.runner import Engine
 from madfunc.engine.state import State
-from madfunc.strategies.base import SegmentStats, Shared, Strategy
+from madfunc.strategies.base import SegmentStats, Shared, Strategy, zeros
 
 __all__ = ["run_forward"]
 
@@ -68,13 +68,17 @@ def _backward(ctx: Any, grads: tuple) -> tuple:
     engine: Engine = ctx.engine
     _refuse_higher_order(engine.name)
     strategy = engine.strategy
-    s, state = strategy.contract(engine, engine.strategy_state, ctx.saved_tensors, [grads[i] for i in engine.diff_out])
+    if engine.empty:  # nothing was pushed (no differentiated scalar): the strategy has no state to read
+        s, state = None, engine.strategy_state
+    else:
+        s, state = strategy.contract(engine, engine.strategy_state, ctx.saved_tensors,
+                                     [grads[i] for i in engine.diff_out])
     dp = ctx.data_parallel  # parameters take s reduced over ranks, activation inputs this rank's s
     shared = None
-    if dp is not None:
+    if dp is not None:  # (every rank takes part in the reduction, an empty one too)
         assert engine.seed is not None
         shared = Shared(dp.reduce(engine.name, s, engine.seed, engine.stats.tangents or 0), dp.params, dp)
-    diff_grads = strategy.combine(engine, state, s, ctx.meta, shared)
+    diff_grads = zeros(ctx.meta) if engine.empty else strategy.combine(engine, state, s, ctx.meta, shared)
     result: list[torch.Tensor | None] = [None] * ctx.n_tensors
     for i, g in zip(engine.diff, diff_grads, strict=True):
         result[i] = g

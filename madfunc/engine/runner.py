@@ -82,6 +82,7 @@ class Engine(PassRunner):
         self.fallbacks: set[str] = set()
         self.bare = False  # later passes of this call may skip the op seam (see _push)
         self.strategy_state: StrategyState = NO_STATE  # what the strategy keeps from its passes for backward
+        self.empty = False  # no differentiated scalar (an empty batch): the strategy was not asked to push
         # Per differentiated input: computed upstream (it has a grad_fn), not a leaf. An estimate of its
         # cotangent reaches the upstream leaves through the Jacobians above, where the segment's variance
         # law no longer applies; Activity perturbs exactly these per example. Read here, before the
@@ -328,7 +329,8 @@ class Engine(PassRunner):
         self.diff_out = [i for i, y in enumerate(ys) if y.is_floating_point() or y.is_complex()]
         ydots = [ydots[i] for i in self.diff_out]
         check_finite(self.name, [ys[i] for i in self.diff_out], ydots, self.diff_out)
-        self.strategy_state = self.strategy.finish(self, self.strategy_state, ydots)
+        if not self.empty:  # (nothing was pushed: the strategy has no state to finish)
+            self.strategy_state = self.strategy.finish(self, self.strategy_state, ydots)
         stats = self.stats
         stats.output_numel = sum(ys[i].numel() for i in self.diff_out)
         saved = sum(t.numel() * t.element_size() for t in ydots)
@@ -363,6 +365,7 @@ class Engine(PassRunner):
         stats.differentiated_numel = n
         stats.activation_numel = sum(t.numel() for t, a in zip(diff_tensors, self.activation, strict=True) if a)
         self.strategy_state = NO_STATE
+        self.empty = n == 0
         if n == 0:  # e.g. an empty batch: nothing to push; every gradient is an (empty) zero
             stats.tangents = 0
             return self.plain_pass(tensors)
