@@ -1,4 +1,4 @@
-"""What every segment call is checked for, and the plain (reverse-mode) run of a segment.
+"""What every segment call is checked for, by both engines.
 
 Purity (no in-place changes to inputs), outputs that are pytrees of tensors, ops without forward-mode
 rules, non-finite tangents, and differentiation beyond first order: each failure names the segment
