@@ -17,17 +17,33 @@ def _blocks(language: str) -> list[str]:
     return [body for lang, body in FENCE.findall(README.read_text()) if lang == language]
 
 
-def test_readme_example_runs_and_is_exact():
+def _run_examples() -> dict:
+    """Run the README's doctests in order, in one namespace (the second, "Writing a strategy", uses the first's
+    imports); return that namespace."""
     examples = _blocks("pycon")
-    assert len(examples) == 1
-    assert not _blocks("python"), "the README's example is a doctest (```pycon); longer ones belong in docs/"
-    test = doctest.DocTestParser().get_doctest(examples[0], {}, "README", str(README), 0)
-    runner = doctest.DocTestRunner()
-    runner.run(test, clear_globs=False)
-    assert runner.failures == 0, "the README's example printed something else (see above)"
-    exact, reference, params = test.globs["exact"], test.globs["reference"], test.globs["params"]
+    assert len(examples) == 2, "the README has two examples: the plan, and writing a strategy"
+    assert not _blocks("python"), "the README's examples are doctests (```pycon); longer ones belong in docs/"
+    globs: dict = {}
+    for i, example in enumerate(examples):
+        test = doctest.DocTestParser().get_doctest(example, globs, f"README[{i}]", str(README), 0)
+        runner = doctest.DocTestRunner()
+        runner.run(test, clear_globs=False)
+        assert runner.failures == 0, f"the README's example {i} printed something else (see above)"
+        globs = test.globs
+    return globs
+
+
+def test_readme_example_runs_and_is_exact():
+    globs = _run_examples()
+    exact, reference, params = globs["exact"], globs["reference"], globs["params"]
     for key in params:
         torch.testing.assert_close(exact[key], reference[key], rtol=1e-5, atol=1e-5)
+    # The strategy written in the README: unbiased, its law (n/k - 1) read by compare, its string form parsed.
+    coordinates, layer = globs["Coordinates"], globs["layer"]
+    assert globs["mf"].Plan.from_string("layer=coordinates:3")["layer"] == coordinates(k=3)
+    report = globs["mf"].compare(lambda p, x: layer(p, x).sum(), {"layer": coordinates(k=2)},
+                                 dict(layer.module.named_parameters()), torch.ones(4, 3), draws=4)
+    assert report.variance_theory == 8 / 2 - 1
 
 
 def test_readme_names_the_test_command():

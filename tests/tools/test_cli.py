@@ -203,3 +203,16 @@ def test_python_m_madfunc_runs_the_cli():
     )
     assert result.returncode == 0, result.stderr
     assert "--plan" in result.stdout and "--tiny" in result.stdout
+
+
+def test_the_console_script_names_this_main():
+    """pyproject's `madfunc` command must point at the CLI wherever it lives (it named madfunc._cli, gone after
+    the package was split into subpackages, while tests calling main() directly kept passing)."""
+    import importlib
+    import pathlib
+    tomllib = pytest.importorskip("tomllib")  # (Python >= 3.11)
+
+    pyproject = pathlib.Path(__file__).resolve().parents[2] / "pyproject.toml"
+    target = tomllib.loads(pyproject.read_text())["project"]["scripts"]["madfunc"]
+    module, _, attr = target.partition(":")
+    assert getattr(importlib.import_module(module), attr) is main
