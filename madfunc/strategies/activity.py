@@ -52,7 +52,7 @@ class Activity(Strategy, kind="activity", fields=("K", "DISTRIBUTION", "SEEDING"
     variance of each example's input gradient is ``(m+1)/k`` (``"gaussian"``) or ``(m-1)/k``
     (``"rademacher"``) with ``m`` the width of one example, not of the whole batch (Ren et al., ICLR 2023,
     arXiv 2210.03310). Parameters of the segment get shared weight tangents in the same passes (joint
-    perturbation, see ``madfunc/_activity.py`` for the variance laws); keep them out of the segment
+    perturbation, see ``madfunc/strategies/activity.py`` for the variance laws); keep them out of the segment
     (``rev()`` layers before it) for pure activity perturbation.
 
     The segment must be batch-separable: example ``b``'s outputs may depend only on example ``b``'s inputs
