@@ -31,7 +31,7 @@ import torch
 from madfunc.core.autocast import without_autocast
 from madfunc.strategies.base import EngineView, Meta, Passes, SegmentStats, Shared, Strategy, StrategyState, zeros
 from madfunc.strategies.kernels import combine_tangents
-from madfunc.strategies.random import check_distribution, parse_random_fields, push_random, regenerate
+from madfunc.strategies.random import RandomFields, check_distribution, parse_random_fields, push_random, regenerate
 
 __all__ = ["Frog", "FrogState"]
 
@@ -75,8 +75,8 @@ def solve(vtv: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, int]:
     return vectors @ ((vectors.T @ s.to(vtv.dtype)) / values), rank
 
 
-@dataclasses.dataclass(frozen=True)
-class Frog(Strategy, kind="frog", fields=("K", "DISTRIBUTION", "SEEDING")):
+@dataclasses.dataclass(frozen=True, repr=False)  # (RandomFields prints it)
+class Frog(RandomFields, Strategy, kind="frog", fields=("K", "DISTRIBUTION", "SEEDING")):
     """Estimate the segment's gradient in forward mode from ``k`` random tangents, projected on their span.
 
     Where ``Random`` averages the ``k`` forward gradients, ``(1/k) V s``, FROG (Flügel et al., IJCNN 2025,
@@ -117,14 +117,6 @@ class Frog(Strategy, kind="frog", fields=("K", "DISTRIBUTION", "SEEDING")):
     distribution: str = "gaussian"
     seeding: str = "auto"
     stochastic: ClassVar[bool] = True
-
-    def __repr__(self) -> str:
-        extra = "" if self.seeding == "auto" else f", seeding={self.seeding!r}"
-        return f"Frog(k={self.k}, distribution={self.distribution!r}{extra})"
-
-    def to_string(self) -> str:
-        extra = "" if self.seeding == "auto" else f":{self.seeding}"
-        return f"frog:{self.k}:{self.distribution}{extra}"
 
     @classmethod
     def _from_fields(cls, fields: list[str], where: str) -> Strategy:

@@ -127,8 +127,26 @@ def regenerate(strategy: Any, seed: int, meta: Sequence[tuple], used: Sequence[b
         yield draw_leaf(distribution, k, shape, dtype, device, seed, index) if u else None
 
 
-@dataclasses.dataclass(frozen=True)
-class Random(Strategy, kind="random", fields=("K", "DISTRIBUTION", "SEEDING")):
+class RandomFields:
+    """The printed and string forms of a strategy with fields ``k``, ``distribution`` and ``seeding`` (the
+    default seeding left out): ``Random(k=16, distribution='rademacher')``, ``random:16:rademacher``."""
+
+    k: int
+    distribution: str
+    seeding: str
+    _KINDS: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        extra = "" if self.seeding == "auto" else f", seeding={self.seeding!r}"
+        return f"{type(self).__name__}(k={self.k}, distribution={self.distribution!r}{extra})"
+
+    def to_string(self) -> str:
+        extra = "" if self.seeding == "auto" else f":{self.seeding}"
+        return f"{self._KINDS[0]}:{self.k}:{self.distribution}{extra}"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)  # (RandomFields prints it)
+class Random(RandomFields, Strategy, kind="random", fields=("K", "DISTRIBUTION", "SEEDING")):
     """Estimate the segment's gradient in forward mode from ``k`` random tangents (forward gradients).
 
     The estimate is ``(1/k) sum_j (J v_j . ybar) v_j`` with ``E[v v^T] = I``, hence unbiased
@@ -168,14 +186,6 @@ class Random(Strategy, kind="random", fields=("K", "DISTRIBUTION", "SEEDING")):
     seeding: str = "auto"
     stochastic: ClassVar[bool] = True
     shares_coefficients: ClassVar[bool] = True
-
-    def __repr__(self) -> str:
-        extra = "" if self.seeding == "auto" else f", seeding={self.seeding!r}"
-        return f"Random(k={self.k}, distribution={self.distribution!r}{extra})"
-
-    def to_string(self) -> str:
-        extra = "" if self.seeding == "auto" else f":{self.seeding}"
-        return f"random:{self.k}:{self.distribution}{extra}"
 
     @classmethod
     def _from_fields(cls, fields: list[str], where: str) -> Strategy:
