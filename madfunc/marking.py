@@ -26,7 +26,7 @@ from torch import nn
 from madfunc.engine import context as _context
 from madfunc.engine import traced as _traced
 from madfunc.plan import Exact, Reverse, Strategy, as_strategy
-from madfunc.segment import call_segment
+from madfunc.segment import SegmentSpec, call_segment
 
 __all__ = ["SegmentHandle", "mark_segments"]
 
@@ -77,8 +77,9 @@ class _MarkedForward:
             p = owner._parameters[attr]
             assert p is not None  # (_slots lists filled slots only)
             params.setdefault(name, p)
-        return call_segment(self.name, self.default, self.module, ("object", id(self.module)), self.functional,
-                            (params, *args), kwargs, own_module=self.module, record_passes=self.record)
+        spec = SegmentSpec(self.name, self.default, self.module, ("object", id(self.module)), own_module=self.module,
+                           record_passes=self.record)
+        return call_segment(spec, self.functional, (params, *args), kwargs)
 
     def functional(self, params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         """The original forward with ``params`` in the module's parameter slots (put back afterwards)."""

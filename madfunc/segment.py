@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
@@ -15,53 +16,47 @@ from madfunc.engine.forward import run_forward
 from madfunc.engine.reverse import run_reverse
 from madfunc.plan import Exact, Reverse, Strategy, StrategyLike, as_strategy
 
-__all__ = ["Segment", "ModuleSegment", "call_segment", "fwd", "rev"]
+__all__ = ["ModuleSegment", "Segment", "SegmentSpec", "call_segment", "fwd", "rev"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-@torch.compiler.disable  # eager inside torch.compile: see _transforms._eager
-def _dispatch(
-    seg_name: str,
-    default: Strategy,
-    owner: Any,
-    identity: Any,
-    fn: Callable[..., Any],
-    args: tuple,
-    kwargs: dict,
-    own_module: nn.Module | None = None,
-    record_passes: bool = True,
-) -> Any:
+@dataclasses.dataclass(frozen=True)
+class SegmentSpec:
+    """What a segment is, fixed when it is made (``fwd``/``rev``, ``mark_segments``): its name, default strategy,
+    what the user marked (``owner``: searched for captured tensors and keyed for replay), the identity that
+    tells two functions under one name apart, a module segment's module, and whether passes may be recorded."""
+
+    name: str
+    default: Strategy
+    owner: Any
+    identity: Any
+    own_module: nn.Module | None = None
+    record_passes: bool = True
+
+
+@torch.compiler.disable  # eager inside torch.compile: see transforms._eager
+def _dispatch(spec: SegmentSpec, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     state = _context.active()
     if state is None:  # outside any madfunc transform: exactly the plain function
         return fn(*args, **kwargs)
-    state.claim(seg_name, owner, identity)
+    state.claim(spec.name, spec.owner, spec.identity)
     outer = _context.nested_in()
     if outer is not None:  # part of an enclosing forward segment's computation
-        state.calls.append(_context.SegmentCall(seg_name, Reverse(), nested_in=outer))
+        state.calls.append(_context.SegmentCall(spec.name, Reverse(), nested_in=outer))
         return fn(*args, **kwargs)
-    strategy = state.plan.lookup(seg_name) or default
-    record = _context.SegmentCall(seg_name, strategy)
+    strategy = state.plan.lookup(spec.name) or spec.default
+    record = _context.SegmentCall(spec.name, strategy)
     state.calls.append(record)
     if not strategy.is_forward:
-        return run_reverse(seg_name, fn, args, kwargs, record if state.measure else None)
+        return run_reverse(spec.name, fn, args, kwargs, record if state.measure else None)
     return run_forward(
-        seg_name, strategy, fn, args, kwargs, record, state.measure, own_module=own_module, owner=owner,
-        record_passes=record_passes,
+        spec.name, strategy, fn, args, kwargs, record, state.measure, own_module=spec.own_module, owner=spec.owner,
+        record_passes=spec.record_passes,
     )
 
 
-def call_segment(
-    seg_name: str,
-    default: Strategy,
-    owner: Any,
-    identity: Any,
-    fn: Callable[..., Any],
-    args: tuple,
-    kwargs: dict,
-    own_module: nn.Module | None = None,
-    record_passes: bool = True,
-) -> Any:
+def call_segment(spec: SegmentSpec, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """One call of a segment, as every kind of segment makes it (``fwd``/``rev`` and ``mark_segments``).
 
     Under ``mixed_grad(traceable=True)`` the segment is plain torch code that torch.compile traces. That is
@@ -69,10 +64,9 @@ def call_segment(
     engine's ContextVars."""
     traced = _traced.active()
     if traced is not None:
-        return _traced.dispatch(traced, seg_name, default, identity, fn, args, kwargs)
+        return _traced.dispatch(traced, spec.name, spec.default, spec.identity, fn, args, kwargs)
     # torch.compiler.disable is unannotated: pyright takes its result for its one-argument wrapper
-    return _dispatch(seg_name, default, owner, identity, fn, args, kwargs, own_module,  # pyright: ignore[reportCallIssue]
-                     record_passes)
+    return _dispatch(spec, fn, args, kwargs)  # pyright: ignore[reportCallIssue]
 
 
 def _identity(fn: Any) -> Any:
@@ -119,9 +113,12 @@ class Segment:
         self.record = record
         functools.update_wrapper(self, fn)
 
+    @property
+    def spec(self) -> SegmentSpec:
+        return SegmentSpec(self.name, self.default, self.fn, _identity(self.fn), record_passes=self.record)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return call_segment(self.name, self.default, self.fn, _identity(self.fn), self.fn, args, kwargs,
-                            record_passes=self.record)
+        return call_segment(self.spec, self.fn, args, kwargs)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # As a method decorator: bind like a function, keep one segment per method.
@@ -151,6 +148,12 @@ class ModuleSegment(nn.Module):
         self.annotation = annotation
         self.record = record
 
+    @property
+    def spec(self) -> SegmentSpec:  # (read per call: a deep copy's spec names its own module)
+        module = self.module
+        return SegmentSpec(self.name, self.default, module, ("object", id(module)), own_module=module,
+                           record_passes=self.record)
+
     def _functional(self, params: Mapping[str, torch.Tensor], *inputs: Any, **kwargs: Any) -> Any:
         return torch.func.functional_call(self.module, dict(params), inputs, kwargs)
 
@@ -159,8 +162,7 @@ class ModuleSegment(nn.Module):
             params, inputs = dict(args[0]), args[1:]
         else:
             params, inputs = dict(self.module.named_parameters()), args
-        return call_segment(self.name, self.default, self.module, ("object", id(self.module)), self._functional,
-                            (params, *inputs), kwargs, own_module=self.module, record_passes=self.record)
+        return call_segment(self.spec, self._functional, (params, *inputs), kwargs)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, default={self.default!r}"
