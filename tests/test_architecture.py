@@ -51,7 +51,7 @@ def test_import_contracts_hold():
     pytest.importorskip("importlinter")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
-    done = subprocess.run([sys.executable, "-c", code, "--config", str(ROOT / ".importlinter"), "--no-cache"],
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT / ".importlinter"), "--no-cache"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 broken" in done.stdout, done.stdout  # (and it did check them)
