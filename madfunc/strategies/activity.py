@@ -63,7 +63,7 @@ class Activity(Strategy, kind="activity", fields=("K", "DISTRIBUTION", "SEEDING"
     Args:
         k: number of tangents per example. Default: ``1``.
         distribution: ``"gaussian"`` or ``"rademacher"``. Default: ``"gaussian"``.
-        seeding: ``"auto"``, ``"lazy"`` or ``"eager"``, as for :class:`Random`. Default: ``"auto"``.
+        seeding: ``"auto"``, ``"lazy"``, ``"eager"`` or ``"kept"``, as for :class:`Random`. Default: ``"auto"``.
         batch_dim: the batch dimension of activation inputs and outputs, or a tuple of dimensions that all
             index independent units (e.g. ``(0, 1)`` for examples x groups of channels, each group with its
             own local loss: the estimate is then per example and group, with ``m`` the width of one unit).
