@@ -82,7 +82,8 @@ def as_strategy(value: StrategyLike, where: str) -> Strategy:
 
 def _known() -> str:
     """The registered strategy classes, as an error lists them: ``madfunc.Reverse(), madfunc.Exact(), ...``."""
-    names = dict.fromkeys(f"{cls.__module__.split('.')[0]}.{cls.__name__}()" for cls in KINDS.values())
+    names = dict.fromkeys(f"{'madfunc.' if cls.__module__.startswith('madfunc.') else ''}{cls.__name__}()"
+                          for cls in KINDS.values())
     return ", ".join(names)
 
 

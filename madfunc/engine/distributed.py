@@ -90,7 +90,6 @@ def _disagreement_error(name: str, world_size: int) -> RuntimeError:
     )
 
 
-_plain = unwrap  # ``t`` without torch.func.grad's wrappers: the tensor the transform hands back as the gradient
 
 
 class SegmentReduction:
@@ -151,7 +150,7 @@ class FunctionalCall:
         self.slots = {id(t): i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)}
 
     def add(self, slot: int, grad: torch.Tensor) -> None:
-        part = _plain(grad)
+        part = unwrap(grad)  # without torch.func.grad's wrappers: the tensor the transform hands back
         self.parts.setdefault(slot, []).append((part, part._version))
 
 

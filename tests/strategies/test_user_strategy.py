@@ -105,9 +105,13 @@ def test_mixed_grad_is_unbiased():
     params = dict(layer.named_parameters())
     grad = mf.mixed_grad(_loss, {"layer": Coordinates(k=4)}, generator=torch.Generator().manual_seed(1))
     m, scale = 2000, 15 / 4
-    draws = [torch.cat([g.reshape(-1) for g in grad(params, x, seg).values()]) for _ in range(m)]
-    mean = torch.stack(draws).mean(0)
+    draws = torch.stack([torch.cat([g.reshape(-1) for g in grad(params, x, seg).values()]) for _ in range(m)])
+    mean = draws.mean(0)
     want = torch.cat([g.reshape(-1) for g in _reference(layer, x).values()])
+    # The scale, exactly, on every draw: k axes each give (n/k) g_i, so sum_i g^_i / g_i = n (a wrong scale such as
+    # n/(k+1), which the bound below could miss, fails here).
+    assert bool(want.abs().min() > 0)
+    torch.testing.assert_close((draws / want).sum(1), torch.full((m,), 15.0, dtype=DT), rtol=1e-12, atol=1e-9)
     t = want.abs() * scale * math.sqrt(math.log(2 / 1e-6) / (2 * m))
     assert bool(((mean - want).abs() <= t + 1e-12).all()), (mean - want).abs() / t
 
