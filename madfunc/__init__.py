@@ -7,11 +7,14 @@ gradients.
 
 from madfunc.core.checks import ForwardModeError as ForwardModeError
 from madfunc.core.guards import PerformanceWarning as PerformanceWarning
+from madfunc.core.memory import PeakMemory as PeakMemory
+from madfunc.core.memory import measure_peak as measure_peak
 from madfunc.engine.distributed import ddp_comm_hook as ddp_comm_hook
 from madfunc.marking import SegmentHandle as SegmentHandle
 from madfunc.marking import mark_segments as mark_segments
 from madfunc.ops.rules import register_forward_rule as register_forward_rule
 from madfunc.plan import Activity as Activity
+from madfunc.plan import Checkpointed as Checkpointed
 from madfunc.plan import Exact as Exact
 from madfunc.plan import Guessed as Guessed
 from madfunc.plan import Plan as Plan
@@ -36,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activity",
+    "Checkpointed",
     "CompareReport",
     "Exact",
     "ForwardModeError",
@@ -43,6 +47,7 @@ __all__ = [
     "Guessed",
     "InspectReport",
     "ModuleSegment",
+    "PeakMemory",
     "PerformanceWarning",
     "Plan",
     "Random",
@@ -56,6 +61,7 @@ __all__ = [
     "fwd",
     "inspect",
     "mark_segments",
+    "measure_peak",
     "mixed_grad",
     "mixed_grad_and_value",
     "register_forward_rule",
