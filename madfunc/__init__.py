@@ -25,6 +25,7 @@ from madfunc.segment import ModuleSegment as ModuleSegment
 from madfunc.segment import Segment as Segment
 from madfunc.segment import fwd as fwd
 from madfunc.segment import rev as rev
+from madfunc.strategies.spsa import SPSA as SPSA
 from madfunc.tools.diagnostics import compare as compare
 from madfunc.tools.diagnostics import inspect as inspect
 from madfunc.tools.reports import CompareReport as CompareReport
@@ -52,6 +53,7 @@ __all__ = [
     "Plan",
     "Random",
     "Reverse",
+    "SPSA",
     "Segment",
     "SegmentHandle",
     "SegmentRow",

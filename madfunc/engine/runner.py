@@ -36,6 +36,7 @@ from madfunc.engine.passes import (
     Retry,
     all_zero_tangents,
 )
+from madfunc.engine.perturb import perturbed_pass
 from madfunc.engine.pushes import PassRunner
 from madfunc.engine.rng import Snapshot
 from madfunc.engine.state import State, containers_changed
@@ -222,6 +223,12 @@ class Engine(PassRunner):
                   make: Callable[[int, torch.Tensor], torch.Tensor]) -> Passes | None:
         """``k`` tangents per input seeded where each is first used (EngineView; see engine/lazy.py)."""
         return push_lazy(self, tensors, device, k, make)
+
+    def perturbed_pass(self, tensors: Sequence[torch.Tensor],
+                       perturb: Callable[[int, torch.Tensor], torch.Tensor] | None,
+                       at_use: bool = True) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
+        """One pass without tangents on perturbed inputs (EngineView; see engine/perturb.py)."""
+        return perturbed_pass(self, tensors, perturb, at_use)
 
     def arguments(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
         """The segment's ``(args, kwargs)`` with its argument tensors replaced by ``tensors`` (EngineView)."""

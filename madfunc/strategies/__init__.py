@@ -15,6 +15,7 @@ from madfunc.strategies.exact import Exact
 from madfunc.strategies.random import Random
 from madfunc.strategies.activity import Activity
 from madfunc.strategies.guessed import Guessed
+from madfunc.strategies.spsa import SPSA
 # isort: on
 
 # Every other module of the package is imported too, so that a new estimator's file registers its string kind
@@ -23,5 +24,5 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = [
-    "Activity", "EngineView", "Exact", "Guessed", "Random", "SegmentStats", "Shared", "Strategy", "StrategyState",
+    "Activity", "EngineView", "Exact", "Guessed", "Random", "SPSA", "SegmentStats", "Shared", "Strategy", "StrategyState",
 ]

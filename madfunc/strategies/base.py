@@ -138,6 +138,14 @@ class EngineView(Protocol):
         """One pass without tangents (empty output tangents)."""
         ...
 
+    def perturbed_pass(self, tensors: Sequence[torch.Tensor],
+                       perturb: Callable[[int, torch.Tensor], torch.Tensor] | None,
+                       at_use: bool = True) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
+        """One pass without tangents, differentiated input ``i`` replaced by ``perturb(i, input)`` where an op
+        uses it (``at_use``: one perturbed input exists at a time) or on entry; ``None``: unperturbed, recording
+        which inputs the body reads (into ``used``). Returns the outputs and the module buffers it left."""
+        ...
+
     def arguments(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
         """The segment's ``(args, kwargs)`` with its argument tensors replaced by ``tensors``."""
         ...
@@ -268,4 +276,3 @@ def positive_int(text: str, where: str, what: str, usage: str) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise ValueError(f"{where}: {usage}: {what} must be an integer >= 1, got {text!r}.")
     return int(text)
-

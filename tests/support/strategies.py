@@ -75,7 +75,7 @@ def _law(distribution: str, n: int) -> float:
     return DISTRIBUTIONS[distribution].variance(n, 1)
 
 
-def _random_theory(strategy: mf.Random) -> Callable[[Setting], float]:
+def _random_theory(strategy: mf.Random | mf.SPSA) -> Callable[[Setting], float]:
     return lambda s: DISTRIBUTIONS[strategy.distribution].variance(s.n, strategy.k)
 
 
@@ -183,4 +183,11 @@ STRATEGIES: list[Row] = [
     _guessed(0, directions=2),
     _guessed(2, directions=2),
     *(_fixed(f, lambda s, k=f.k: s.n / k - 1) for f in (Frog(4), Frog(3, "rademacher"))),  # n/k - 1: frog.py
+    # SPSA: Random's law, which it tends to as eps -> 0. In float64 at eps <= 1e-3 its finite-difference bias
+    # here is below 1e-5 of ||g|| (tests/strategies/test_spsa.py); test_base's tolerance on the mean's
+    # projection on g is 5 sqrt(variance / draws), above 0.5 of ||g|| for every row.
+    *(
+        _fixed(p, _random_theory(p))
+        for p in (mf.SPSA(1), mf.SPSA(3, 1e-4, "rademacher"), mf.SPSA(2, distribution="orthogonal"))
+    ),
 ]

@@ -1,0 +1,247 @@
+"""``SPSA``: zeroth-order gradients of a segment from central differences along ``k`` random directions
+(Spall 1992; MeZO, Malladi et al. 2023), contracted as ``Random`` contracts its forward-mode derivatives.
+
+Where ``Random`` pushes ``J v`` through the segment in forward mode, ``SPSA`` runs the segment plainly at
+``theta + eps v`` and ``theta - eps v`` and takes ``(f(theta + eps v) - f(theta - eps v)) / (2 eps)``, so it
+needs no derivative of any op: it differentiates integer or quantized kernels, ops without forward rules and
+black-box code (a body that goes through NumPy). It draws the same directions as ``Random`` from the same
+seed, contracts and combines as ``Random`` does (``Random.combine``: the gradient ``(1/k) sum_j s_j v_j`` is
+drawn again from the seed in backward, leaf by leaf), and so agrees with it to ``O(eps^2)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from madfunc.core.checks import _common_device
+from madfunc.strategies.base import (
+    EngineView,
+    Meta,
+    Passes,
+    SegmentStats,
+    Shared,
+    Strategy,
+    StrategyState,
+    positive_int,
+)
+from madfunc.strategies.random import (
+    LAZY_SEEDING_BYTES,
+    Random,
+    RandomState,
+    check_distribution,
+    parse_random_fields,
+)
+from madfunc.strategies.tangents import DISTRIBUTIONS, draw_leaf, draw_tangents, leaf_seed
+
+__all__ = ["SPSA", "call_seed"]
+
+
+def call_seed(generator: torch.Generator, call: int = 1) -> int:
+    """The tangent seed of the ``call``-th stochastic segment call (1-based, in the order they run) of the next
+    transform call given ``generator=generator``, read without advancing ``generator``.
+
+    With it, :meth:`SPSA.directions` gives the directions that call draws (and ``Random`` with the same ``k``
+    and distribution draws the same ones). It follows ``engine/rng.py``'s ``TangentStream``: one number per
+    transform call drawn from the generator, hashed with the call's index (``tests/strategies/test_spsa.py``
+    pins the two together).
+
+    Examples:
+        >>> import torch
+        >>> from madfunc.strategies.spsa import call_seed
+        >>> g = torch.Generator().manual_seed(0)
+        >>> call_seed(g) == call_seed(g) != call_seed(g, 2)
+        True
+    """
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    base = int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=copy))
+    return leaf_seed(base, call)
+
+
+def _check_eps(eps: Any) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"SPSA(eps=...): expected a positive float, got {type(eps).__name__} {eps!r}.")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(
+            f"SPSA(eps={eps!r}): eps must be a finite float > 0 (the perturbation's size along each direction); "
+            "1e-3 is MeZO's default."
+        )
+    return float(eps)
+
+
+def _parse_eps(text: str, where: str) -> float:
+    try:
+        eps = float(text)
+    except ValueError:
+        eps = math.nan
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{where}: spsa:K:EPS: EPS must be a float > 0 (e.g. 1e-3), got {text!r}.")
+    return eps
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")):
+    """Estimate the segment's gradient from central differences along ``k`` random directions (zeroth order).
+
+    For each direction ``v_j`` the segment runs at ``theta + eps v_j`` and ``theta - eps v_j`` (``theta``: its
+    differentiated inputs, parameters and activations alike); ``d_j = (f(theta + eps v_j) - f(theta - eps
+    v_j)) / (2 eps)`` takes the place of ``J v_j``, and the estimate is ``(1/k) sum_j (d_j . ybar) v_j``, as
+    ``Random``'s. A whole model as one ``SPSA(k=1)`` segment trained with SGD is MeZO (Malladi et al. 2023,
+    arXiv 2305.17333). It needs no derivative of any op, so it differentiates what forward mode cannot:
+    integer or quantized kernels, ops without forward rules, black-box code. It runs the segment ``2k + 1``
+    times (its outputs come from a plain pass at ``theta``); each pass sees the random numbers of the first
+    (dropout), and side effects (module buffers, caches) happen once, as for one plain call.
+
+    It draws the directions ``Random(k, distribution)`` draws from the same seed, so for a smooth segment the
+    two estimates differ by ``O(eps^2)`` (the third derivatives along ``v``): in float64, a difference far above
+    that is finite-difference error of another kind (a kink, a discrete op), not sampling noise. Its variance
+    law is ``Random``'s as ``eps -> 0``. In float32 or lower precision, the differences lose
+    ``log10(|f| / (eps |J v|))`` digits to cancellation: keep ``eps`` well above the dtype's resolution.
+
+    Memory: a perturbed input is substituted where an op reads it, so ``theta + eps v`` exists one input at a
+    time (the perturbed model is never materialised as a whole, as in MeZO's in-place perturbation, and the
+    inputs are never written to); each input's ``k`` directions are drawn from the seed at that point. Small
+    segments (``"eager"`` seeding) draw all directions on entry and perturb all inputs at once (faster).
+
+    Args:
+        k: number of random directions (``2k`` extra passes). Default: ``1``.
+        eps: the perturbation's size along each direction, ``> 0``. Default: ``1e-3``.
+        distribution: ``"gaussian"``, ``"rademacher"`` or ``"orthogonal"``, as for :class:`Random`.
+            Default: ``"gaussian"``.
+        seeding: ``"lazy"`` substitutes each input's perturbed value where an op uses it (drawing its
+            ``k`` directions there, once per use and pass: ``k`` times the draws of ``"eager"``); ``"eager"``
+            draws all directions on entry and perturbs all inputs at once; ``"kept"`` does that and keeps
+            them for backward; ``"auto"`` is lazy when the ``k`` directions of all inputs exceed 32 MiB.
+            ``"orthogonal"`` directions are always drawn on entry. Default: ``"auto"``.
+
+    Examples:
+        >>> import madfunc as mf
+        >>> mf.SPSA(k=4, eps=1e-4)
+        SPSA(k=4, eps=0.0001, distribution='gaussian')
+        >>> mf.Plan.from_string("f=spsa:2:1e-3:rademacher")["f"]
+        SPSA(k=2, eps=0.001, distribution='rademacher')
+    """
+
+    k: int = 1
+    eps: float = 1e-3
+    distribution: str = "gaussian"
+    seeding: str = "auto"
+    stochastic: ClassVar[bool] = True
+    # Every rank draws the same directions of the parameters, so their gradient is the directions combined with
+    # the coefficients reduced over ranks (engine/distributed), as for Random.
+    shares_coefficients: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_distribution("SPSA", self.distribution, self.seeding, self.k)
+        object.__setattr__(self, "eps", _check_eps(self.eps))
+
+    def __repr__(self) -> str:
+        extra = "" if self.seeding == "auto" else f", seeding={self.seeding!r}"
+        return f"SPSA(k={self.k}, eps={self.eps!r}, distribution={self.distribution!r}{extra})"
+
+    def to_string(self) -> str:
+        extra = "" if self.seeding == "auto" else f":{self.seeding}"
+        return f"spsa:{self.k}:{self.eps!r}:{self.distribution}{extra}"
+
+    @classmethod
+    def _from_fields(cls, fields: list[str], where: str) -> Strategy:
+        k = positive_int(fields[0], where, "K", "spsa:K") if fields else 1
+        eps = _parse_eps(fields[1], where) if len(fields) >= 2 else 1e-3
+        _, distribution, seeding = parse_random_fields(["1", *fields[2:]], where, "spsa")
+        return cls(k, eps, distribution, seeding)
+
+    def _twin(self) -> Random:
+        """The ``Random`` strategy that draws the same directions (and combines them the same way)."""
+        return Random(self.k, self.distribution, "kept" if self.seeding == "kept" else "eager")
+
+    def directions(self, seed: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The directions a call with tangent seed ``seed`` draws for differentiated inputs like ``tensors``: one
+        tensor ``(k, *t.shape)`` per input, row ``j`` being ``v_j`` on that input.
+
+        ``tensors`` are the segment's differentiated inputs in the engine's order: its argument tensors as
+        optree flattens them (a dict's keys sorted), then the parameters and tensors it reads from outside
+        its arguments. ``seed``: :func:`call_seed`. The call's scalar ``s_j`` (for a loss segment,
+        ``(l(theta + eps v_j) - l(theta - eps v_j)) / (2 eps)``) is then ``k <g, v_j> / ||v_j||^2`` for k = 1.
+
+        Examples:
+            >>> import torch, madfunc as mf
+            >>> [v.shape for v in mf.SPSA(k=2).directions(7, [torch.zeros(3), torch.zeros(2, 2)])]
+            [torch.Size([2, 3]), torch.Size([2, 2, 2])]
+        """
+        if not tensors:
+            return []
+        device = tensors[0].device
+        return draw_tangents(self.distribution, self.k, [t.shape for t in tensors], [t.dtype for t in tensors],
+                             device, seed)
+
+    def push(self, engine: EngineView, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor],
+             n: int) -> tuple[Passes, StrategyState]:
+        law = DISTRIBUTIONS[self.distribution]
+        if law.draw is None and self.k > n:
+            raise ValueError(
+                f"segment {engine.name!r}: {self!r} needs k <= n, the number of differentiated scalars, which is "
+                f"{n}; use k <= {n}."
+            )
+        engine.stats.tangents = self.k
+        seed, device = engine.seed, _common_device(engine.name, diff_tensors)
+        assert seed is not None  # (a stochastic strategy's call always has one)
+        tangent_bytes = self.k * sum(t.numel() * t.element_size() for t in diff_tensors)
+        lazy = law.draw is not None and (
+            self.seeding == "lazy" or (self.seeding == "auto" and tangent_bytes >= LAZY_SEEDING_BYTES)
+        )
+        drawn = None if lazy else tuple(self.directions(seed, diff_tensors))
+        engine.begin_pass()
+        ys, buffers = engine.perturbed_pass(tensors, None)  # the call's outputs and effects; records the reads
+        used = list(engine.used)
+
+        def perturb(j: int, step: float):
+            def at(i: int, x: torch.Tensor) -> torch.Tensor:
+                if not used[i]:
+                    return x
+                v = drawn[i] if drawn is not None else draw_leaf(
+                    self.distribution, self.k, x.shape, x.dtype, device, seed, i)
+                return torch.add(x, v[j], alpha=step)
+            return at
+
+        rows: list[list[torch.Tensor]] = []
+        for j in range(self.k):
+            engine.begin_pass()
+            plus = engine.perturbed_pass(tensors, perturb(j, self.eps), at_use=lazy)[0]
+            engine.begin_pass()
+            minus = engine.perturbed_pass(tensors, perturb(j, -self.eps), at_use=lazy)[0]
+            rows.append([_difference(p, m, self.eps) for p, m in zip(plus, minus, strict=True)])
+            del plus, minus
+        ydots = [torch.stack(column) for column in zip(*rows, strict=True)] if rows else []
+        state = RandomState(tangents=drawn if self.seeding == "kept" else None)
+        return (ys, ydots, buffers), state
+
+    def combine(self, engine: EngineView, state: StrategyState, s: torch.Tensor | None, meta: Sequence[Meta],
+                shared: Shared | None = None) -> list[torch.Tensor | None]:
+        return self._twin().combine(engine, state, s, meta, shared)
+
+    def variance(self, stats: SegmentStats) -> float | None:
+        """``Random``'s law, which SPSA's relative variance tends to as ``eps -> 0``: a smooth segment's finite
+        differences are ``J v + O(eps^2)``."""
+        return self._twin().variance(stats)
+
+    def advice(self, stats: SegmentStats) -> list[str]:
+        n = stats.differentiated_numel or 0
+        if not n or self.k < n:
+            return []
+        return [
+            f"k = {self.k} >= n = {n} differentiated scalars: Exact() gives the exact gradient with {n} "
+            "tangents where forward mode applies; otherwise a smaller k costs fewer passes."
+        ]
+
+
+def _difference(plus: torch.Tensor, minus: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(f(theta + eps v) - f(theta - eps v)) / (2 eps)`` of one output; zeros for an integer output (no
+    derivative: the engine drops it)."""
+    if not (plus.is_floating_point() or plus.is_complex()):
+        return torch.zeros(plus.shape, device=plus.device)
+    return (plus - minus).div_(2 * eps)  # as MeZO writes it, so that the two agree to the last bit

@@ -1,0 +1,299 @@
+"""SPSA: central differences along Random's directions (madfunc/strategies/spsa.py).
+
+The generic tests (unbiased as eps -> 0, Random's variance law, seeds, lazy = eager, vmap, inspect/compare,
+string form) run over its rows in tests/support/strategies.py. Here, deterministic checks under a fixed
+generator, none of them statistical:
+
+* SPSA draws Random's directions: in float64 the two estimates differ by at most the bound that the body's
+  third derivative gives (``|d_j - J v_j| <= eps^2/6 max |f'''(theta)[v_j, v_j, v_j]|``), and halving
+  eps divides the difference by 4;
+* its directions and its scalar ``(l(theta + eps v) - l(theta - eps v)) / (2 eps)`` can be rebuilt outside
+  (``call_seed``, ``SPSA.directions``): the MeZO reference in benchmarks/ depends on it;
+* it differentiates what forward mode cannot (NumPy inside the body, a Function without a forward rule) in
+  the middle of a mixed plan;
+* every pass sees the same dropout mask; BatchNorm's statistics and a KV cache are updated once;
+* the perturbed value of an input exists only while an op reads it (lazy), not for all inputs at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import opaque
+from support.strategies import make_setting
+
+import madfunc as mf
+from madfunc.plan import parse_strategy
+from madfunc.strategies.spsa import call_seed
+
+DT = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rand(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
+
+
+X, C = _rand(0, 5, 3), _rand(1, 5, 4)
+W0 = _rand(2, 3, 4) * 0.5
+
+
+def _loss_of(seg):
+    return lambda w: (seg(X, w) * C).sum()
+
+
+SMOOTH = mf.fwd(lambda x, w: torch.tanh(x @ w), name="body")
+
+
+def _estimate(strategy: mf.Strategy, seed: int = 3, fn=None) -> torch.Tensor:
+    fn = fn or _loss_of(SMOOTH)
+    return mf.mixed_grad(fn, {"body": strategy}, generator=torch.Generator().manual_seed(seed))(W0)
+
+
+def _third_derivative_bound(v: torch.Tensor) -> float:
+    """``max over the segment t in [-eps, eps] of |f'''|`` along ``v`` for ``f(w) = sum(C * tanh(X w))``:
+    ``sum_i |C_i| |tanh'''| |(X v)_i|^3`` with ``|tanh'''| <= 2``, a bound that holds at every ``w``."""
+    return float((C.abs() * 2 * (X @ v).abs() ** 3).sum())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_spsa_agrees_with_random_within_the_third_derivative_bound(k: int) -> None:
+    random = _estimate(mf.Random(k))
+    (directions,) = mf.SPSA(k).directions(call_seed(torch.Generator().manual_seed(3)), [W0])
+    # g_spsa - g_random = (1/k) sum_j (d_j - J v_j) v_j, |d_j - J v_j| <= eps^2/6 max|f'''[v_j, v_j, v_j]|.
+    errors = {}
+    for eps in (1e-2, 5e-3):
+        spsa = _estimate(mf.SPSA(k, eps))
+        bound = sum(eps**2 / 6 * _third_derivative_bound(v) * float(v.norm()) for v in directions) / k
+        errors[eps] = float((spsa - random).norm())
+        assert 0 < errors[eps] <= bound, (eps, errors[eps], bound)
+    # The error is c eps^2 + O(eps^4) (central differences: the eps^3 term cancels), rounding ~1e-16/eps.
+    assert errors[1e-2] / errors[5e-3] == pytest.approx(4.0, rel=0.02)
+
+
+def test_another_generator_seed_gives_other_directions() -> None:
+    """The agreement above is not automatic: another generator seed gives other directions."""
+    assert float((_estimate(mf.SPSA(2), seed=4) - _estimate(mf.Random(2))).norm()) > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_directions_and_scalar_can_be_rebuilt_outside(dtype: torch.dtype) -> None:
+    """MeZO's step from SPSA's own directions: ``s = (l(w + eps v) - l(w - eps v)) / (2 eps)``, gradient ``s v``."""
+    w, x, c = W0.to(dtype), X.to(dtype), C.to(dtype)
+
+    def loss(w_):
+        return (torch.tanh(x @ w_) * c).sum()
+
+    seg = mf.fwd(loss, name="model")
+    gen = torch.Generator().manual_seed(9)
+    seed = call_seed(gen)
+    grad, value = mf.mixed_grad_and_value(seg, {"model": mf.SPSA(eps=1e-3)}, generator=gen)(w)
+    (v,) = mf.SPSA().directions(seed, [w])
+    s = (loss(w.add(v[0], alpha=1e-3)) - loss(w.add(v[0], alpha=-1e-3))) / (2 * 1e-3)
+    torch.testing.assert_close(value, loss(w), rtol=0, atol=0)
+    torch.testing.assert_close(grad, s * v[0], rtol=0, atol=0)
+
+
+def _numpy_body(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """tanh(x @ w) computed by NumPy: no autograd, no forward mode can see through it."""
+    return torch.from_numpy(np.tanh(x.detach().numpy() @ w.detach().numpy()))
+
+
+def test_black_box_body_in_a_mixed_plan() -> None:
+    """A NumPy body between two reverse-mode stages: the cotangent from above contracts with its differences,
+    its input's gradient flows on below. It equals Random on the same body written in torch (O(eps^2))."""
+    w1, w3 = _rand(5, 3, 3), _rand(6, 4, 2)
+
+    def loss(body):
+        seg = mf.fwd(body, name="body")
+        return lambda w1_, w2, w3_: (torch.sin(seg(torch.tanh(X @ w1_), w2) @ w3_)).sum()
+
+    argnums = (0, 1, 2)
+    spsa = mf.mixed_grad(loss(_numpy_body), {"body": mf.SPSA(2, 1e-4)}, argnums=argnums,
+                         generator=torch.Generator().manual_seed(1))(w1, W0, w3)
+    random = mf.mixed_grad(loss(lambda x, w: torch.tanh(x @ w)), {"body": mf.Random(2)}, argnums=argnums,
+                           generator=torch.Generator().manual_seed(1))(w1, W0, w3)
+    for a, b in zip(spsa, random, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # eps^2 = 1e-8 times O(10) derivatives
+    exact = torch.func.grad(lambda w: (torch.sin(torch.tanh(torch.tanh(X @ w1) @ w) @ w3)).sum())(W0)
+    assert float(spsa[1].flatten() @ exact.flatten()) != 0  # it reached the body's own parameter
+
+
+def test_a_function_without_forward_rule() -> None:
+    """``opaque`` (no jvp, a backward that is not differentiable: forward mode refuses it) under SPSA."""
+    w = _rand(7, 3, 2)
+
+    def body(x, w_):
+        return opaque(x @ w_)
+
+    seg = mf.fwd(body, name="body")
+
+    def loss(w_):
+        return (seg(X, w_) ** 2).sum()
+
+    with pytest.raises(mf.ForwardModeError, match="has no jvp staticmethod"):
+        mf.mixed_grad(loss, {"body": mf.Random(1)})(w)
+    gen = torch.Generator().manual_seed(2)
+    got = mf.mixed_grad(loss, {"body": mf.SPSA(1, 1e-6)}, generator=gen)(w)
+    exact = torch.func.grad(lambda w_: ((3 * (X @ w_).repeat(1, 17)) ** 2).sum())(w)
+    (v,) = mf.SPSA().directions(call_seed(torch.Generator().manual_seed(2)), [w])
+    # the loss is quadratic: central differences are exact up to rounding
+    torch.testing.assert_close(got, (exact * v[0]).sum() * v[0], rtol=1e-8, atol=1e-8)
+
+
+def test_every_pass_sees_the_same_dropout_mask() -> None:
+    """``sum(dropout(x @ w))`` is linear in ``w`` for a fixed mask: SPSA equals Random to rounding only if the
+    primal and both perturbed passes drew the same mask (another mask per pass is off by O(1))."""
+    seg = mf.fwd(lambda x, w: torch.nn.functional.dropout(x @ w, 0.5), name="body")
+
+    def loss(w):
+        return (seg(X, w) * C).sum()
+
+    got = []
+    for strategy in (mf.SPSA(2), mf.Random(2)):
+        torch.manual_seed(0)
+        got.append(mf.mixed_grad(loss, {"body": strategy}, generator=torch.Generator().manual_seed(1))(W0))
+    torch.testing.assert_close(got[0], got[1], rtol=1e-9, atol=1e-9)
+
+
+def test_batchnorm_statistics_are_updated_once() -> None:
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(4).double().train()
+    plain = torch.nn.BatchNorm1d(4).double().train()
+    plain.load_state_dict(bn.state_dict())
+    x = _rand(8, 6, 4)
+    seg = mf.fwd(bn, name="bn")
+    with mf.use_plan({"bn": mf.SPSA(2)}):
+        seg(x * 2).pow(2).sum().backward()
+    plain(x * 2)
+    for name, buffer in plain.named_buffers():
+        torch.testing.assert_close(dict(bn.named_buffers())[name], buffer, rtol=0, atol=0)
+    assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0
+
+
+def test_kv_cache_is_filled_once() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 32, (1, 6), generator=torch.Generator().manual_seed(1))
+    mf.mark_segments(model, {"model.layers.*": "fwd"})
+    with mf.use_plan({"model.layers.*": mf.SPSA(1)}):
+        out = model(input_ids=ids, labels=ids, use_cache=True)
+        out.loss.backward()
+    assert out.past_key_values.get_seq_length() == ids.shape[1]
+    plain = model(input_ids=ids, use_cache=True)
+    torch.testing.assert_close(out.logits, plain.logits)
+    grads = [p.grad for p in model.model.layers.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def _tensors_alive(shape: tuple[int, ...]) -> int:
+    """How many tensors of ``shape`` are alive now (leaves, their wrappers, perturbed values, directions)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.shape == shape)
+
+
+# What the body saw, per layer and pass. Module-level: the engine restores what a body reaches through its
+# closure before every pass (side effects happen once), which would keep only one pass's entries.
+_ALIVE: list[int] = []
+
+
+@pytest.mark.parametrize(("seeding", "most", "least"), [("lazy", 0, 0), ("eager", 6, 6)])
+def test_perturbed_inputs_exist_one_at_a_time(seeding: str, most: int, least: int) -> None:
+    """After each layer of the perturbed passes, against the plain pass: lazy, no perturbed weight is left
+    (each existed while its op ran); eager, all L = 6 perturbed weights exist (the directions were drawn
+    before the plain pass: they count in both)."""
+    depth, width = 6, 8
+    weights = [_rand(10 + i, width, width) / math.sqrt(width) for i in range(depth)]
+
+    def body(x, *ws):
+        for w in ws:
+            x = torch.tanh(x @ w)
+            _ALIVE.append(_tensors_alive((width, width)))
+        return x
+
+    seg = mf.fwd(body, name="body")
+    x = _rand(20, 3, width)
+    _ALIVE.clear()
+    mf.mixed_grad(lambda ws: seg(x, *ws).sum(), {"body": mf.SPSA(1, seeding=seeding)})(weights)
+    plain, perturbed = _ALIVE[:depth], _ALIVE[depth : 3 * depth]  # (a 4th plain pass may follow)
+    extra = [p - plain[i % depth] for i, p in enumerate(perturbed)]
+    assert least <= max(extra) <= most, (plain, perturbed)
+
+
+def test_unread_input_gets_an_exact_zero() -> None:
+    seg = mf.fwd(lambda x, w, unused: torch.tanh(x @ w), name="body")
+    for seeding in ("lazy", "eager"):
+        g = mf.mixed_grad(lambda w, u: seg(X, w, u).sum(), {"body": mf.SPSA(2, seeding=seeding)},
+                          argnums=(0, 1))(W0, _rand(3, 2))
+        assert torch.equal(g[1], torch.zeros(2, dtype=DT)) and g[0].abs().sum() > 0
+
+
+def test_finite_difference_bias_is_far_below_the_table_tolerance() -> None:
+    """The shared table's rows use eps = 1e-3 in float64: their estimates differ from Random's (same
+    directions) by a relative 1e-5 or less, while its statistical tolerance on the mean's projection is
+    ``5 sqrt(variance / draws)``, at least ``5 sqrt(25 / 2000) = 0.56`` (n = 24, k = 1)."""
+    s = make_setting("joint")
+    seg = mf.fwd(lambda z, w2: torch.tanh(z) @ w2, name="seg")
+
+    def loss(z, w2):
+        return (seg(z + 0.0, w2) * s.c).sum()
+
+    got = [
+        torch.cat([g.flatten() for g in mf.mixed_grad(loss, {"seg": st}, argnums=(0, 1),
+                                                       generator=torch.Generator().manual_seed(0))(s.z0, s.w2)])
+        for st in (mf.SPSA(1), mf.Random(1))
+    ]
+    assert float((got[0] - got[1]).norm() / got[1].norm()) < 1e-5
+
+
+def test_string_form_and_repr() -> None:
+    strategy = mf.SPSA(k=3, eps=2.5e-4, distribution="rademacher", seeding="lazy")
+    assert str(strategy) == "spsa:3:0.00025:rademacher:lazy"
+    assert parse_strategy(str(strategy)) == strategy
+    assert parse_strategy("spsa") == mf.SPSA()
+    assert parse_strategy("spsa:2:1e-2") == mf.SPSA(2, 1e-2)
+    assert repr(mf.SPSA()) == "SPSA(k=1, eps=0.001, distribution='gaussian')"
+    assert mf.SPSA(eps=1) == mf.SPSA(eps=1.0) and isinstance(mf.SPSA(eps=1).eps, float)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"eps": 0.0}, ValueError, r"SPSA\(eps=0.0\): eps must be a finite float > 0"),
+        ({"eps": -1e-3}, ValueError, r"SPSA\(eps=-0.001\)"),
+        ({"eps": float("nan")}, ValueError, r"SPSA\(eps=nan\)"),
+        ({"eps": "1e-3"}, TypeError, r"SPSA\(eps=...\): expected a positive float"),
+        ({"k": 0}, ValueError, r"SPSA\(k=0\): k must be >= 1"),
+        ({"k": 1.5}, TypeError, r"SPSA\(k=...\)"),
+        ({"distribution": "uniform"}, ValueError, r"SPSA\(distribution='uniform'\): unknown distribution"),
+        ({"seeding": "never"}, ValueError, r"SPSA\(seeding='never'\): unknown seeding"),
+    ],
+)
+def test_constructor_errors_name_the_argument(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        mf.SPSA(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("spsa:0", "K must be an integer >= 1"), ("spsa:1:0", "EPS must be a float > 0"),
+     ("spsa:1:abc", "EPS must be a float > 0"), ("spsa:1:1e-3:uniform", "unknown distribution 'uniform'"),
+     ("spsa:1:1e-3:gaussian:never", "unknown seeding 'never'")],
+)
+def test_string_form_errors(text: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_strategy(text)
+
+
+def test_variance_law_and_advice() -> None:
+    stats = mf.strategies.SegmentStats(differentiated_numel=12)
+    assert mf.SPSA(4).variance(stats) == mf.Random(4).variance(stats) == 13 / 4
+    assert mf.SPSA(4).advice(stats) == []
+    assert "Exact()" in mf.SPSA(12).advice(stats)[0]
