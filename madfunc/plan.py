@@ -5,12 +5,13 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Collection, Iterator, Mapping, Sequence
 
-from madfunc.strategies import Activity, Exact, Guessed, Random  # (importing them registers their kinds)
+# (importing them registers their kinds)
+from madfunc.strategies import Activity, Checkpointed, Exact, Guessed, Random
 from madfunc.strategies.base import KINDS, Reverse, Strategy
 
 __all__ = [
-    "Strategy", "Reverse", "Exact", "Random", "Activity", "Guessed", "Plan", "PlanLike", "as_plan", "as_strategy",
-    "parse_strategy",
+    "Strategy", "Reverse", "Checkpointed", "Exact", "Random", "Activity", "Guessed", "Plan", "PlanLike", "as_plan",
+    "as_strategy", "parse_strategy",
 ]
 
 PLAN_EXAMPLE = "features=random:16:rademacher,head=rev"

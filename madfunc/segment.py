@@ -12,6 +12,7 @@ from torch import nn
 
 from madfunc.engine import context as _context
 from madfunc.engine import traced as _traced
+from madfunc.engine.checkpoint import run_checkpointed
 from madfunc.engine.forward import run_forward
 from madfunc.engine.reverse import run_reverse
 from madfunc.plan import Exact, Reverse, Strategy, StrategyLike, as_strategy
@@ -48,6 +49,9 @@ def _dispatch(spec: SegmentSpec, fn: Callable[..., Any], args: tuple, kwargs: di
     strategy = state.plan.lookup(spec.name) or spec.default
     record = _context.SegmentCall(spec.name, strategy)
     state.calls.append(record)
+    if strategy.recomputes:
+        return run_checkpointed(spec.name, fn, args, kwargs, record, state.measure, own_module=spec.own_module,
+                                owner=spec.owner)
     if not strategy.is_forward:
         return run_reverse(spec.name, fn, args, kwargs, record if state.measure else None)
     return run_forward(

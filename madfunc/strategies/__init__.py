@@ -23,6 +23,9 @@ from madfunc.strategies.spsa import SPSA
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
+from madfunc.strategies.checkpointed import Checkpointed  # noqa: E402  (registered by the loop, after the above)
+
 __all__ = [
-    "Activity", "EngineView", "Exact", "Guessed", "Random", "SPSA", "SegmentStats", "Shared", "Strategy", "StrategyState",
+    "Activity", "Checkpointed", "EngineView", "Exact", "Guessed", "Random", "SPSA", "SegmentStats", "Shared",
+    "Strategy", "StrategyState",
 ]

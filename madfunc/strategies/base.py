@@ -58,6 +58,8 @@ class SegmentStats:
     output_numel: int | None = None  # differentiated output scalars
     tangents: int | None = None  # tangents pushed (forward passes, batched)
     saved_bytes: int | None = None  # kept for backward (None: could not be measured)
+    # Checkpointed: what autograd saves while its backward recomputes the body (transient: freed by that backward)
+    recompute_bytes: int | None = None
     predicted: bool = False  # sizes predicted, the passes not run (inspect of a costly Exact segment)
     fallbacks: list[str] | None = None  # ops routed to the double-vjp fallback
 
@@ -163,6 +165,9 @@ class Strategy:
     _FIELDS: ClassVar[tuple[str, ...]] = ()  # the ':' fields its string form may have after the kind
     _KINDS: ClassVar[tuple[str, ...]] = ()  # its names in the string form
     is_forward: ClassVar[bool] = True  # whether a segment under it runs in forward mode
+    # Whether a segment under it runs in reverse mode keeping only its inputs, its body recomputed in backward
+    # (``Checkpointed``; engine/checkpoint.py). Such a strategy is not ``is_forward``.
+    recomputes: ClassVar[bool] = False
     stochastic: ClassVar[bool] = False  # whether its estimate depends on random tangents (drawn from a seed)
     # Whether its k coefficients, reduced over ranks, give the parameters' gradient (engine/distributed's
     # scalar scheme): true only where the tangents of parameters are the same on every rank.

@@ -285,7 +285,8 @@ def inspect(fn: Callable[..., Any], plan: PlanLike, *args: Any, argnums: ArgNums
         else:
             seen_nested.add((parent, call.name))
         stats = call.stats
-        alternative = reverse_bytes[parent] if call.nested_in is None and call.strategy.is_forward else None
+        compared = call.strategy.is_forward or call.strategy.recomputes  # (Checkpointed: what it saves against)
+        alternative = reverse_bytes[parent] if call.nested_in is None and compared else None
         rows.append(
             SegmentRow(
                 name=call.name,

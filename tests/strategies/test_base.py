@@ -141,7 +141,7 @@ def test_report_schema(row: Row, setting: str) -> None:
                         argnums=argnums)
     (seg_row,) = report.rows
     assert seg_row.strategy == repr(strategy) and seg_row.differentiated_numel == s.n
-    assert seg_row.saved_bytes > 0 and seg_row.tangents >= 1
+    assert seg_row.saved_bytes > 0 and (seg_row.tangents >= 1 if strategy.is_forward else seg_row.tangents == 0)
     compared = mf.compare(lambda z0, w2: (SEG(z0 + 0.0, w2) * s.c).sum(), {"seg": strategy}, s.z0, s.w2,
                           draws=3, argnums=argnums)
     figures = compared.per_segment["seg"]

@@ -166,6 +166,7 @@ def _guessed(k: int, distribution: str = "gaussian", directions: int = 1) -> Row
 STRATEGIES: list[Row] = [
     _fixed(mf.Exact(), lambda s: 0.0),
     _fixed(mf.Exact(chunk_size=5), lambda s: 0.0),
+    _fixed(mf.Checkpointed(), lambda s: 0.0),  # reverse mode, recomputed: exact
     *(
         _fixed(r, _random_theory(r))
         for r in (
