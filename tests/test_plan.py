@@ -22,6 +22,8 @@ STRATEGIES = [
     mf.Random(),
     mf.Random(k=16, distribution="rademacher"),
     mf.Random(k=2, distribution="orthogonal"),
+    mf.SPSA(),
+    mf.SPSA(k=4, eps=1e-4, distribution="rademacher", seeding="lazy"),
 ]
 
 
@@ -228,6 +230,8 @@ STRING_FORMS = [
     ("random:2:orthogonal", mf.Random(k=2, distribution="orthogonal")),
     ("random:4:rademacher:lazy", mf.Random(k=4, distribution="rademacher", seeding="lazy")),
     ("random:3:gaussian:eager", mf.Random(k=3, seeding="eager")),
+    ("spsa:1:0.001:gaussian", mf.SPSA()),
+    ("spsa:4:0.0001:rademacher:lazy", mf.SPSA(k=4, eps=1e-4, distribution="rademacher", seeding="lazy")),
 ]
 PLANS = [
     mf.Plan(),
@@ -235,7 +239,7 @@ PLANS = [
     mf.Plan({"block*": mf.Exact(chunk_size=64), "layer[0-3]": "rev", "head?": mf.Random(k=2, seeding="lazy")}),
     mf.Plan({"stem": "exact", "*": mf.Random(k=1, distribution="orthogonal", seeding="eager")}),
     mf.Plan({"enc.layer 1": mf.Random(k=5, seeding="eager")}),
-    mf.Plan({name: strategy for name, (_, strategy) in zip("abcdefgh", STRING_FORMS, strict=True)}),
+    mf.Plan({name: strategy for name, (_, strategy) in zip("abcdefghij", STRING_FORMS, strict=True)}),
 ]
 
 

@@ -25,6 +25,7 @@ def test_issue_names_are_public() -> None:
         "Reverse",
         "Exact",
         "Random",
+        "SPSA",
         "Plan",
         "mixed_grad",
         "mixed_grad_and_value",
