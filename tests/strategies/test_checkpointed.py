@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import madfunc as mf
+from madfunc.engine import context as _context
 from madfunc.plan import parse_strategy
 
 DT = torch.float64
@@ -261,6 +262,14 @@ def test_keeps_only_its_inputs() -> None:
     (row,) = report.rows
     assert row.saved_bytes == x.numel() * 8  # the activation input; the weights exist anyway
     assert row.reverse_saved_bytes is not None and row.reverse_saved_bytes > row.saved_bytes
+    # the planner's figures (SegmentStats): the recomputation keeps transiently what Reverse keeps throughout
+    stats = {}
+    for plan in ("ckpt", "rev"):
+        with _context.planned_call(mf.Plan({"mlp": plan}), "test", measure=True) as state:
+            seg(x.clone().requires_grad_() * 2.0, *(w.clone().requires_grad_() for w in ws))
+        stats[plan] = state.calls[0].stats
+    assert stats["ckpt"].recompute_bytes == stats["rev"].saved_bytes > 0
+    assert stats["ckpt"].saved_bytes == x.numel() * 8 and stats["ckpt"].output_numel == batch * width
 
 
 def test_nested_forward_segment_runs_as_part_of_the_body() -> None:
@@ -320,3 +329,20 @@ def test_higher_order_refused() -> None:
 
     with pytest.raises(NotImplementedError, match="segment 'mlp'.*Checkpointed"):
         torch.func.grad(lambda h: mf.mixed_grad(loss, {"mlp": "ckpt"})(h).sum())(x.detach())
+
+
+def test_second_backward_through_a_call_with_side_effects_is_refused() -> None:
+    """Such a call releases its entry state in its first backward (see engine/checkpoint.py): a second one
+    through the same graph is an error naming the segment, not a recomputation from the wrong state."""
+
+    @mf.rev
+    def grow(w, h, cache):
+        cache.keys = torch.cat([cache.keys, h @ w])
+        return (h @ cache.keys.T).sum()
+
+    w = _rand(0, 3, 3).requires_grad_()
+    with mf.use_plan({"grow": "ckpt"}):
+        value = grow(w, _rand(1, 2, 3), _Cache(_rand(2, 1, 3)))
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="segment 'grow': backward ran twice"):
+        value.backward()
