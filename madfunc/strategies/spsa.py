@@ -23,6 +23,7 @@ from madfunc.strategies.base import (
     EngineView,
     Meta,
     Passes,
+    SeedRecord,
     SegmentStats,
     Shared,
     Strategy,
@@ -45,10 +46,10 @@ def call_seed(generator: torch.Generator, call: int = 1) -> int:
     """The tangent seed of the ``call``-th stochastic segment call (1-based, in the order they run) of the next
     transform call given ``generator=generator``, read without advancing ``generator``.
 
-    With it, :meth:`SPSA.directions` gives the directions that call draws (and ``Random`` with the same ``k``
-    and distribution draws the same ones). It follows ``engine/rng.py``'s ``TangentStream``: one number per
-    transform call drawn from the generator, hashed with the call's index (``tests/strategies/test_spsa.py``
-    pins the two together).
+    Also ``SPSA.call_seed``. With it, :meth:`SPSA.directions` gives the directions that call draws (and
+    ``Random`` with the same ``k`` and distribution draws the same ones). It follows ``engine/rng.py``'s
+    ``TangentStream``: one number per transform call drawn from the generator, hashed with the call's index
+    (``tests/strategies/test_spsa.py`` pins the two together).
 
     Examples:
         >>> import torch
@@ -155,6 +156,8 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
         _, distribution, seeding = parse_random_fields(["1", *fields[2:]], where, "spsa")
         return cls(k, eps, distribution, seeding)
 
+    call_seed = staticmethod(call_seed)  # (also here, so that the API reference shows it with the class)
+
     def _twin(self) -> Random:
         """The ``Random`` strategy that draws the same directions (and combines them the same way)."""
         return Random(self.k, self.distribution, "kept" if self.seeding == "kept" else "eager")
@@ -165,7 +168,7 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
 
         ``tensors`` are the segment's differentiated inputs in the engine's order: its argument tensors as
         optree flattens them (a dict's keys sorted), then the parameters and tensors it reads from outside
-        its arguments. ``seed``: :func:`call_seed`. The call's scalar ``s_j`` (for a loss segment,
+        its arguments. ``seed``: ``SPSA.call_seed(generator)``. The call's scalar ``s_j`` (for a loss segment,
         ``(l(theta + eps v_j) - l(theta - eps v_j)) / (2 eps)``) is then ``k <g, v_j> / ||v_j||^2`` for k = 1.
 
         Examples:
@@ -223,6 +226,11 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
     def combine(self, engine: EngineView, state: StrategyState, s: torch.Tensor | None, meta: Sequence[Meta],
                 shared: Shared | None = None) -> list[torch.Tensor | None]:
         return self._twin().combine(engine, state, s, meta, shared)
+
+    def seed_records(self, engine: EngineView, state: StrategyState, s: torch.Tensor | None, meta: Sequence[Meta],
+                     shared: Shared | None = None) -> list[SeedRecord | None] | None:
+        """``combine``'s gradients deferred as Random's are (same directions, same ``(1/k) sum_j s_j v_j``)."""
+        return self._twin().seed_records(engine, state, s, meta, shared)
 
     def variance(self, stats: SegmentStats) -> float | None:
         """``Random``'s law, which SPSA's relative variance tends to as ``eps -> 0``: a smooth segment's finite
