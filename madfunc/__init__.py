@@ -21,6 +21,8 @@ from madfunc.plan import Plan as Plan
 from madfunc.plan import Random as Random
 from madfunc.plan import Reverse as Reverse
 from madfunc.plan import Strategy as Strategy
+from madfunc.planner.auto import auto_plan as auto_plan
+from madfunc.planner.report import PlanReport as PlanReport
 from madfunc.segment import ModuleSegment as ModuleSegment
 from madfunc.segment import Segment as Segment
 from madfunc.segment import fwd as fwd
@@ -51,6 +53,7 @@ __all__ = [
     "PeakMemory",
     "PerformanceWarning",
     "Plan",
+    "PlanReport",
     "Random",
     "Reverse",
     "SPSA",
@@ -58,6 +61,7 @@ __all__ = [
     "SegmentHandle",
     "SegmentRow",
     "Strategy",
+    "auto_plan",
     "compare",
     "ddp_comm_hook",
     "fwd",

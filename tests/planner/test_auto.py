@@ -1,0 +1,157 @@
+"""auto_plan end to end, checked with the deterministic peak measure (never with timings: which of the
+plans that fit is fastest depends on the machine, so every check here holds for any of them)."""
+
+from __future__ import annotations
+
+import re
+
+import optree
+import pytest
+import torch
+from torch import nn
+
+import madfunc as mf
+from madfunc.plan import parse_strategy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DT = torch.float64
+N = 4096  # the long activation of the rollout-like model
+LONG = mf.rev(lambda w, x: _unroll(w, x), name="rollout")
+HEAD = mf.rev(lambda w, h: (h * w).pow(2).sum(), name="head")
+
+
+def _unroll(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    for _ in range(6):  # few parameters, long activations: reverse mode keeps each step's
+        x = torch.sin(x * w[0]) + w[1] * x
+    return x
+
+
+def _loss(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return HEAD(p["head"], LONG(p["rollout"], x))
+
+
+def _args() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    p = {"rollout": torch.rand(2, dtype=DT, generator=gen) + 0.5, "head": torch.randn(N, dtype=DT, generator=gen)}
+    return p, torch.randn(N, dtype=DT, generator=gen)
+
+
+def _peak(loss, plan: mf.Plan, *args) -> int:
+    grad = mf.mixed_grad(loss, plan)
+    grad(*args), grad(*args)  # forward segments record their replay on the second call
+    with mf.measure_peak() as meter:
+        grad(*args)
+    return meter.peak_bytes
+
+
+def _smallest(error: ValueError) -> int:
+    match = re.search(r"smallest feasible budget is (\d+) bytes", str(error))
+    assert match, str(error)
+    return int(match.group(1))
+
+
+def test_plans_fit_their_budget_and_are_exact() -> None:
+    p, x = _args()
+    reference = torch.func.grad(_loss)(p, x)
+    with pytest.raises(ValueError, match=r"auto_plan\(budget=1.0 KiB\): no plan fits; the smallest feasible budget") as info:
+        mf.auto_plan(_loss, p, x, budget=1024, repeats=1)
+    smallest = _smallest(info.value)
+    reverse = _peak(_loss, mf.Plan({"*": "rev"}), p, x)
+    assert smallest < reverse  # forward mode on the rollout keeps 2 tangents, not 6 steps of activations
+    for budget in (smallest, (smallest + reverse) // 2, 10 * reverse):
+        plan, report = mf.auto_plan(_loss, p, x, budget=budget, repeats=1, return_report=True)
+        assert set(plan) == {"rollout", "head"}
+        assert not any(s.stochastic for s in plan.values())
+        measured = _peak(_loss, plan, p, x)
+        assert measured <= 1.05 * budget, (plan, measured, budget)
+        assert report.measured_peak_bytes == measured
+        assert abs(report.predicted_peak_bytes - measured) <= 0.15 * measured
+        assert report.min_peak_bytes == smallest
+        grads = mf.mixed_grad(_loss, plan)(p, x)
+        for got, want in zip(optree.tree_leaves(grads), optree.tree_leaves(reference), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert plan.lookup("rollout") is not None
+    tight = mf.auto_plan(_loss, p, x, budget=smallest, repeats=1)
+    assert tight["rollout"] == mf.Exact()  # the only strategy that fits the smallest budget
+
+
+def test_the_report_prints_every_option() -> None:
+    p, x = _args()
+    plan, report = mf.auto_plan(_loss, p, x, budget="64MiB", repeats=1, return_report=True)
+    text = str(report)
+    assert text.startswith(f"auto_plan: {plan}")
+    for name in ("rollout", "head", "Reverse()", "Exact(chunk_size=None)", "smallest feasible budget"):
+        assert name in text
+    assert report.to_dict()["plan"] == str(plan)
+    assert [s.name for s in report.segments] == ["rollout", "head"]
+    assert report.segments[0].differentiated == 2
+
+
+def test_estimates_enter_only_where_no_exact_plan_fits() -> None:
+    p, x = _args()
+    with pytest.raises(ValueError) as info:
+        mf.auto_plan(_loss, p, x, budget=0, repeats=1)
+    exact_smallest = _smallest(info.value)
+    roomy = mf.auto_plan(_loss, p, x, budget=10 * exact_smallest, exact=False, repeats=1)
+    assert not any(s.stochastic for s in roomy.values())
+    with pytest.raises(ValueError) as info:
+        mf.auto_plan(_loss, p, x, budget=0, exact=False, repeats=1)
+    smallest = _smallest(info.value)
+    assert smallest < exact_smallest  # the head's 8192 scalars: Random(1) keeps one tangent, not its input
+    plan, report = mf.auto_plan(_loss, p, x, budget=smallest, exact=False, repeats=1, return_report=True)
+    assert any(s.stochastic for s in plan.values())
+    assert report.variance > 0
+    assert _peak(_loss, plan, p, x) <= 1.05 * smallest
+    assert "Random(k=1, distribution='rademacher')" in str(report)
+
+
+def test_use_plan_models() -> None:
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)).to(DT)
+    x = torch.randn(64, 8, dtype=DT)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return model(x).pow(2).mean()
+
+    with mf.mark_segments(model, {"0": "rev", "2": "rev", "4": "rev"}):
+        plan = mf.auto_plan(loss, x, budget="16MiB", argnums=None, repeats=1)
+        assert set(plan) == {"0", "2", "4"}
+        reference = torch.autograd.grad(loss(x), list(model.parameters()))
+        for _ in range(2):
+            model.zero_grad()
+            with mf.use_plan(plan):
+                loss(x).backward()
+        model.zero_grad()
+        with mf.measure_peak() as meter:
+            with mf.use_plan(plan):
+                loss(x).backward()
+        assert meter.peak_bytes <= 1.05 * 16 * 2**20
+        for param, want in zip(model.parameters(), reference, strict=True):
+            torch.testing.assert_close(param.grad, want, rtol=1e-10, atol=1e-12)
+
+
+def _has_checkpointed() -> bool:
+    try:
+        parse_strategy("ckpt")
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_checkpointed(), reason="this madfunc has no Checkpointed strategy ('ckpt') yet")
+def test_checkpointed_is_a_default_candidate() -> None:
+    p, x = _args()
+    _, report = mf.auto_plan(_loss, p, x, budget="64MiB", repeats=1, return_report=True)
+    assert repr(parse_strategy("ckpt")) in {o.strategy for o in report.segments[0].options}
+
+
+def test_bad_arguments() -> None:
+    p, x = _args()
+    with pytest.raises(ValueError, match=r"auto_plan\(exact=True\): candidates Random\(k=4.*estimate the gradient"):
+        mf.auto_plan(_loss, p, x, budget="1MiB", candidates=["rev", "random:4"])
+    with pytest.raises(TypeError, match=r"auto_plan\(candidates=...\): expected a non-empty list"):
+        mf.auto_plan(_loss, p, x, budget="1MiB", candidates="rev")
+    with pytest.raises(ValueError, match=r"auto_plan: the function called no segment"):
+        mf.auto_plan(lambda w: (w**2).sum(), x, budget="1MiB")
+    with pytest.raises(ValueError, match=r"auto_plan\(repeats=0\)"):
+        mf.auto_plan(_loss, p, x, budget="1MiB", repeats=0)
