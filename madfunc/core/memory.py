@@ -53,6 +53,7 @@ class _Tracker(TorchDispatchMode):
         self.meter = meter
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.meter._op_start()
         out = func(*args, **(kwargs or {}))
         outputs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
         if outputs:
@@ -63,6 +64,7 @@ class _Tracker(TorchDispatchMode):
             }
             for t in outputs:
                 self.meter._see(_storage_of(t), inputs)
+        self.meter._op_end()
         return out
 
 
@@ -112,6 +114,13 @@ class PeakMemory:
             self._sizes[key] = nbytes
             self._add(nbytes)
         self._finalizers.append(weakref.finalize(storage, self._free, key))
+
+    def _op_start(self) -> None:
+        """Called before each op runs (``live_bytes`` then includes every free so far): for subclasses that
+        keep a timeline (the planner's profile)."""
+
+    def _op_end(self) -> None:
+        """Called after each op, its outputs counted."""
 
     def _add(self, nbytes: int) -> None:
         self.live_bytes += nbytes
