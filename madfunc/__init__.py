@@ -13,6 +13,7 @@ from madfunc.engine.distributed import ddp_comm_hook as ddp_comm_hook
 from madfunc.marking import SegmentHandle as SegmentHandle
 from madfunc.marking import mark_segments as mark_segments
 from madfunc.ops.rules import register_forward_rule as register_forward_rule
+from madfunc.optim import SeedSGD as SeedSGD
 from madfunc.plan import Activity as Activity
 from madfunc.plan import Checkpointed as Checkpointed
 from madfunc.plan import Exact as Exact
@@ -57,6 +58,7 @@ __all__ = [
     "Random",
     "Reverse",
     "SPSA",
+    "SeedSGD",
     "Segment",
     "SegmentHandle",
     "SegmentRow",

@@ -18,12 +18,13 @@ import torch
 
 from madfunc.core.checks import _needs_grad, _refuse_higher_order, refuse_complex
 from madfunc.engine import context as _context
+from madfunc.engine import deferral as _deferral
 from madfunc.engine import distributed as _distributed
 from madfunc.engine.captured import discover
 from madfunc.engine.reverse import differentiated_per_argument, run_reverse
 from madfunc.engine.runner import Engine
 from madfunc.engine.state import State
-from madfunc.strategies.base import SegmentStats, Shared, Strategy, zeros
+from madfunc.strategies.base import SeedRecord, SegmentStats, Shared, Strategy, zeros
 
 __all__ = ["run_forward"]
 
@@ -47,6 +48,9 @@ class _ForwardSegment(torch.autograd.Function):
         non_diff = [output[i] for i in range(engine.n_out) if i not in engine.diff_out]
         ctx.mark_non_differentiable(*ydots, *non_diff)
         ctx.data_parallel = _distributed.prepare(engine, _context.active())  # None without a process group
+        # Parameters a seed-fused optimizer claimed (engine/deferral): their gradients may be deferred to it.
+        claimed = _deferral.claims_of([tensors[i] for i in engine.diff]) if engine.strategy.stochastic else None
+        ctx.claimed = None if claimed is None else [tensors[i] for i in engine.diff]
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:
@@ -78,11 +82,33 @@ def _backward(ctx: Any, grads: tuple) -> tuple:
     if dp is not None:  # (every rank takes part in the reduction, an empty one too)
         assert engine.seed is not None
         shared = Shared(dp.reduce(engine.name, s, engine.seed, engine.stats.tangents or 0), dp.params, dp)
-    diff_grads = zeros(ctx.meta) if engine.empty else strategy.combine(engine, state, s, ctx.meta, shared)
+    claimed, records = ctx.claimed, None
+    if claimed is not None and not engine.empty:  # None: the strategy cannot defer (it combines)
+        records = strategy.seed_records(engine, state, s, ctx.meta, shared)
+    if claimed is not None and records is not None:
+        diff_grads = _defer(claimed, records, shared)
+    else:
+        diff_grads = zeros(ctx.meta) if engine.empty else strategy.combine(engine, state, s, ctx.meta, shared)
     result: list[torch.Tensor | None] = [None] * ctx.n_tensors
     for i, g in zip(engine.diff, diff_grads, strict=True):
         result[i] = g
     return (None, *result)
+
+
+def _defer(inputs: list[torch.Tensor], records: list[SeedRecord | None],
+           shared: Shared | None) -> list[torch.Tensor | None]:
+    """``combine``'s gradients with those of claimed parameters handed to their optimizer as records (autograd
+    gets None for them: no parameter-sized buffer); the others are built from their records one at a time."""
+    grads: list[torch.Tensor | None] = []
+    for tensor, record in zip(inputs, records, strict=True):
+        owner = None if record is None else _deferral.claimant(tensor)  # (re-read: the optimizer may be gone)
+        if owner is not None:
+            assert record is not None
+            owner.defer(tensor, record)
+        grads.append(None if record is None or owner is not None else record.gradient())
+    if shared is not None:  # what is reduced already (a deferred one: nothing of it reaches autograd)
+        shared.reduction.record(grads)
+    return grads
 
 
 def run_forward(

@@ -27,11 +27,12 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from madfunc.strategies.kernels import contract
+from madfunc.strategies.kernels import combine_tangents, contract
+from madfunc.strategies.tangents import draw_leaf
 
 __all__ = [
-    "KINDS", "StrategyState", "EngineView", "Meta", "Passes", "Reverse", "SegmentStats", "Shared", "Strategy",
-    "positive_int", "zeros",
+    "KINDS", "StrategyState", "EngineView", "Meta", "Passes", "Reverse", "SegmentStats", "SeedRecord", "Shared",
+    "Strategy", "positive_int", "zeros",
 ]
 
 # The kinds of the string form (``"random:16:rademacher"`` -> Random), filled by Strategy subclasses.
@@ -88,6 +89,33 @@ class Shared:
     s: torch.Tensor  # the reduced coefficients
     params: Sequence[bool]  # per differentiated input: a parameter (takes ``s``) or an activation (its own)
     reduction: Reduction  # told the gradients ``combine`` returns
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedRecord:
+    """One segment call's gradient of one input, deferred: ``sum_j coef_j v_j``, with the tangents ``v``
+    (``k`` of them, shape ``(k, *shape)``) drawn again from the call's ``seed`` and the leaf's stream ``index``.
+
+    What a seed-fused optimizer (``madfunc.optim``) keeps instead of a gradient: ``k`` scalars and a seed.
+    ``coef`` is already scaled (``s / k`` for ``Random``); None: the segment did not read the input (an
+    exact zero gradient, which still counts as a gradient for weight decay and momentum).
+    """
+
+    seed: int
+    index: int  # the leaf's stream among the call's differentiated inputs (tangents.leaf_seed)
+    distribution: str
+    k: int
+    coef: torch.Tensor | None  # (k,), or None: an exact zero
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    def gradient(self) -> torch.Tensor:
+        """The gradient itself: one leaf's ``k`` tangents exist while it is built (and become it when k = 1)."""
+        if self.coef is None:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        v = draw_leaf(self.distribution, self.k, self.shape, self.dtype, self.device, self.seed, self.index)
+        return combine_tangents(self.coef, v, self.dtype, reuse=True)
 
 
 class EngineView(Protocol):
@@ -235,6 +263,14 @@ class Strategy:
         """The gradients of the differentiated inputs (shapes, dtypes, devices in ``meta``) from ``s``;
         ``shared``: under a process group, the coefficients reduced over ranks that parameters take."""
         raise NotImplementedError(f"{type(self).__name__} is not a forward strategy")
+
+    def seed_records(self, engine: EngineView, state: StrategyState, s: torch.Tensor | None, meta: Sequence[Meta],
+                     shared: Shared | None = None) -> list[SeedRecord | None] | None:
+        """What ``combine`` would return, deferred (for a seed-fused optimizer, ``madfunc.optim``): per input a
+        :class:`SeedRecord`, or None where ``combine`` gives None; None for the whole call where the strategy's
+        gradient is not ``sum_j c_j v_j`` with ``v`` regenerable leaf by leaf (the default: the engine then
+        calls ``combine`` and the optimizer reads ``p.grad``)."""
+        return None
 
     def variance(self, stats: SegmentStats) -> float | None:
         """``E||g^ - g||^2 / ||g||^2`` of one call of a stochastic strategy with these ``stats``, or None if

@@ -16,6 +16,7 @@ from madfunc.strategies.base import (
     EngineView,
     Meta,
     Passes,
+    SeedRecord,
     SegmentStats,
     Shared,
     Strategy,
@@ -26,7 +27,7 @@ from madfunc.strategies.base import (
 from madfunc.strategies.kernels import accumulation_dtype, combine_tangents, contract
 from madfunc.strategies.tangents import DISTRIBUTIONS, draw_leaf, draw_tangents
 
-__all__ = ["LAZY_SEEDING_BYTES", "SEEDINGS", "Random", "RandomState", "check_distribution"]
+__all__ = ["LAZY_SEEDING_BYTES", "SEEDINGS", "Random", "RandomState", "check_distribution", "seed_records"]
 
 SEEDINGS = ("auto", "lazy", "eager", "kept")
 # Random tangents this large (k x the differentiated inputs) are seeded lazily, where each leaf is first
@@ -125,6 +126,36 @@ def regenerate(strategy: Any, seed: int, meta: Sequence[tuple], used: Sequence[b
         return
     for index, ((shape, dtype, _), u) in enumerate(zip(meta, used, strict=True)):
         yield draw_leaf(distribution, k, shape, dtype, device, seed, index) if u else None
+
+
+def seed_records(strategy: Any, engine: EngineView, s: torch.Tensor | None, meta: Sequence[Meta],
+                 shared: Shared | None, scale: float) -> list[SeedRecord | None] | None:
+    """The deferred form of ``combine`` for a gradient ``scale * sum_j s_j v_j`` with ``v`` drawn leaf by leaf
+    from the call's seed (``Strategy.seed_records``): the same coefficients ``combine`` uses (under a process
+    group, parameters take the reduced ``shared.s``, activations this rank's ``s``; a parameter the segment
+    did not read gets None), no tangent drawn. None for ``"orthogonal"`` (drawn jointly over all leaves)."""
+    distribution = strategy.distribution
+    if DISTRIBUTIONS[distribution].draw is None:
+        return None
+    seed = engine.seed
+    assert seed is not None  # (a stochastic strategy's call always has one)
+    if shared is not None:
+        s = torch.zeros_like(shared.s) if s is None else s
+    elif s is None or s.numel() == 0:  # no cotangent reached the outputs: exact zeros
+        s = None
+    local = None if s is None else s.detach() * scale
+    coefs = [local] * len(meta)
+    unread = [False] * len(meta)
+    if shared is not None:
+        coefs = [shared.s.detach() * scale if p else local for p in shared.params]
+        unread = [bool(p) and not r for p, r in zip(shared.params, shared.reduction.read, strict=True)]
+    return [
+        None if skip
+        else SeedRecord(seed, index, distribution, strategy.k, coef if used else None, shape, dtype, device)
+        for index, (coef, (shape, dtype, device), used, skip) in enumerate(
+            zip(coefs, meta, engine.used, unread, strict=True)
+        )
+    ]
 
 
 class RandomFields:
@@ -282,6 +313,10 @@ class Random(RandomFields, Strategy, kind="random", fields=("K", "DISTRIBUTION",
         if shared is not None:
             shared.reduction.record(grads)
         return grads
+
+    def seed_records(self, engine: EngineView, state: StrategyState, s: torch.Tensor | None, meta: Sequence[Meta],
+                     shared: Shared | None = None) -> list[SeedRecord | None] | None:
+        return seed_records(self, engine, s, meta, shared, 1.0 / self.k)
 
     def variance(self, stats: SegmentStats) -> float | None:
         n = stats.differentiated_numel or 0
