@@ -241,7 +241,7 @@ def auto_plan(fn: Callable[..., Any], *args: Any, budget: int | float | str, exa
             model's parameters), as ``fn(*args).backward()`` in a :func:`use_plan` block. Default: ``0``.
         candidates: strategies (or string forms) each segment may take, the first the base for timing.
             Default: ``None`` (see above).
-        repeats: timed steps per profiled plan (the median counts). Default: ``3``.
+        repeats: timed steps per profiled plan (the fastest counts). Default: ``3``.
         return_report: also return a :class:`PlanReport` of what it predicted for each option. Default:
             ``False``.
 

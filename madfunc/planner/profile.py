@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -223,9 +222,10 @@ class _WatchedCalls(list):
 
 
 def time_steps(step: Step, plans: Sequence[Plan], repeats: int, slow: float = 1.0) -> list[float]:
-    """Median seconds of one step under each plan: each warmed up, then ``repeats`` rounds interleaved
-    (a slow moment of the machine then hits every plan alike). A plan whose warm step took over ``slow``
-    seconds is not repeated: its warm step is its time (its cost is then far above the others' anyway)."""
+    """Seconds of one step under each plan, the fastest of ``repeats`` (other load only ever adds time), each
+    plan warmed up first and the rounds interleaved (a slow moment of the machine then hits every plan
+    alike). A plan whose warm step took over ``slow`` seconds is not repeated: its warm step is its time (its
+    cost is then far above the others' anyway)."""
     warm: list[float] = []
     for plan in plans:
         step.sync(step.run(plan))
@@ -240,4 +240,4 @@ def time_steps(step: Step, plans: Sequence[Plan], repeats: int, slow: float = 1.
             start = time.perf_counter()
             step.sync(step.run(plan))
             seconds[i].append(time.perf_counter() - start)
-    return [statistics.median(s) for s in seconds]
+    return [min(s) for s in seconds]

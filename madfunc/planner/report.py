@@ -85,7 +85,8 @@ class PlanReport:
         measured_peak_bytes: that peak measured on one step under ``plan`` (:func:`measure_peak`).
         min_peak_bytes: the smallest predicted peak of any plan of the candidates: the smallest budget.
         variance: the plan's summed relative gradient variance (0 for an exact plan).
-        base_time: the measured step time of the base plan (every segment on the first candidate).
+        base_time: the measured step time of the base plan (every segment on the first candidate; the fastest
+            of the repeats).
         segments: per segment, its options (:class:`SegmentPlan`).
         alternatives: uniform plans (every segment on one candidate) and the chosen one, predicted, with the
             uniform plans' measured times.

@@ -1,5 +1,5 @@
-"""The command line: ``madfunc demo``, ``madfunc compare`` and ``madfunc inspect`` on the built-in CNN,
-with plans written as ``"features=random:16:rademacher,head=rev"``."""
+"""The command line: ``madfunc demo``, ``madfunc compare``, ``madfunc inspect`` and ``madfunc plan`` on the built-in
+CNN, with plans written as ``"features=random:16:rademacher,head=rev"``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from madfunc.plan import PLAN_EXAMPLE, Plan, strategy_syntax
+from madfunc.planner.auto import auto_plan
+from madfunc.planner.budget import parse_budget
 from madfunc.tools.diagnostics import compare, inspect
 
 __all__ = ["main"]
@@ -79,6 +81,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _budget(text: str) -> str:
+    """argparse type: a memory budget such as ``50MiB`` (checked here, read again by auto_plan)."""
+    try:
+        parse_budget(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected bytes with an optional unit, e.g. 50MiB, 2GiB, 1.5GB or 4096 (units: B, KB, MB, GB, TB, "
+            f"KiB, MiB, GiB, TiB), got {text!r}."
+        ) from None
+    return text
+
+
 def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
     """Fail now, not after training, when the plot cannot be written to ``out``."""
     try:
@@ -121,12 +135,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(command_parser=demo)  # for errors found after parsing, with the demo's usage line
     comp = sub.add_parser("compare", help="print the gradient quality of a plan against backprop")
     insp = sub.add_parser("inspect", help="print what each segment runs and keeps for backward under a plan")
+    planner = sub.add_parser("plan", help="choose each segment's strategy for the fastest step within a memory budget")
+    planner.add_argument("--budget", type=_budget, default="50MiB",
+                         help="peak bytes one step may allocate beyond the parameters and batch, e.g. 50MiB, "
+                         "2GiB, 1.5GB (default: 50MiB)")
+    planner.add_argument("--estimates", action="store_true",
+                         help="let gradient estimates (Random) in where no exact plan fits (auto_plan's exact=False)")
+    planner.add_argument("--repeats", type=_integer(1), default=3, help="timed steps per profiled plan (default: 3)")
     for command in (comp, insp):
         command.add_argument("--plan", type=_model_plan, default=Plan.from_string(DEFAULT_PLANS["random forward"]),
                              help=plan_help + f" (default: {DEFAULT_PLANS['random forward']!r})")
     for command in (demo, comp):
         command.add_argument("--draws", type=_integer(1), default=16, help="gradient draws for compare (default: 16)")
-    for command in (demo, comp, insp):
+    for command in (demo, comp, insp, planner):
         command.add_argument("--batch-size", type=_integer(1), default=64, help="minibatch size (default: 64)")
         command.add_argument("--seed", type=_integer(0, 2**63, "2**63"), default=0, help="random seed (default: 0)")
         command.add_argument("--threads", type=_integer(1), default=1, help="torch CPU threads (default: 1; the "
@@ -154,8 +175,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     if args.command == "compare":
         print(compare(_demo.loss_fn, args.plan, params, x, y, draws=args.draws))
+    elif args.command == "plan":
+        try:
+            _, report = auto_plan(_demo.loss_fn, params, x, y, budget=args.budget, exact=not args.estimates,
+                                  repeats=args.repeats, return_report=True)
+        except ValueError as error:  # no plan fits: the message gives the smallest budget that does
+            print(f"madfunc plan: {error}", file=sys.stderr)
+            return 1
+        print(report)
+        print(f"(timings on {_threads(torch.get_num_threads())}; use the plan with madfunc.mixed_grad(loss, plan) "
+              "or madfunc.use_plan(plan))")
     else:
         print(inspect(_demo.loss_fn, args.plan, params, x, y))
+        print("To choose each segment's strategy under a memory budget: madfunc plan --budget 50MiB "
+              "(madfunc.auto_plan(loss, *args, budget='50MiB') in Python).")
     return 0
 
 
