@@ -206,9 +206,12 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
             def at(i: int, x: torch.Tensor) -> torch.Tensor:
                 if not used[i]:
                     return x
-                v = drawn[i] if drawn is not None else draw_leaf(
-                    self.distribution, self.k, x.shape, x.dtype, device, seed, i)
-                return torch.add(x, v[j], alpha=step)
+                if drawn is not None:
+                    return torch.add(x, drawn[i][j], alpha=step)
+                # Drawn here and ours: the perturbed value overwrites it (one leaf-sized buffer, as MeZO's in-place
+                # perturbation needs), computed as MeZO computes it (p.add_(z, alpha=eps)).
+                v = draw_leaf(self.distribution, self.k, x.shape, x.dtype, device, seed, i)[j]
+                return torch.add(x, v, alpha=step, out=v)
             return at
 
         rows: list[list[torch.Tensor]] = []

@@ -17,7 +17,7 @@ generator, none of them statistical:
 
 from __future__ import annotations
 
-import gc
+import functools
 import math
 
 import numpy as np
@@ -80,8 +80,9 @@ def test_another_generator_seed_gives_other_directions() -> None:
     assert float((_estimate(mf.SPSA(2), seed=4) - _estimate(mf.Random(2))).norm()) > 0.1
 
 
+@pytest.mark.parametrize("seeding", ["lazy", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_directions_and_scalar_can_be_rebuilt_outside(dtype: torch.dtype) -> None:
+def test_directions_and_scalar_can_be_rebuilt_outside(dtype: torch.dtype, seeding: str) -> None:
     """MeZO's step from SPSA's own directions: ``s = (l(w + eps v) - l(w - eps v)) / (2 eps)``, gradient ``s v``."""
     w, x, c = W0.to(dtype), X.to(dtype), C.to(dtype)
 
@@ -91,7 +92,7 @@ def test_directions_and_scalar_can_be_rebuilt_outside(dtype: torch.dtype) -> Non
     seg = mf.fwd(loss, name="model")
     gen = torch.Generator().manual_seed(9)
     seed = call_seed(gen)
-    grad, value = mf.mixed_grad_and_value(seg, {"model": mf.SPSA(eps=1e-3)}, generator=gen)(w)
+    grad, value = mf.mixed_grad_and_value(seg, {"model": mf.SPSA(eps=1e-3, seeding=seeding)}, generator=gen)(w)
     (v,) = mf.SPSA().directions(seed, [w])
     s = (loss(w.add(v[0], alpha=1e-3)) - loss(w.add(v[0], alpha=-1e-3))) / (2 * 1e-3)
     torch.testing.assert_close(value, loss(w), rtol=0, atol=0)
@@ -193,38 +194,23 @@ def test_kv_cache_is_filled_once() -> None:
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
 
 
-def _tensors_alive(shape: tuple[int, ...]) -> int:
-    """How many tensors of ``shape`` are alive now (leaves, their wrappers, perturbed values, directions)."""
-    gc.collect()
-    return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.shape == shape)
-
-
-# What the body saw, per layer and pass. Module-level: the engine restores what a body reaches through its
-# closure before every pass (side effects happen once), which would keep only one pass's entries.
-_ALIVE: list[int] = []
-
-
-@pytest.mark.parametrize(("seeding", "most", "least"), [("lazy", 0, 0), ("eager", 6, 6)])
-def test_perturbed_inputs_exist_one_at_a_time(seeding: str, most: int, least: int) -> None:
-    """After each layer of the perturbed passes, against the plain pass: lazy, no perturbed weight is left
-    (each existed while its op ran); eager, all L = 6 perturbed weights exist (the directions were drawn
-    before the plain pass: they count in both)."""
-    depth, width = 6, 8
-    weights = [_rand(10 + i, width, width) / math.sqrt(width) for i in range(depth)]
-
-    def body(x, *ws):
-        for w in ws:
-            x = torch.tanh(x @ w)
-            _ALIVE.append(_tensors_alive((width, width)))
-        return x
-
-    seg = mf.fwd(body, name="body")
-    x = _rand(20, 3, width)
-    _ALIVE.clear()
-    mf.mixed_grad(lambda ws: seg(x, *ws).sum(), {"body": mf.SPSA(1, seeding=seeding)})(weights)
-    plain, perturbed = _ALIVE[:depth], _ALIVE[depth : 3 * depth]  # (a 4th plain pass may follow)
-    extra = [p - plain[i % depth] for i, p in enumerate(perturbed)]
-    assert least <= max(extra) <= most, (plain, perturbed)
+@pytest.mark.parametrize("seeding", ["lazy", "eager"])
+def test_perturbed_inputs_exist_one_at_a_time(seeding: str) -> None:
+    """The forward half (3 passes) of a chain of L = 6 weights, in live tensor bytes beyond what existed before:
+    lazy, one weight-sized buffer (the direction drawn where the weight is read, overwritten by the perturbed
+    value, as MeZO's in-place perturbation needs one) plus activations; eager, all L directions and all L
+    perturbed weights at once (2L buffers: the test tells the two apart)."""
+    depth, width = 6, 64
+    weights = [(_rand(10 + i, width, width) / math.sqrt(width)).requires_grad_() for i in range(depth)]
+    leaf = width * width * 8
+    seg = mf.fwd(lambda x, *ws: functools.reduce(lambda h, w: torch.tanh(h @ w), ws, x).sum(), name="chain")
+    x = _rand(20, 2, width)
+    with mf.use_plan({"chain": mf.SPSA(1, seeding=seeding)}), mf.measure_peak() as memory:
+        seg(x, *weights)
+    if seeding == "lazy":
+        assert leaf <= memory.peak_bytes <= leaf + 8 * 1024, memory.peak_bytes  # activations: 1 KiB each
+    else:
+        assert memory.peak_bytes >= 2 * depth * leaf, memory.peak_bytes
 
 
 def test_unread_input_gets_an_exact_zero() -> None:
