@@ -23,7 +23,7 @@ from madfunc.engine.passes import (
     vmap_may_be_at_fault,
     warn_loop,
 )
-from madfunc.ops.rules import OpRules
+from madfunc.ops.rules import OpRules, seam_pays
 
 __all__ = ["PassRunner"]
 
@@ -39,6 +39,8 @@ class PassRunner:
     used: list[bool]
     fallbacks: set[str]
     bare: bool  # later passes of this call may skip the op seam
+    untouched: bool = False  # the last pass under the seam met no rule, fallback or custom Function
+    op_count: int = 0  # torch calls of the body in the last pass under the seam (a recording's size: _replay)
     clean: bool  # the last eager pass met no rule, fallback or dropped tangent
     plain_call: bool
     snapshot: Any  # rng.Snapshot, restored before a pass that repeats an earlier one
@@ -101,8 +103,11 @@ class PassRunner:
             self.push(tensors, which, [t[:1] for t in tangents], watch=watch, diagnose=suspicious)
         self.fallbacks.update(*(mode.fallbacks for mode in rules))
         if not bare:
-            self.bare = not any(mode.touched for mode in rules)
-        self.clean = self.bare and not self.fallbacks and check
+            self.untouched = not any(mode.touched for mode in rules)
+            # (a body whose arithmetic with numbers the seam runs faster keeps it: rules.seam_pays)
+            self.bare = self.untouched and not seam_pays(rules)
+            self.op_count = max((getattr(mode, "calls", 0) for mode in rules), default=0)
+        self.clean = self.untouched and not self.fallbacks and check
         if watch:
             used = set().union(*(mode.used for mode in rules))
             for slot, j in enumerate(which):

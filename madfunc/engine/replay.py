@@ -41,8 +41,11 @@ from madfunc.core.functorch import is_batched, layer_depth, restore_layer_depth
 from madfunc.core.registry import REGISTRY
 from madfunc.engine.graphclean import mutates, simplify
 from madfunc.engine.recordable import Refused, check_recordable
+from madfunc.ops.rules import ScalarForms
 
-__all__ = ["RECORD_AFTER", "REFUSED", "Replay", "clear", "key_of", "lookup", "note_clean", "replayed"]
+__all__ = [
+    "MAX_RECORDED_CALLS", "RECORD_AFTER", "REFUSED", "Replay", "clear", "key_of", "lookup", "note_clean", "replayed",
+]
 
 # key -> clean eager sightings so far (int) | Replay | a refusal reason (str). Least recently used first.
 _CACHE: collections.OrderedDict[tuple, Any] = REGISTRY.register(
@@ -51,6 +54,13 @@ _CAPACITY = 256
 # Clean eager sightings of a key before it is recorded: a pass seen once (one-off shapes, a closure made
 # per call) is not worth the tracing (0.1-0.5 s). The sweeps set 1 to replay every case on its second call.
 RECORD_AFTER = 2
+# The most torch calls (of the body, seen by the op seam, times the passes recorded as one graph) that are
+# recorded. Tracing with make_fx through vmap(jvp(...)) costs 1-5 ms a torch call (the fake-tensor and proxy
+# bookkeeping of the 3-6 aten ops that each becomes; measured on a 1,500-step rollout, 1 CPU thread, linear in
+# the calls), 20-50x the eager pass, and ~10 KB of memory a node while it runs: above this many calls (a
+# recording of 2-5 s), a pass stays eager, and the refusal is decided from the eager pass's count, before any
+# tracing. Below it, a recording pays for itself after ~25-50 calls of the segment.
+MAX_RECORDED_CALLS = 1000
 # Why passes were not recorded, by segment name (tests and inspection read it).
 REFUSED: dict[str, str] = REGISTRY.register("replay.refused", dict, "why passes were not recorded, by segment")
 # The scalar types a non-tensor argument may have for its pass to be recorded (keyed by value).
@@ -156,6 +166,7 @@ class Replay:
         self.out_spec = out_spec
         self.buffers = buffers  # (module weakref, buffer name, shape, dtype, device): read at each run
         self.used: list[bool] | None = None  # a watched pass's: which seeded inputs the body read
+        self.calls = 0  # the torch calls of the passes it was made from (their size: MAX_RECORDED_CALLS)
         # The graph holds autocast's casts as they ran while recording: it runs with autocast off, or autocast
         # would cast its float32 matmuls (autocast-off regions, attention's math kernel) again.
         self.autocast = enabled_devices()
@@ -201,10 +212,16 @@ def note_clean(engine: Any, key: tuple | None, tensors: Sequence[torch.Tensor], 
         _CACHE.popitem(last=False)
     if seen + 1 < RECORD_AFTER:
         return
+    size = engine.op_count * len(passes)
+    if size > MAX_RECORDED_CALLS:  # decided before tracing: a long loop costs nothing to refuse
+        _CACHE[key] = REFUSED[engine.name] = (
+            f"its passes make {size} torch calls, above replay.MAX_RECORDED_CALLS = {MAX_RECORDED_CALLS} (tracing "
+            "costs 1-5 ms a call, 20-50x the eager pass)")
+        return
     with _restored_state():
         try:
             recording = _record(engine, tensors, passes)
-            recording.used = used
+            recording.used, recording.calls = used, size
             _verify(recording, tensors, passes, expected)
             _CACHE[key] = recording
         except Refused as refusal:
@@ -276,7 +293,8 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
     def one_pass(ts: Sequence[torch.Tensor], which: Sequence[int], tans: Sequence[torch.Tensor]) -> tuple:
         def single(*tangent: torch.Tensor) -> tuple:
             def body(*seeded: torch.Tensor, passed: list) -> tuple:
-                outs = engine.seeded_call(ts, which, seeded, passed)
+                with ScalarForms():  # (the forms the eager pass ran under the op seam)
+                    outs = engine.seeded_call(ts, which, seeded, passed)
                 out_spec[0] = engine.out_spec
                 return outs
 
@@ -323,6 +341,8 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
     # of inputs and outputs on every call (~0.2 ms a call).
     gm.graph._codegen = CodeGen()
     gm.recompile()
+    for node in gm.graph.nodes:  # the generated code reads no metadata: its fake tensors (one a node) go
+        node.meta.clear()
     outputs = next(iter(reversed(gm.graph.nodes))).args[0]
     return Replay(engine.name, gm, len(outputs) // 2, out_spec[0], buffers)  # one tangent batch per output
 

@@ -317,3 +317,117 @@ def test_pooling_by_slices_is_avg_pool2d(k: int, size: tuple) -> None:
     torch.testing.assert_close(pool_by_slices(x, k), F.avg_pool2d(x, k), rtol=1e-14, atol=1e-14)
     strided = x.transpose(0, 1)  # a tangent batch's layout is often permuted
     torch.testing.assert_close(pool_by_slices(strided, k), F.avg_pool2d(strided, k), rtol=1e-14, atol=1e-14)
+
+
+# -- long loops (issue 18): a rollout of few parameters, recorded below a size and eager above it -------------
+def _rollout(p: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """benchmarks/rollout.py's update, in small: a reaction-diffusion step with 8 coefficients, scalars included."""
+    a, b, c, d, e, f, g, h = p.unbind()
+    for _ in range(steps):
+        lap = x.roll(1, -1) + x.roll(-1, -1) - 2 * x
+        x = torch.add(x, a * lap + b * torch.tanh(c * x + d) - e * x + f * torch.sin(g * x) + h, alpha=0.01)
+    return x / 3 - 1
+
+
+ROLLOUT = mf.fwd(_rollout, name="rollout")
+
+
+def _rollout_args() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.8, 1.2, 0.1, 0.6, 0.3, 2.0, 0.05], dtype=torch.float64)
+    return p, torch.randn(3, 4, generator=gen, dtype=torch.float64)
+
+
+def _rollout_grad(steps: int):
+    return mf.mixed_grad(lambda p, x: ROLLOUT(p, x, steps).pow(2).sum(), {"rollout": mf.Exact()})
+
+
+def _recording(name: str) -> _replay.Replay:
+    (recording,) = [v for v in _replay._CACHE.values() if isinstance(v, _replay.Replay) and v.name == name]
+    return recording
+
+
+def test_a_recording_grows_linearly_with_the_loop_and_replays_the_eager_values() -> None:
+    """The recorded graph (clean-up passes included) and the calls counted by the op seam grow by the same
+    amount every step (a deterministic proxy of the recording's cost: tracing is linear in both), and each
+    replay gives the eager gradient, which is torch.func.grad's."""
+    p, x = _rollout_args()
+    nodes, calls = [], []
+    for steps in (2, 4, 6, 8):
+        _replay.clear()
+        g = _rollout_grad(steps)
+        want = grad(lambda p, x, n=steps: _rollout(p, x, n).pow(2).sum())(p, x)
+        eager = g(p, x)  # (records: RECORD_AFTER is 1 here)
+        _close(eager, want)
+        for _ in range(2):
+            assert torch.equal(g(p, x), eager)
+        nodes.append(len(_recording("rollout").gm.graph.nodes))
+        calls.append(_recording("rollout").calls)
+    assert len({b - a for a, b in zip(nodes, nodes[1:], strict=False)}) == 1, nodes
+    assert len({b - a for a, b in zip(calls, calls[1:], strict=False)}) == 1, calls
+
+
+def test_a_recording_keeps_no_tensors_alive() -> None:
+    """Recording a pass leaves no more live tensors than an eager call does (the graph needs none: it reads its
+    inputs at each run). It kept the fake tensor of every node's metadata (5,439 on a 100-step rollout)."""
+    p, x = _rollout_args()
+
+    def live() -> int:
+        gc.collect()
+        return sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())  # (type: no __getattr__ call)
+
+    _replay.RECORD_AFTER = 2
+    g = _rollout_grad(6)
+    got = g(p, x)  # eager: its first sighting
+    before = live()
+    got = g(p, x)  # eager again, then recorded
+    assert _replay.replayed("rollout") == 1
+    assert live() == before
+    assert torch.equal(g(p, x), got)
+
+
+def test_passes_above_the_size_limit_stay_eager_with_exact_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above MAX_RECORDED_CALLS the refusal is decided from the eager pass's count, before any tracing."""
+    monkeypatch.setattr(_replay, "MAX_RECORDED_CALLS", 60)
+
+    def never(*args: object) -> None:
+        raise AssertionError("a pass above the size limit was traced")
+
+    monkeypatch.setattr(_replay, "_record", never)
+    p, x = _rollout_args()
+    g = _rollout_grad(5)  # 19 torch calls a step, 6 around the loop
+    want = grad(lambda p, x: _rollout(p, x, 5).pow(2).sum())(p, x)
+    for _ in range(3):
+        _close(g(p, x), want)
+    assert "101 torch calls, above replay.MAX_RECORDED_CALLS = 60" in _replay.REFUSED["rollout"]
+    assert _replay.replayed("rollout") == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.int64])
+def test_the_seams_scalar_forms_give_the_plain_values(dtype: torch.dtype) -> None:
+    """The op seam runs a tensor's arithmetic with a Python number by the .Scalar overload (whose forward formula
+    makes no zero tensor: ~1 ms an op saved): same values and dtype as the plain call, and what it leaves alone."""
+    from madfunc.ops.rules import ScalarForms
+
+    x = (torch.arange(1, 7).reshape(2, 3) * 3).to(dtype)
+    calls = [lambda x: 2 * x, lambda x: x * 0.3, lambda x: x / 3, lambda x: x - 1, lambda x: 1.5 + x,
+             lambda x: torch.add(x, 2, alpha=3), lambda x: x.sub(0.25, alpha=2), lambda x: torch.div(x, 7),
+             lambda x: x * True, lambda x: torch.div(x, 2, rounding_mode="floor"), lambda x: x.mul(x)]
+    for call in calls:
+        with ScalarForms():
+            got = call(x)
+        want = call(x)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_scalar_arithmetic_keeps_the_seam_and_exact_gradients() -> None:
+    """A body whose arithmetic with numbers the seam ran faster keeps the seam in later passes (Exact's groups)."""
+    w, b, x = (torch.randn(*s, dtype=torch.float64) for s in ((3, 3), (3,), (4, 3)))
+
+    def body(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (torch.tanh(x @ w * 0.5 + b) / 3 - 1).pow(2).sum()
+
+    seg = mf.fwd(body, name="scalars", record=False)
+    g = mf.mixed_grad(lambda w, b, x: seg(w, b, x), {"scalars": mf.Exact(chunk_size=4)}, argnums=(0, 1))
+    for _ in range(2):
+        _close(g(w, b, x), grad(body, argnums=(0, 1))(w, b, x))
