@@ -225,8 +225,8 @@ def auto_plan(fn: Callable[..., Any], *args: Any, budget: int | float | str, exa
       the least variance (few scalars ``n``, large ``k``).
 
     ``Exact``-like candidates (one tangent per scalar) are left out of segments that read more than 4096
-    differentiated scalars. The step is run about ``3 + 2 * segments * candidates + 5 * repeats`` times;
-    profile on a batch of the size you will train with.
+    differentiated scalars. The step runs about ``(segments + 1) * candidates * (2 + repeats)
+    + 3 * candidates`` times; profile on a batch of the size you will train with (docs/guides/planner.md).
 
     Args:
         fn: the loss function, a scalar tensor of ``args``, calling segments (:func:`fwd`, :func:`rev`,

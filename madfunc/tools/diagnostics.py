@@ -249,6 +249,7 @@ def inspect(fn: Callable[..., Any], plan: PlanLike, *args: Any, argnums: ArgNums
     Flags: a forward segment that keeps more than twice what backprop would keep there (typically
     ``Exact`` over a large activation input: one tangent per input scalar), and ``Random`` with ``k``
     at least the number of differentiated scalars ``n`` (``Exact`` would be exact at that cost).
+    To choose every segment's strategy for the fastest step within a memory budget, see :func:`auto_plan`.
 
     Args:
         fn: a function of ``args`` returning a scalar tensor, calling segments (:func:`fwd`/:func:`rev`).
