@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from madfunc.core.checks import _common_device
+from madfunc.core.functorch import is_wrapped
 from madfunc.strategies.base import (
     EngineView,
     Meta,
@@ -104,9 +105,10 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
     law is ``Random``'s as ``eps -> 0``. In float32 or lower precision, the differences lose
     ``log10(|f| / (eps |J v|))`` digits to cancellation: keep ``eps`` well above the dtype's resolution.
 
-    Memory: a perturbed input is substituted where an op reads it, so ``theta + eps v`` exists one input at a
-    time (the perturbed model is never materialised as a whole, as in MeZO's in-place perturbation, and the
-    inputs are never written to); each input's ``k`` directions are drawn from the seed at that point. Small
+    Memory: a perturbed input is substituted where an op reads it, its direction drawn from the seed there and
+    overwritten by ``theta + eps v``, so one input-sized buffer exists at a time (what MeZO's in-place
+    perturbation needs for its ``z``; the perturbed model never exists as a whole, and the inputs are never
+    written to). Small
     segments (``"eager"`` seeding) draw all directions on entry and perturb all inputs at once (faster).
 
     Args:
@@ -211,6 +213,8 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
                 # Drawn here and ours: the perturbed value overwrites it (one leaf-sized buffer, as MeZO's in-place
                 # perturbation needs), computed as MeZO computes it (p.add_(z, alpha=eps)).
                 v = draw_leaf(self.distribution, self.k, x.shape, x.dtype, device, seed, i)[j]
+                if is_wrapped(x):  # (under an outer vmap or grad: out= cannot take a functorch tensor's result)
+                    return torch.add(x, v, alpha=step)
                 return torch.add(x, v, alpha=step, out=v)
             return at
 

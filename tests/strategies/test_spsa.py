@@ -213,6 +213,19 @@ def test_perturbed_inputs_exist_one_at_a_time(seeding: str) -> None:
         assert memory.peak_bytes >= 2 * depth * leaf, memory.peak_bytes
 
 
+def test_lazy_seeding_under_vmap_equals_a_loop() -> None:
+    """Under an outer vmap the perturbed value cannot overwrite its (unbatched) direction: it is a new tensor."""
+    seg = mf.fwd(lambda z, w: torch.tanh(z) @ w, name="seg")
+    zs = torch.stack([X, 2 * X, -X])
+    grad = mf.mixed_grad(lambda z, w: (seg(z + 0.0, w) * C).sum(), {"seg": mf.SPSA(2, seeding="lazy")}, argnums=(0, 1))
+    torch.manual_seed(11)
+    batched = torch.func.vmap(grad, in_dims=(0, None), randomness="same")(zs, W0)
+    for i in range(zs.shape[0]):
+        torch.manual_seed(11)
+        for got, want in zip(batched, grad(zs[i], W0), strict=True):
+            torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12)
+
+
 def test_unread_input_gets_an_exact_zero() -> None:
     seg = mf.fwd(lambda x, w, unused: torch.tanh(x @ w), name="body")
     for seeding in ("lazy", "eager"):
