@@ -232,6 +232,7 @@ STRING_FORMS = [
     ("random:3:gaussian:eager", mf.Random(k=3, seeding="eager")),
     ("spsa:1:0.001:gaussian", mf.SPSA()),
     ("spsa:4:0.0001:rademacher:lazy", mf.SPSA(k=4, eps=1e-4, distribution="rademacher", seeding="lazy")),
+    ("spsa:2:0.01:gaussian:eager:mean", mf.SPSA(k=2, eps=1e-2, seeding="eager", primal="mean")),
 ]
 PLANS = [
     mf.Plan(),
@@ -239,7 +240,7 @@ PLANS = [
     mf.Plan({"block*": mf.Exact(chunk_size=64), "layer[0-3]": "rev", "head?": mf.Random(k=2, seeding="lazy")}),
     mf.Plan({"stem": "exact", "*": mf.Random(k=1, distribution="orthogonal", seeding="eager")}),
     mf.Plan({"enc.layer 1": mf.Random(k=5, seeding="eager")}),
-    mf.Plan({name: strategy for name, (_, strategy) in zip("abcdefghij", STRING_FORMS, strict=True)}),
+    mf.Plan({name: strategy for name, (_, strategy) in zip("abcdefghijk", STRING_FORMS, strict=True)}),
 ]
 
 

@@ -10,6 +10,7 @@ not even by float rounding.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,29 +64,31 @@ class Substitute(TorchFunctionMode):
 
 
 def perturbed_pass(engine: Any, tensors: Sequence[torch.Tensor], perturb: Perturb | None,
-                   at_use: bool = True) -> tuple[tuple, list[torch.Tensor]]:
-    """One plain pass with differentiated input ``i`` replaced by ``perturb(i, input)``: where an op uses it
-    (``at_use``) or on entry. ``perturb=None``: the inputs as they are, recording which the body reads into
-    ``engine.used``. Returns the outputs and the module buffers as the pass left them.
+                   at_use: bool = True, watch: bool = False) -> tuple[tuple, list[torch.Tensor]]:
+    """One plain pass with differentiated input ``i`` replaced by ``perturb(i, input)`` (None: as it is): where an
+    op uses it (``at_use``) or on entry. ``watch``: record which inputs the body reads into ``engine.used``.
+    Returns the outputs and the module buffers as the pass left them.
 
     The caller calls ``engine.begin_pass()`` first (every pass sees the random numbers of the first); a pass
     retried on entry (an in-place op, or an input returned as it is, which no op reads) begins again.
     """
     values = [tensors[i] for i in engine.diff]
-    if perturb is None or at_use:
+    if perturb is not None and at_use:
         buffers = engine._pass_buffers()
         mode = Substitute(values, perturb)
         with mode:
             outs = engine._call(tensors, values, buffers)
         # An input returned as it is never passes through an op: it would come back unperturbed.
-        returned = any(o is v for o in outs for v in values)
-        if perturb is None:
-            engine.used = [i in mode.seen or any(o is v for o in outs) for i, v in enumerate(values)]
-            return outs, buffers
-        if not (returned or mode.saw_inplace):
+        if not (mode.saw_inplace or any(o is v for o in outs for v in values)):
+            if watch:
+                engine.used = [i in mode.seen for i in range(len(values))]
             return outs, buffers
         engine.begin_pass()
+    moved = values if perturb is None else [perturb(i, v) for i, v in enumerate(values)]
     buffers = engine._pass_buffers()
-    assert perturb is not None
-    moved = [perturb(i, v) for i, v in enumerate(values)]
-    return engine._call(tensors, moved, buffers), buffers
+    watcher = Substitute(moved, None) if watch else contextlib.nullcontext()
+    with watcher:
+        outs = engine._call(tensors, moved, buffers)
+    if isinstance(watcher, Substitute):
+        engine.used = [i in watcher.seen or any(o is m for o in outs) for i, m in enumerate(moved)]
+    return outs, buffers

@@ -226,9 +226,9 @@ class Engine(PassRunner):
 
     def perturbed_pass(self, tensors: Sequence[torch.Tensor],
                        perturb: Callable[[int, torch.Tensor], torch.Tensor] | None,
-                       at_use: bool = True) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
+                       at_use: bool = True, watch: bool = False) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
         """One pass without tangents on perturbed inputs (EngineView; see engine/perturb.py)."""
-        return perturbed_pass(self, tensors, perturb, at_use)
+        return perturbed_pass(self, tensors, perturb, at_use, watch)
 
     def arguments(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
         """The segment's ``(args, kwargs)`` with its argument tensors replaced by ``tensors`` (EngineView)."""

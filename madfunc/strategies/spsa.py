@@ -40,7 +40,15 @@ from madfunc.strategies.random import (
 )
 from madfunc.strategies.tangents import DISTRIBUTIONS, draw_leaf, draw_tangents, leaf_seed
 
-__all__ = ["SPSA", "call_seed"]
+__all__ = ["PRIMALS", "SPSA", "call_seed"]
+
+# Where a call's outputs come from: a plain pass at theta (2k + 1 passes), or the mean of the first pair of
+# perturbed passes, f(theta) + O(eps^2) (2k passes, MeZO's count).
+PRIMALS = ("exact", "mean")
+
+
+def _quoted(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names)
 
 
 def call_seed(generator: torch.Generator, call: int = 1) -> int:
@@ -87,7 +95,7 @@ def _parse_eps(text: str, where: str) -> float:
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")):
+class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING", "PRIMAL")):
     """Estimate the segment's gradient from central differences along ``k`` random directions (zeroth order).
 
     For each direction ``v_j`` the segment runs at ``theta + eps v_j`` and ``theta - eps v_j`` (``theta``: its
@@ -96,8 +104,9 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
     ``Random``'s. A whole model as one ``SPSA(k=1)`` segment trained with SGD is MeZO (Malladi et al. 2023,
     arXiv 2305.17333). It needs no derivative of any op, so it differentiates what forward mode cannot:
     integer or quantized kernels, ops without forward rules, black-box code. It runs the segment ``2k + 1``
-    times (its outputs come from a plain pass at ``theta``); each pass sees the random numbers of the first
-    (dropout), and side effects (module buffers, caches) happen once, as for one plain call.
+    times (its outputs come from a plain pass at ``theta``; ``primal="mean"`` saves that pass); each pass sees
+    the random numbers of the first (dropout), and side effects (module buffers, caches) happen once, as for
+    one plain call.
 
     It draws the directions ``Random(k, distribution)`` draws from the same seed, so for a smooth segment the
     two estimates differ by ``O(eps^2)`` (the third derivatives along ``v``): in float64, a difference far above
@@ -121,6 +130,11 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
             draws all directions on entry and perturbs all inputs at once; ``"kept"`` does that and keeps
             them for backward; ``"auto"`` is lazy when the ``k`` directions of all inputs exceed 32 MiB.
             ``"orthogonal"`` directions are always drawn on entry. Default: ``"auto"``.
+        primal: where the segment's outputs come from. ``"exact"``: a plain pass at ``theta`` (``2k + 1``
+            passes; side effects from it). ``"mean"``: ``(f(theta + eps v_1) + f(theta - eps v_1)) / 2``, which
+            is ``f(theta) + O(eps^2)``, in ``2k`` passes (MeZO's count; MeZO reports ``f(theta + eps z)``);
+            integer outputs and module buffers (BatchNorm's statistics) are those of the ``theta + eps v_1``
+            pass, ``O(eps)`` away from a plain call's. Default: ``"exact"``.
 
     Examples:
         >>> import madfunc as mf
@@ -134,6 +148,7 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
     eps: float = 1e-3
     distribution: str = "gaussian"
     seeding: str = "auto"
+    primal: str = "exact"
     stochastic: ClassVar[bool] = True
     # Every rank draws the same directions of the parameters, so their gradient is the directions combined with
     # the coefficients reduced over ranks (engine/distributed), as for Random.
@@ -141,22 +156,29 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
 
     def __post_init__(self) -> None:
         check_distribution("SPSA", self.distribution, self.seeding, self.k)
+        if self.primal not in PRIMALS:
+            raise ValueError(f"SPSA(primal={self.primal!r}): unknown primal; expected one of {_quoted(PRIMALS)}.")
         object.__setattr__(self, "eps", _check_eps(self.eps))
 
     def __repr__(self) -> str:
         extra = "" if self.seeding == "auto" else f", seeding={self.seeding!r}"
+        extra += "" if self.primal == "exact" else f", primal={self.primal!r}"
         return f"SPSA(k={self.k}, eps={self.eps!r}, distribution={self.distribution!r}{extra})"
 
     def to_string(self) -> str:
-        extra = "" if self.seeding == "auto" else f":{self.seeding}"
+        extra = "" if self.seeding == "auto" and self.primal == "exact" else f":{self.seeding}"
+        extra += "" if self.primal == "exact" else f":{self.primal}"
         return f"spsa:{self.k}:{self.eps!r}:{self.distribution}{extra}"
 
     @classmethod
     def _from_fields(cls, fields: list[str], where: str) -> Strategy:
         k = positive_int(fields[0], where, "K", "spsa:K") if fields else 1
         eps = _parse_eps(fields[1], where) if len(fields) >= 2 else 1e-3
-        _, distribution, seeding = parse_random_fields(["1", *fields[2:]], where, "spsa")
-        return cls(k, eps, distribution, seeding)
+        _, distribution, seeding = parse_random_fields(["1", *fields[2:4]], where, "spsa")
+        primal = fields[4].lower() if len(fields) >= 5 else "exact"
+        if primal not in PRIMALS:
+            raise ValueError(f"{where}: unknown primal {primal!r}; valid: {', '.join(PRIMALS)}.")
+        return cls(k, eps, distribution, seeding, primal)
 
     call_seed = staticmethod(call_seed)  # (also here, so that the API reference shows it with the class)
 
@@ -200,9 +222,12 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
             self.seeding == "lazy" or (self.seeding == "auto" and tangent_bytes >= LAZY_SEEDING_BYTES)
         )
         drawn = None if lazy else tuple(self.directions(seed, diff_tensors))
-        engine.begin_pass()
-        ys, buffers = engine.perturbed_pass(tensors, None)  # the call's outputs and effects; records the reads
-        used = list(engine.used)
+        exact = self.primal == "exact"
+        used = [True] * len(diff_tensors)  # until a watched pass has seen which inputs the body reads
+        if exact:
+            engine.begin_pass()
+            ys, buffers = engine.perturbed_pass(tensors, None, watch=True)  # the call's outputs and effects
+            used[:] = engine.used
 
         def perturb(j: int, step: float):
             def at(i: int, x: torch.Tensor) -> torch.Tensor:
@@ -220,13 +245,18 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
 
         rows: list[list[torch.Tensor]] = []
         for j in range(self.k):
+            first = not exact and j == 0  # primal="mean": this pair gives the outputs, its first pass the reads
             engine.begin_pass()
-            plus = engine.perturbed_pass(tensors, perturb(j, self.eps), at_use=lazy)[0]
+            plus, plus_buffers = engine.perturbed_pass(tensors, perturb(j, self.eps), at_use=lazy, watch=first)
+            if first:
+                used[:] = engine.used
             engine.begin_pass()
             minus = engine.perturbed_pass(tensors, perturb(j, -self.eps), at_use=lazy)[0]
+            if first:
+                ys, buffers = [_mean(p, m) for p, m in zip(plus, minus, strict=True)], plus_buffers
             rows.append([_difference(p, m, self.eps) for p, m in zip(plus, minus, strict=True)])
-            del plus, minus
-        ydots = [torch.stack(column) for column in zip(*rows, strict=True)] if rows else []
+            del plus, minus, plus_buffers
+        ydots = [torch.stack(column) for column in zip(*rows, strict=True)]
         state = RandomState(tangents=drawn if self.seeding == "kept" else None)
         return (ys, ydots, buffers), state
 
@@ -252,6 +282,14 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING")
             f"k = {self.k} >= n = {n} differentiated scalars: Exact() gives the exact gradient with {n} "
             "tangents where forward mode applies; otherwise a smaller k costs fewer passes."
         ]
+
+
+def _mean(plus: torch.Tensor, minus: torch.Tensor) -> torch.Tensor:
+    """``(f(theta + eps v) + f(theta - eps v)) / 2 = f(theta) + O(eps^2)`` of one output (``primal="mean"``); an
+    integer output as the first pass left it."""
+    if not (plus.is_floating_point() or plus.is_complex()):
+        return plus
+    return torch.add(plus, minus).mul_(0.5)
 
 
 def _difference(plus: torch.Tensor, minus: torch.Tensor, eps: float) -> torch.Tensor:

@@ -83,20 +83,23 @@ def test_another_generator_seed_gives_other_directions() -> None:
 @pytest.mark.parametrize("seeding", ["lazy", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_directions_and_scalar_can_be_rebuilt_outside(dtype: torch.dtype, seeding: str) -> None:
-    """MeZO's step from SPSA's own directions: ``s = (l(w + eps v) - l(w - eps v)) / (2 eps)``, gradient ``s v``."""
+    """MeZO's step from SPSA's own directions: ``s = (l(w + eps v) - l(w - eps v)) / (2 eps)``, gradient ``s v``;
+    the value ``l(w)`` (``primal="exact"``) or ``(l(w + eps v) + l(w - eps v)) / 2`` (``"mean"``)."""
     w, x, c = W0.to(dtype), X.to(dtype), C.to(dtype)
 
     def loss(w_):
         return (torch.tanh(x @ w_) * c).sum()
 
     seg = mf.fwd(loss, name="model")
-    gen = torch.Generator().manual_seed(9)
-    seed = call_seed(gen)
-    grad, value = mf.mixed_grad_and_value(seg, {"model": mf.SPSA(eps=1e-3, seeding=seeding)}, generator=gen)(w)
+    seed = call_seed(torch.Generator().manual_seed(9))
     (v,) = mf.SPSA().directions(seed, [w])
-    s = (loss(w.add(v[0], alpha=1e-3)) - loss(w.add(v[0], alpha=-1e-3))) / (2 * 1e-3)
-    torch.testing.assert_close(value, loss(w), rtol=0, atol=0)
-    torch.testing.assert_close(grad, s * v[0], rtol=0, atol=0)
+    plus, minus = loss(w.add(v[0], alpha=1e-3)), loss(w.add(v[0], alpha=-1e-3))
+    s = (plus - minus) / (2 * 1e-3)
+    for primal, expected in (("exact", loss(w)), ("mean", (plus + minus) * 0.5)):
+        strategy = mf.SPSA(eps=1e-3, seeding=seeding, primal=primal)
+        grad, value = mf.mixed_grad_and_value(seg, {"model": strategy}, generator=torch.Generator().manual_seed(9))(w)
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+        torch.testing.assert_close(grad, s * v[0], rtol=0, atol=0)
 
 
 def _numpy_body(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -226,6 +229,40 @@ def test_lazy_seeding_under_vmap_equals_a_loop() -> None:
             torch.testing.assert_close(got[i], want, rtol=1e-10, atol=1e-12)
 
 
+_PASSES: list[int] = []  # module-level: the engine restores what the body reaches through its closure
+
+
+@pytest.mark.parametrize(("primal", "passes"), [("exact", 2 * 3 + 1), ("mean", 2 * 3)])
+def test_passes_per_call(primal: str, passes: int) -> None:
+    def body(x, w):
+        _PASSES.append(1)
+        return torch.tanh(x @ w)
+
+    seg = mf.fwd(body, name="counted")
+    _PASSES.clear()
+    mf.mixed_grad(lambda w: seg(X, w).sum(), {"counted": mf.SPSA(3, primal=primal)})(W0)
+    assert len(_PASSES) == passes
+
+
+def test_mean_primal_is_second_order_close_and_reads_are_watched() -> None:
+    """``primal="mean"``: the output is ``f(theta) + O(eps^2)``, the gradient the one ``"exact"`` gives (the same
+    differences), and an input the body does not read still gets an exact zero (the first pass watches)."""
+    seg = mf.fwd(lambda x, w, unused: torch.tanh(x @ w), name="body")
+    results = {}
+    for primal in ("exact", "mean"):
+        fn = mf.mixed_grad_and_value(lambda w, u: (seg(X, w, u) * C).sum(), {"body": mf.SPSA(2, primal=primal)},
+                                     argnums=(0, 1), generator=torch.Generator().manual_seed(0))
+        results[primal] = fn(W0, _rand(3, 2))
+    (g_exact, _), v_exact = results["exact"]
+    (g_mean, g_unused), v_mean = results["mean"]
+    torch.testing.assert_close(g_mean, g_exact, rtol=0, atol=0)
+    assert torch.equal(g_unused, torch.zeros(2, dtype=DT))
+    # f(theta + eps v) + f(theta - eps v) - 2 f(theta) = eps^2 f''[v, v] + O(eps^4): |f''| <= sum |C| 0.77 |Xv|^2
+    (v,) = mf.SPSA(2).directions(call_seed(torch.Generator().manual_seed(0)), [W0])
+    bound = 1e-6 / 2 * float((C.abs() * 0.77 * (X @ v[0]) ** 2).sum()) * 1.01
+    assert 0 < abs(float(v_mean - v_exact)) <= bound
+
+
 def test_unread_input_gets_an_exact_zero() -> None:
     seg = mf.fwd(lambda x, w, unused: torch.tanh(x @ w), name="body")
     for seeding in ("lazy", "eager"):
@@ -260,6 +297,9 @@ def test_string_form_and_repr() -> None:
     assert parse_strategy("spsa:2:1e-2") == mf.SPSA(2, 1e-2)
     assert repr(mf.SPSA()) == "SPSA(k=1, eps=0.001, distribution='gaussian')"
     assert mf.SPSA(eps=1) == mf.SPSA(eps=1.0) and isinstance(mf.SPSA(eps=1).eps, float)
+    mean = mf.SPSA(2, primal="mean")
+    assert str(mean) == "spsa:2:0.001:gaussian:auto:mean" and parse_strategy(str(mean)) == mean
+    assert repr(mean) == "SPSA(k=2, eps=0.001, distribution='gaussian', primal='mean')"
 
 
 @pytest.mark.parametrize(
@@ -273,6 +313,7 @@ def test_string_form_and_repr() -> None:
         ({"k": 1.5}, TypeError, r"SPSA\(k=...\)"),
         ({"distribution": "uniform"}, ValueError, r"SPSA\(distribution='uniform'\): unknown distribution"),
         ({"seeding": "never"}, ValueError, r"SPSA\(seeding='never'\): unknown seeding"),
+        ({"primal": "plus"}, ValueError, r"SPSA\(primal='plus'\): unknown primal"),
     ],
 )
 def test_constructor_errors_name_the_argument(kwargs: dict, error: type, match: str) -> None:
@@ -284,7 +325,7 @@ def test_constructor_errors_name_the_argument(kwargs: dict, error: type, match: 
     ("text", "match"),
     [("spsa:0", "K must be an integer >= 1"), ("spsa:1:0", "EPS must be a float > 0"),
      ("spsa:1:abc", "EPS must be a float > 0"), ("spsa:1:1e-3:uniform", "unknown distribution 'uniform'"),
-     ("spsa:1:1e-3:gaussian:never", "unknown seeding 'never'")],
+     ("spsa:1:1e-3:gaussian:never", "unknown seeding 'never'"), ("spsa:1:1e-3:gaussian:auto:plus", "unknown primal")],
 )
 def test_string_form_errors(text: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -189,6 +189,9 @@ STRATEGIES: list[Row] = [
     # projection on g is 5 sqrt(variance / draws), above 0.5 of ||g|| for every row.
     *(
         _fixed(p, _random_theory(p))
-        for p in (mf.SPSA(1), mf.SPSA(3, 1e-4, "rademacher"), mf.SPSA(2, distribution="orthogonal"))
+        for p in (
+            mf.SPSA(1), mf.SPSA(3, 1e-4, "rademacher"), mf.SPSA(2, distribution="orthogonal"),
+            mf.SPSA(2, primal="mean"),
+        )
     ),
 ]
