@@ -123,7 +123,22 @@ def _profile(step: Step, candidates: tuple[Strategy, ...], repeats: int) -> _Pro
     times = time_steps(step, plans, repeats)
     deltas = {key: t - times[0] for key, t in zip(singles, times[1:], strict=False)}
     uniform_times = {base: times[0], **dict(zip(uniform, times[1 + len(singles):], strict=True))}
+    _fit_deltas(deltas, uniform_times, base)
     return _Profile(names, candidates, traces, allowed, sizes, times[0], deltas, uniform_times, notes)
+
+
+def _fit_deltas(deltas: dict[tuple[str, Strategy], float], uniform_times: dict[Strategy, float],
+                base: Strategy) -> None:
+    """Least squares over the timed plans: each single-segment change measured ``base + d_s`` and the uniform plan
+    ``base + sum_s d_s``, all with the same noise; the fit moves each ``d_s`` by ``1 / (S + 1)`` of the uniform
+    plan's residual (S: the segments that take the candidate). Every timing then informs the model."""
+    for c, measured in uniform_times.items():
+        keys = [key for key in deltas if key[1] == c]
+        if c == base or not keys:
+            continue
+        shift = (measured - uniform_times[base] - sum(deltas[k] for k in keys)) / (len(keys) + 1)
+        for key in keys:
+            deltas[key] += shift
 
 
 def _table(profile: _Profile, keep: Callable[[Strategy], bool]) -> CostTable:
