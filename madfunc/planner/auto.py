@@ -63,6 +63,15 @@ def _sizes(step: Step, names: Sequence[str]) -> dict[str, int]:
     return {call.name: call.stats.tangents or 0 for call in state.calls if call.nested_in is None}
 
 
+# What a step under a candidate may raise that rules the candidate out rather than the call (ForwardModeError is a
+# NotImplementedError; the Exact size guard raises MemoryError).
+PROFILE_ERRORS = (RuntimeError, NotImplementedError, MemoryError)
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+
+
 def _eligible(strategy: Strategy, n: int | None) -> bool:
     """Exact-like strategies (one tangent per scalar read) only where that is at most EXACT_WARN_TANGENTS."""
     return not strategy.is_forward or strategy.stochastic or (n is not None and n <= EXACT_WARN_TANGENTS)
@@ -101,7 +110,11 @@ def _profile(step: Step, candidates: tuple[Strategy, ...], repeats: int) -> _Pro
     names = _segment_names(first)
     notes: list[str] = []
     needs_sizes = any(c.is_forward and not c.stochastic for c in candidates)
-    sizes = _sizes(step, names) if needs_sizes else {}
+    try:
+        sizes = _sizes(step, names) if needs_sizes else {}
+    except PROFILE_ERRORS as error:  # then no Exact-like candidate is eligible anywhere (n unknown)
+        sizes = {}
+        notes.append(f"Exact-like candidates left out: sizing them failed ({_first_line(error)}).")
     allowed = {name: {c for c in candidates if _eligible(c, sizes.get(name))} for name in names}
     for name in names:
         if needs_sizes and sizes.get(name, 0) > EXACT_WARN_TANGENTS:
@@ -110,7 +123,13 @@ def _profile(step: Step, candidates: tuple[Strategy, ...], repeats: int) -> _Pro
     traces = {base: first}
     for c in candidates[1:]:
         if any(c in allowed[name] for name in names):
-            traces[c] = trace_step(step, _uniform(names, c, base, allowed))
+            try:
+                traces[c] = trace_step(step, _uniform(names, c, base, allowed))
+            except PROFILE_ERRORS as error:  # e.g. an op forward mode cannot run: the candidate is out
+                notes.append(f"{c!r} left out: a step with it failed ({_first_line(error)}).")
+                for name in names:
+                    allowed[name].discard(c)
+                continue
             if traces[c].names != first.names:
                 raise RuntimeError(f"{WHERE}: the segments ran in another order under {c!r} than under {base!r} "
                                    f"({traces[c].names[1:]} vs {first.names[1:]}); a planned step must call the "

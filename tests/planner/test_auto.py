@@ -156,3 +156,19 @@ def test_bad_arguments() -> None:
         mf.auto_plan(lambda w: (w**2).sum(), x, budget="1MiB")
     with pytest.raises(ValueError, match=r"auto_plan\(repeats=0\)"):
         mf.auto_plan(_loss, p, x, budget="1MiB", repeats=0)
+
+
+class _Broken(mf.Exact):
+    """A forward strategy whose every push fails (as a segment with an op forward mode cannot run would)."""
+
+    def push(self, engine, tensors, diff_tensors, n):  # type: ignore[override]
+        raise NotImplementedError("no forward rule, for this test")
+
+
+def test_a_candidate_whose_step_fails_is_left_out_with_a_note() -> None:
+    p, x = _args()
+    plan, report = mf.auto_plan(_loss, p, x, budget="64MiB", candidates=[mf.Reverse(), _Broken()], repeats=1,
+                                return_report=True)
+    assert dict(plan) == {"rollout": mf.Reverse(), "head": mf.Reverse()}
+    assert any("_Broken(chunk_size=None) left out: a step with it failed (NotImplementedError: no forward rule"
+               in note for note in report.notes), report.notes
