@@ -31,12 +31,13 @@ class PerformanceWarning(UserWarning):
 
 
 def warn_exact_cost(name: str, n: int) -> None:
-    """Warn once per segment name when ``Exact`` pushes more than ``EXACT_WARN_TANGENTS`` tangents."""
+    """Warn once per segment name when ``Exact`` pushes more than ``EXACT_WARN_TANGENTS`` tangents (``n``: the
+    differentiated scalars the body reads; inputs it does not read get no tangents)."""
     if n <= EXACT_WARN_TANGENTS or name in _warned:
         return
     _warned.add(name)
     warnings.warn(
-        f"segment {name!r}: Exact() pushes one tangent per differentiated scalar, {n} here, so it costs "
+        f"segment {name!r}: Exact() pushes one tangent per differentiated scalar its body reads, {n} here, so it costs "
         f"about {n} forward passes of the segment (backprop: about 3). Exact is the default of fwd(); for a "
         f"segment this large give it Random(k) (an unbiased estimate) or Reverse() in the plan. "
         "madfunc.inspect(...) shows each segment's tangent count.",
@@ -46,7 +47,10 @@ def warn_exact_cost(name: str, n: int) -> None:
 
 
 def check_basis_size(name: str, tensors: Sequence[torch.Tensor], which: Sequence[int], count: int) -> None:
-    """Refuse, before allocating, an Exact basis block that could not fit (rather than dying of OOM)."""
+    """Refuse, before allocating, an Exact basis block that could not fit (rather than dying of OOM).
+
+    ``which``: the inputs seeded together (read by the body: unread ones get no tangents); ``count``: the
+    block's tangents."""
     nbytes = count * sum(tensors[i].numel() * tensors[i].element_size() for i in which)
     if nbytes > EXACT_BASIS_BYTES:
         raise MemoryError(

@@ -3,7 +3,8 @@
 The engine (``runner.Engine``) decides which passes run and keeps their bookkeeping; this module runs one:
 ``push_pass`` under the op seam (or bare, once the seam met no op that needed it), with the all-zero
 check and the recovery of ``passes`` (a strict pass that finds ops dropping tangents), and ``push_loop``,
-one tangent at a time where vmap cannot batch the body.
+one tangent at a time where vmap cannot batch the body. The first eager pass after ``Engine.read_inputs``
+also watches the differentiated inputs it does not seed, to check that answer (see engine/reads.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch.func import vmap
 
+from madfunc.engine import reads as _reads
 from madfunc.engine.passes import (
     BARE,
     Bare,
@@ -44,6 +46,8 @@ class PassRunner:
     clean: bool  # the last eager pass met no rule, fallback or dropped tangent
     plain_call: bool
     snapshot: Any  # rng.Snapshot, restored before a pass that repeats an earlier one
+    # Per differentiated input, whether the body reads it (Engine.read_inputs), until an eager pass checked it.
+    expected_reads: list[bool] | None
 
     def seeded_call(self, tensors: Sequence[torch.Tensor], which: Sequence[int], seeded: Sequence[torch.Tensor],
                     buffers: list[torch.Tensor]) -> tuple:
@@ -65,14 +69,20 @@ class PassRunner:
     def _push_pass(self, tensors, which, tangents, watch: bool, diagnose, bare: bool, check: bool = True):
         buffers = self._pass_buffers()
         rules: list[OpRules | Bare] = []
+        # Checking read_inputs' answer: the inputs this pass does not seed are watched too (after the seeded).
+        expected = None if bare else self.expected_reads
+        others = [] if expected is None else [j for j in self.diff if j not in which]
+        returned: set[int] = set()
 
         def single(*tangent):
             def body(*seeded, passed):
-                mode = BARE if bare else OpRules(self.name, seeded if watch else (), strict=bool(diagnose),
-                                                 plain_rng=self.plain_call)
+                watched = (*seeded, *(tensors[j] for j in others)) if others else seeded if watch else ()
+                mode = BARE if bare else OpRules(self.name, watched, strict=bool(diagnose), plain_rng=self.plain_call)
                 rules.append(mode)
                 with mode:
                     outs = self.seeded_call(tensors, which, seeded, passed)
+                # An input returned as it is reaches no op, yet the output's cotangent is its gradient.
+                returned.update(slot for slot, j in enumerate(others) if any(o is tensors[j] for o in outs))
                 if diagnose:
                     diagnosed(self._zero_key(which), diagnose, mode.learned)  # Retry if it routed an op
                 return outs
@@ -97,6 +107,8 @@ class PassRunner:
                 warn_loop(self.name, count, error)  # only once it worked: a failure says enough
                 return result
             ys = tuple(y[0] for y in ys)
+        if expected is not None:  # checked once per call: a read outside the answer runs the segment again
+            self._check_reads(tensors, which, others, expected, rules, returned)
         suspicious = all_zero_tangents(self._zero_key(which), ys, ydots) if check else []
         if suspicious:  # a dropped tangent comes back as zeros: look closer, once
             self.snapshot.restore()
@@ -114,6 +126,15 @@ class PassRunner:
                 if slot not in used:
                     self.used[self.diff.index(j)] = False
         return ys, list(ydots), buffers
+
+    def _check_reads(self, tensors, which, others: list[int], expected: list[bool], rules: list,
+                     returned: set[int]) -> None:
+        """After the pass that watched the inputs it did not seed (``others``, watched after the seeded ones):
+        one read outside ``expected`` (read_inputs' answer) is remembered, and the segment runs again."""
+        self.expected_reads = None
+        seen = set().union(*(mode.used for mode in rules)) | {len(which) + slot for slot in returned}
+        read = {self.diff.index(others[slot - len(which)]) for slot in seen if slot >= len(which)}
+        _reads.missed(self, tensors, expected, read)
 
     def _push_loop(self, tensors, which, tangents, watch: bool):
         """The pass vmap could not batch, one tangent at a time (each from the same RNG state)."""

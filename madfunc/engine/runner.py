@@ -28,6 +28,7 @@ from madfunc.core.checks import (
 from madfunc.core.functorch import outside_transforms
 from madfunc.core.guards import check_finite, check_no_hidden_inputs, check_strided, hidden_input_error
 from madfunc.engine import context as _context
+from madfunc.engine import reads as _reads
 from madfunc.engine import replay as _replay
 from madfunc.engine.captured import Captured
 from madfunc.engine.context import SegmentCall
@@ -80,6 +81,7 @@ class Engine(PassRunner):
         self.n_out = 0
         self.diff_out: list[int] = []
         self.used: list[bool] = [True] * len(diff)
+        self.expected_reads: list[bool] | None = None  # read_inputs' answer, until a pass checked it (pushes.py)
         self.fallbacks: set[str] = set()
         self.bare = False  # later passes of this call may skip the op seam (see _push)
         self.strategy_state: StrategyState = NO_STATE  # what the strategy keeps from its passes for backward
@@ -226,9 +228,17 @@ class Engine(PassRunner):
 
     def perturbed_pass(self, tensors: Sequence[torch.Tensor],
                        perturb: Callable[[int, torch.Tensor], torch.Tensor] | None,
-                       at_use: bool = True, watch: bool = False) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
+                       at_use: bool = True) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
         """One pass without tangents on perturbed inputs (EngineView; see engine/perturb.py)."""
-        return perturbed_pass(self, tensors, perturb, at_use, watch)
+        return perturbed_pass(self, tensors, perturb, at_use)
+
+    def read_inputs(self, tensors: Sequence[torch.Tensor]) -> list[bool]:
+        """Per differentiated input, whether the body reads it; ``used`` becomes that (EngineView; see
+        engine/reads.py: remembered per segment, or found by one plain pass, and checked by the first eager pass)."""
+        read = _reads.read_inputs(self, tensors)
+        self.used = list(read)
+        self.expected_reads = read
+        return read
 
     def arguments(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
         """The segment's ``(args, kwargs)`` with its argument tensors replaced by ``tensors`` (EngineView)."""
@@ -348,9 +358,9 @@ class Engine(PassRunner):
         stats.saved_bytes = saved
         if self.fallbacks:
             stats.fallbacks = sorted(self.fallbacks)
-        if self.strategy.stochastic:
-            used = zip(self.diff_tensors, self.used, strict=True)
-            stats.differentiated_numel = sum(t.numel() for t, u in used if u)  # n counts used inputs only
+        # n counts the inputs the body reads only (a strategy that never asks, or watches, leaves them all read)
+        used = zip(self.diff_tensors, self.used, strict=True)
+        stats.differentiated_numel = sum(t.numel() for t, u in used if u)
         return (*ys, *ydots)
 
     def begin_pass(self) -> None:

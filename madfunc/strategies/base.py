@@ -51,7 +51,7 @@ class SegmentStats:
     The engine fills the sizes; a strategy may fill ``tangents``, ``predicted`` and its own fields.
     """
 
-    differentiated_numel: int | None = None  # scalars the segment differentiates (for Random: read ones)
+    differentiated_numel: int | None = None  # scalars the segment differentiates: those its body reads
     differentiated_per_argument: dict[str, int] | None = None  # the same, per argument (inspect)
     activation_numel: int | None = None  # of those, scalars of activation inputs (computed upstream)
     parameter_numel: int | None = None  # of those, scalars of parameters (Activity)
@@ -129,7 +129,8 @@ class EngineView(Protocol):
     @property
     def diff(self) -> Sequence[int]: ...  # indices of the differentiated tensors among ``tensors``
     @property
-    def used(self) -> Sequence[bool]: ...  # per differentiated tensor: read by the body (after a watched push)
+    def used(self) -> Sequence[bool]: ...  # per differentiated tensor: read by the body (after a watched push
+    # or read_inputs; all True before)
     @property
     def activation(self) -> Sequence[bool]: ...  # per differentiated tensor: computed upstream (an activation)
     @property
@@ -164,16 +165,23 @@ class EngineView(Protocol):
         (so at most one input's tangents exist at once); None if the segment does not allow it."""
         ...
 
+    def read_inputs(self, tensors: Sequence[torch.Tensor]) -> Sequence[bool]:
+        """Per differentiated tensor, whether the body reads it (remembered per segment, or found by one plain
+        pass; the call's first eager pass checks it and runs the segment again if it reads more). ``used``
+        becomes this answer, and ``n`` in the stats counts the tensors read. Unread ones need no tangents:
+        their gradients are exact zeros."""
+        ...
+
     def plain_pass(self, tensors: Sequence[torch.Tensor]) -> Passes:
         """One pass without tangents (empty output tangents)."""
         ...
 
     def perturbed_pass(self, tensors: Sequence[torch.Tensor],
                        perturb: Callable[[int, torch.Tensor], torch.Tensor] | None,
-                       at_use: bool = True, watch: bool = False) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
-        """One pass without tangents, differentiated input ``i`` replaced by ``perturb(i, input)`` (``None``: as
-        it is) where an op uses it (``at_use``: one perturbed input exists at a time) or on entry; ``watch``:
-        record which inputs the body reads (into ``used``). Returns the outputs and the module buffers it left."""
+                       at_use: bool = True) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
+        """One pass without tangents, differentiated input ``i`` replaced by ``perturb(i, input)`` where an op
+        uses it (``at_use``: one perturbed input exists at a time) or on entry; ``None``: unperturbed, recording
+        which inputs the body reads (into ``used``). Returns the outputs and the module buffers it left."""
         ...
 
     def arguments(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:

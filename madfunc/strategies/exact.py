@@ -34,7 +34,16 @@ MERGED_BASIS_BYTES = 32 * 2**20
 _BASES: collections.OrderedDict[tuple, tuple[list, int]] = REGISTRY.register(
     "exact.bases", collections.OrderedDict, "merged basis tangents by shapes")
 _BASES_KEPT_BYTES = 64 * 2**20
-NO_STATE = StrategyState()  # Exact keeps nothing per call: s is the gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactState(StrategyState):
+    """Which differentiated inputs got basis tangents, in the order of ``s`` (None: all of them)."""
+
+    read: tuple[int, ...] | None = None
+
+
+NO_STATE = ExactState()  # every input read: s is the gradient
 
 
 def _bases(tensors: Sequence[torch.Tensor], groups: list, nbytes: int) -> list:
@@ -53,7 +62,10 @@ def _bases(tensors: Sequence[torch.Tensor], groups: list, nbytes: int) -> list:
 
 @dataclasses.dataclass(frozen=True)
 class Exact(Strategy, kind="exact", fields=("CHUNK",)):
-    """Differentiate the segment exactly in forward mode, one basis tangent per differentiated scalar.
+    """Differentiate the segment exactly in forward mode, one basis tangent per differentiated scalar it reads.
+
+    Inputs the body does not read (a segment handed a whole parameter dict that uses two of its entries)
+    get exact zero gradients and no tangents: ``n``, the tangent count, counts the scalars read.
 
     Args:
         chunk_size: the most basis tangents pushed through the segment at once. It bounds the working
@@ -90,16 +102,20 @@ class Exact(Strategy, kind="exact", fields=("CHUNK",)):
 
     def push(self, engine: EngineView, tensors: Sequence[torch.Tensor], diff_tensors: Sequence[torch.Tensor],
              n: int) -> tuple[Passes, StrategyState]:
-        engine.stats.tangents = n
-        if engine.measure and n > EXACT_WARN_TANGENTS:
-            # inspect() only needs the sizes: one plain pass, and what n tangents would keep, predicted.
-            engine.stats.predicted = True
-            return engine.plain_pass(tensors), NO_STATE
+        read = engine.read_inputs(tensors)
+        leaves = [i for i, r in enumerate(read) if r]
+        state = NO_STATE if len(leaves) == len(read) else ExactState(tuple(leaves))
+        n = engine.stats.tangents = sum(diff_tensors[i].numel() for i in leaves)
+        if n == 0 or (engine.measure and n > EXACT_WARN_TANGENTS):
+            # Nothing read; or inspect(), which only needs the sizes: one plain pass, and what n tangents
+            # would keep, predicted.
+            engine.stats.predicted = n > 0
+            return engine.plain_pass(tensors), state
         # Lazy seeding: one group of leaves at a time, so forward AD does no tangent work before the
         # group's first use; small leaves (biases) ride along with their neighbour (see group_leaves).
         groups = []
-        for group in group_leaves([t.numel() for t in diff_tensors], self.chunk_size):
-            which = [engine.diff[g] for g, _, _ in group]
+        for group in group_leaves([diff_tensors[i].numel() for i in leaves], self.chunk_size):
+            which = [engine.diff[leaves[g]] for g, _, _ in group]
             count = sum(stop - start for _, start, stop in group)
             check_basis_size(engine.name, tensors, which, count)
             groups.append((which, group, count))
@@ -115,14 +131,20 @@ class Exact(Strategy, kind="exact", fields=("CHUNK",)):
                       for which, group, count in groups], together,
         )
         warn_exact_cost(engine.name, n)  # after the passes: a refusal (check_basis_size) says more
-        return passes, NO_STATE
+        return passes, state
 
     def combine(self, engine: EngineView, state: StrategyState, s: torch.Tensor | None, meta: Sequence[Meta],
                 shared: Shared | None = None) -> list[torch.Tensor | None]:
         if s is None or s.numel() == 0:  # no cotangent reached the outputs, or nothing to differentiate
             return zeros(meta)
-        pieces = torch.split(s, [math.prod(shape) for shape, _, _ in meta])  # s_i is the i-th partial
-        return [p.reshape(shape).to(dtype) for p, (shape, dtype, _) in zip(pieces, meta, strict=True)]
+        subset = getattr(state, "read", None)  # (an ExactState; None: every input was read)
+        read = range(len(meta)) if subset is None else subset
+        pieces = torch.split(s, [math.prod(meta[i][0]) for i in read])  # s_i is the i-th partial
+        grads: list[torch.Tensor | None] = [None] * len(meta) if subset is None else zeros(meta)  # unread: 0
+        for i, p in zip(read, pieces, strict=True):
+            shape, dtype, _ = meta[i]
+            grads[i] = p.reshape(shape).to(dtype)
+        return grads
 
     def advice(self, stats: SegmentStats) -> list[str]:
         tangents = stats.tangents or 0
