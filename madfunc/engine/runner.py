@@ -228,9 +228,9 @@ class Engine(PassRunner):
 
     def perturbed_pass(self, tensors: Sequence[torch.Tensor],
                        perturb: Callable[[int, torch.Tensor], torch.Tensor] | None,
-                       at_use: bool = True) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
+                       at_use: bool = True, watch: bool = False) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
         """One pass without tangents on perturbed inputs (EngineView; see engine/perturb.py)."""
-        return perturbed_pass(self, tensors, perturb, at_use)
+        return perturbed_pass(self, tensors, perturb, at_use, watch)
 
     def read_inputs(self, tensors: Sequence[torch.Tensor]) -> list[bool]:
         """Per differentiated input, whether the body reads it; ``used`` becomes that (EngineView; see

@@ -178,10 +178,10 @@ class EngineView(Protocol):
 
     def perturbed_pass(self, tensors: Sequence[torch.Tensor],
                        perturb: Callable[[int, torch.Tensor], torch.Tensor] | None,
-                       at_use: bool = True) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
-        """One pass without tangents, differentiated input ``i`` replaced by ``perturb(i, input)`` where an op
-        uses it (``at_use``: one perturbed input exists at a time) or on entry; ``None``: unperturbed, recording
-        which inputs the body reads (into ``used``). Returns the outputs and the module buffers it left."""
+                       at_use: bool = True, watch: bool = False) -> tuple[Sequence[torch.Tensor], list[torch.Tensor]]:
+        """One pass without tangents, differentiated input ``i`` replaced by ``perturb(i, input)`` (``None``: as
+        it is) where an op uses it (``at_use``: one perturbed input exists at a time) or on entry; ``watch``:
+        record which inputs the body reads (into ``used``). Returns the outputs and the module buffers it left."""
         ...
 
     def arguments(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
