@@ -193,7 +193,7 @@ class SPSA(Strategy, kind="spsa", fields=("K", "EPS", "DISTRIBUTION", "SEEDING",
         ``tensors`` are the segment's differentiated inputs in the engine's order: its argument tensors as
         optree flattens them (a dict's keys sorted), then the parameters and tensors it reads from outside
         its arguments. ``seed``: ``SPSA.call_seed(generator)``. The call's scalar ``s_j`` (for a loss segment,
-        ``(l(theta + eps v_j) - l(theta - eps v_j)) / (2 eps)``) is then ``k <g, v_j> / ||v_j||^2`` for k = 1.
+        ``(l(theta + eps v_j) - l(theta - eps v_j)) / (2 eps)``) is, for k = 1, ``<g, v> / ||v||^2``.
 
         Examples:
             >>> import torch, madfunc as mf
