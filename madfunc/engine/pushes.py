@@ -25,7 +25,8 @@ from madfunc.engine.passes import (
     vmap_may_be_at_fault,
     warn_loop,
 )
-from madfunc.ops.rules import OpRules, seam_pays
+from madfunc.ops.rules import OpRules
+from madfunc.ops.scalars import seam_pays
 
 __all__ = ["PassRunner"]
 
@@ -65,6 +66,13 @@ class PassRunner:
 
     def _zero_key(self, which: Sequence[int]) -> tuple:
         raise NotImplementedError
+
+    def _after_seam(self, rules: Sequence[Any]) -> None:
+        """What a pass under the op seam tells the later ones: whether they may go bare (a body whose arithmetic
+        with numbers the seam runs faster keeps it: scalars.seam_pays), and its size in torch calls."""
+        self.untouched = not any(mode.touched for mode in rules)
+        self.bare = self.untouched and not seam_pays(rules)
+        self.op_count = max((getattr(mode, "calls", 0) for mode in rules), default=0)
 
     def _push_pass(self, tensors, which, tangents, watch: bool, diagnose, bare: bool, check: bool = True):
         buffers = self._pass_buffers()
@@ -115,10 +123,7 @@ class PassRunner:
             self.push(tensors, which, [t[:1] for t in tangents], watch=watch, diagnose=suspicious)
         self.fallbacks.update(*(mode.fallbacks for mode in rules))
         if not bare:
-            self.untouched = not any(mode.touched for mode in rules)
-            # (a body whose arithmetic with numbers the seam runs faster keeps it: rules.seam_pays)
-            self.bare = self.untouched and not seam_pays(rules)
-            self.op_count = max((getattr(mode, "calls", 0) for mode in rules), default=0)
+            self._after_seam(rules)
         self.clean = self.untouched and not self.fallbacks and check
         if watch:
             used = set().union(*(mode.used for mode in rules))

@@ -41,7 +41,7 @@ from madfunc.core.functorch import is_batched, layer_depth, restore_layer_depth
 from madfunc.core.registry import REGISTRY
 from madfunc.engine.graphclean import mutates, simplify
 from madfunc.engine.recordable import Refused, check_recordable
-from madfunc.ops.rules import ScalarForms
+from madfunc.ops.scalars import ScalarForms
 
 __all__ = [
     "MAX_RECORDED_CALLS", "RECORD_AFTER", "REFUSED", "Replay", "clear", "key_of", "lookup", "note_clean", "replayed",
@@ -284,7 +284,6 @@ def _verify(recording: Replay, tensors: Sequence[torch.Tensor], passes: Sequence
 
 def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]) -> Replay:
     from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.fx.graph import CodeGen
     from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
     n = len(tensors)
@@ -337,14 +336,21 @@ def _record(engine: Any, tensors: Sequence[torch.Tensor], passes: Sequence[Pass]
         cse = CSEPass()(gm)
         assert cse is not None  # (CSEPass.call always returns a PassResult; PassBase types it Optional)
         gm = cse.graph_module
-    # Flat tensors in, a flat tuple out: plain code generation, without make_fx's pytree (un)flattening
-    # of inputs and outputs on every call (~0.2 ms a call).
-    gm.graph._codegen = CodeGen()
-    gm.recompile()
-    for node in gm.graph.nodes:  # the generated code reads no metadata: its fake tensors (one a node) go
-        node.meta.clear()
+    _flat_code(gm)
     outputs = next(iter(reversed(gm.graph.nodes))).args[0]
     return Replay(engine.name, gm, len(outputs) // 2, out_spec[0], buffers)  # one tangent batch per output
+
+
+def _flat_code(gm: torch.fx.GraphModule) -> None:
+    """Flat tensors in, a flat tuple out: plain code generation, without make_fx's pytree (un)flattening of
+    inputs and outputs on every call (~0.2 ms a call). The code reads no metadata: its fake tensors (one a
+    node, ~10 KB with their bookkeeping) go."""
+    from torch.fx.graph import CodeGen
+
+    gm.graph._codegen = CodeGen()
+    gm.recompile()
+    for node in gm.graph.nodes:
+        node.meta.clear()
 
 
 def _lift_buffers(gm: torch.fx.GraphModule, modules: Sequence[torch.nn.Module]) -> list:

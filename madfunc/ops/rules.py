@@ -31,6 +31,7 @@ from madfunc.core.functorch import CUSTOM_FUNCTION_CALL, METADATA_OPS, is_wrappe
 from madfunc.core.registry import REGISTRY
 from madfunc.ops.dropout import RNG_RULES
 from madfunc.ops.fallback import NoForwardRuleError, function_with_fallback, has_jvp, jvp_by_double_vjp
+from madfunc.ops.scalars import scalar_form
 
 
 def has_tangent(t: torch.Tensor) -> bool:
@@ -213,7 +214,7 @@ class OpRules(TorchFunctionMode):
         self._stack: list[Any] = []  # the functions being run, outermost first
         self._dropped = False
         self.calls = 0  # torch calls seen: the pass's size, which decides whether it is recorded (_replay)
-        self.scalar_forms = 0  # calls run by their .Scalar overload (_SCALAR_FORMS)
+        self.scalar_forms = 0  # calls run by their .Scalar overload (ops/scalars.py)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         # The hot path: every torch call of every pass comes through here, so it does as little as it can.
@@ -242,8 +243,8 @@ class OpRules(TorchFunctionMode):
         if func is CUSTOM_FUNCTION_CALL:  # SomeFunction.apply(...) under a functorch transform
             self.touched = True
             return self._custom_function(args[0], args[1:], kwargs)
-        scalar = _SCALAR_FORMS.get(func)
-        if scalar is not None and _scalar_operand(scalar, args, kwargs):
+        scalar = scalar_form(func, args, kwargs)
+        if scalar is not None:
             self.scalar_forms += 1
             return scalar(*args, **kwargs)
         try:
@@ -317,48 +318,6 @@ class OpRules(TorchFunctionMode):
                     self.used.add(index)
             elif isinstance(value, (list, tuple)):  # torch.cat([...]), torch.stack((...))
                 self._record(value)
-
-
-# Arithmetic of a tensor and a Python number, run by the op's .Scalar overload: same kernel, same values and
-# type promotion (the .Tensor overload wraps the number the same way), but the .Tensor overload's forward
-# formula gives the number an all-zero tangent (an _efficientzerotensor), and arithmetic on zero tensors
-# computes its result's shape by torch's Python meta functions: 1.1-1.7 ms an op against 10-20 us for the
-# .Scalar form (measured in torch 2.13 under jvp and vmap(jvp), a 256x16 float32 tensor, 1 CPU thread).
-_aten = torch.ops.aten
-_SCALAR_FORMS: dict[Any, Callable[..., Any]] = {
-    **dict.fromkeys((torch.Tensor.mul, torch.mul), _aten.mul.Scalar),
-    **dict.fromkeys((torch.Tensor.add, torch.add), _aten.add.Scalar),
-    **dict.fromkeys((torch.Tensor.sub, torch.sub), _aten.sub.Scalar),
-    **dict.fromkeys((torch.Tensor.div, torch.div), _aten.div.Scalar),
-}
-
-
-def _scalar_operand(scalar: Any, args: tuple, kwargs: dict) -> bool:
-    """``(tensor, number)`` (and ``alpha`` for add and sub): a call that the .Scalar overload runs the same (not a
-    bool, which promotes differently, nor a tensor subclass, whose own __torch_function__ would be skipped)."""
-    return (len(args) == 2 and type(args[1]) in (int, float) and type(args[0]) in (torch.Tensor, torch.nn.Parameter)
-            and (not kwargs or (kwargs.keys() == {"alpha"} and scalar in _WITH_ALPHA)))
-
-
-_WITH_ALPHA = (_aten.add.Scalar, _aten.sub.Scalar)
-
-
-class ScalarForms(TorchFunctionMode):
-    """Only the seam's .Scalar forms (``_SCALAR_FORMS``): around a pass that met no rule, when it is traced for
-    replay (engine/replay.py), so that the recording has the eager pass's ops, without zero-tangent work."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        scalar = _SCALAR_FORMS.get(func)
-        if scalar is not None and _scalar_operand(scalar, args, kwargs):
-            return scalar(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def seam_pays(modes: Sequence[Any]) -> bool:
-    """Whether later passes should keep the op seam for its .Scalar forms alone: a bare pass would spend ~1 ms on
-    each of them, the seam ~25 us on each torch call."""
-    return any(getattr(m, "scalar_forms", 0) * 40 >= getattr(m, "calls", 0) > 0 for m in modes)
 
 
 # Functions whose outputs carry no tangent by definition: not evidence of a dropped tangent.

@@ -24,6 +24,7 @@ from engine.test_forward import _cnn  # AutoMAD's test CNN (conv, tanh, conv, re
 from madfunc.engine import recordable
 from madfunc.engine import replay as _replay
 from madfunc.engine.graphclean import pool_by_slices
+from madfunc.ops.scalars import ScalarForms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -407,8 +408,6 @@ def test_passes_above_the_size_limit_stay_eager_with_exact_gradients(monkeypatch
 def test_the_seams_scalar_forms_give_the_plain_values(dtype: torch.dtype) -> None:
     """The op seam runs a tensor's arithmetic with a Python number by the .Scalar overload (whose forward formula
     makes no zero tensor: ~1 ms an op saved): same values and dtype as the plain call, and what it leaves alone."""
-    from madfunc.ops.rules import ScalarForms
-
     x = (torch.arange(1, 7).reshape(2, 3) * 3).to(dtype)
     calls = [lambda x: 2 * x, lambda x: x * 0.3, lambda x: x / 3, lambda x: x - 1, lambda x: 1.5 + x,
              lambda x: torch.add(x, 2, alpha=3), lambda x: x.sub(0.25, alpha=2), lambda x: torch.div(x, 7),
