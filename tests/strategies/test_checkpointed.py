@@ -346,3 +346,27 @@ def test_second_backward_through_a_call_with_side_effects_is_refused() -> None:
     value.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="segment 'grow': backward ran twice"):
         value.backward()
+
+
+def test_pytree_outputs_pass_through_and_integer_leaves() -> None:
+    """An input returned as is, an integer output (not differentiable) and a dict: Reverse's gradient."""
+    seg = mf.rev(lambda w, h: {"h": h, "y": torch.sin(w) * h, "i": torch.arange(3)}, name="s")
+
+    def loss(w, h):
+        out = seg(w, h * 1.0)
+        return (out["h"] ** 2).sum() + out["y"].sum() + out["i"].sum()
+
+    w, h = _rand(0, 3), _rand(1, 3)
+    want = torch.func.grad(loss, argnums=(0, 1))(w, h)
+    torch.testing.assert_close(mf.mixed_grad(loss, {"s": "ckpt"}, argnums=(0, 1))(w, h), want)
+    leaves = w.clone().requires_grad_(), h.clone().requires_grad_()
+    with mf.use_plan({"s": "ckpt"}):
+        value = loss(*leaves)
+    value.backward()
+    torch.testing.assert_close((leaves[0].grad, leaves[1].grad), want)
+
+
+def test_bad_output_named() -> None:
+    seg = mf.rev(lambda w: None, name="empty")
+    with pytest.raises(TypeError, match="segment 'empty' returned None"):
+        mf.mixed_grad(lambda w: seg(w), {"empty": "ckpt"})(_rand(0, 2))
