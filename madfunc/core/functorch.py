@@ -14,7 +14,7 @@ import torch
 __all__ = [
     "CUSTOM_FUNCTION_CALL", "METADATA_OPS", "TransformType", "differentiating_transforms", "grad_transforms_active",
     "interpreter_stack", "is_batched", "is_wrapped", "layer_depth", "outside_transforms", "plain_value",
-    "restore_layer_depth", "unwrap", "vmap_randomness_same",
+    "restore_layer_depth", "run_below_grad", "unwrap", "vmap_randomness_same",
 ]
 
 _F = torch._C._functorch  # pyright: ignore[reportAttributeAccessIssue]  (torch._C's stubs lack it)
@@ -99,6 +99,26 @@ def restore_layer_depth(depth: int) -> None:
     """Pop functorch's dynamic layer stack back to ``depth`` if a failed trace left layers on it."""
     if _F.get_dynamic_layer_stack_depth() != depth:
         _F.pop_dynamic_layer_stack_and_undo_to_depth(depth)
+
+
+def run_below_grad(fn: Any, tensors: list) -> list:
+    """``fn(tensors)`` run one level below the innermost transform when that is a torch.func grad transform:
+    the tensors enter unwrapped from its level and the results are wrapped back without a history there.
+
+    A first-order backward that recomputes (Checkpointed) calls it: torch.func.grad runs backward with
+    ``create_graph`` so that its work is recorded at the grad level, and a recomputation's activations then
+    stay alive, held by the gradients' history, until the whole step ends (measured: checkpointing saved no
+    memory under mixed_grad). Outside a grad transform, ``fn(tensors)`` as is."""
+    top = _F.peek_interpreter_stack()
+    if top is None or str(top.key()) != "TransformType.Grad":
+        return fn(tensors)
+    from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack
+
+    level = _F.current_level()
+    inner = [None if t is None else _F._unwrap_for_grad(t, level) for t in tensors]
+    with temporarily_pop_interpreter_stack():
+        results = fn(inner)
+    return [None if r is None else _F._wrap_for_grad(r, level) for r in results]
 
 
 def _metadata_op(name: str) -> Any:

@@ -33,7 +33,7 @@ import optree
 import torch
 
 from madfunc.core.checks import _check_not_mutated, _flatten_output, _needs_grad, refuse_complex
-from madfunc.core.functorch import differentiating_transforms
+from madfunc.core.functorch import differentiating_transforms, run_below_grad
 from madfunc.engine import context as _context
 from madfunc.engine.captured import Captured, discover
 from madfunc.engine.forward import _reachable
@@ -206,7 +206,13 @@ def _backward(ctx: Any, grads: tuple) -> tuple:
             "grad over mixed_grad, or backward(create_graph=True) under use_plan). Its recomputed gradient is "
             "first order only; give the segment Reverse() for higher-order derivatives."
         )
-    diff_grads = runner.backward(ctx.saved_tensors, [grads[i] for i in runner.diff_out])
+    saved = list(ctx.saved_tensors)
+    count = len(saved)
+    # Below torch.func.grad's level: its backward records with create_graph, so the recomputation's graph (its
+    # activations) would otherwise live as long as the gradients, to the end of the step (first order only:
+    # checked above).
+    diff_grads = run_below_grad(lambda ts: runner.backward(ts[:count], ts[count:]),
+                                [*saved, *(grads[i] for i in runner.diff_out)])
     result: list[torch.Tensor | None] = [None] * ctx.n_tensors
     for i, g in zip(runner.diff, diff_grads, strict=True):
         result[i] = g
