@@ -11,7 +11,9 @@ fresh child process (allocator pinned with ``MALLOC_ARENA_MAX=1``, so that RSS m
 ``Exact`` segment's first call (eager), its second call (which records the replay graph), its third (replayed)
 and the ``Reverse`` plan; time (median over rounds, the cases interleaved within each round) and memory (peak
 RSS and the RSS left after the call, both above the RSS before it, after ``malloc_trim``; and the peak of live
-tensor bytes of one more call, ``mf.measure_peak``). Then ratios. Not a test: nothing asserts.
+tensor bytes of one more call, ``mf.measure_peak``). Then ratios. ``--interleaved ROUNDS`` times only Exact's
+steady state against Reverse, alternating in one process (the ratio to trust on a loaded machine). Not a test:
+nothing asserts.
 """
 
 from __future__ import annotations
@@ -144,6 +146,33 @@ def _child(case: str, steps: int, threads: int, limit: int | None) -> dict:
             "resident_mb": (resident - before) / 2**20, "tensor_mb": tensor_mb, "state": state}
 
 
+def _interleaved(steps: int, threads: int, rounds: int, limit: int | None) -> dict:
+    """Steady-state time of Exact's calls (after its first two) against Reverse's, alternating in one process
+    (the order alternates between rounds): the median of per-round ratios cancels the load of other processes."""
+    import time
+
+    from madfunc.engine import replay
+
+    torch.set_num_threads(threads)
+    if limit is not None:
+        replay.MAX_RECORDED_CALLS = limit
+    p, x0, target = rollout_data()
+    grads = {name: mf.mixed_grad(rollout_loss, {"rollout": s}) for name, s in (("exact", mf.Exact()),
+                                                                            ("reverse", mf.Reverse()))}
+    for name, g in grads.items():
+        for _ in range(2 if name == "exact" else 1):
+            g(p, x0, target, steps)
+    times: dict[str, list[float]] = {"exact": [], "reverse": []}
+    for r in range(rounds):
+        for name in ("exact", "reverse") if r % 2 == 0 else ("reverse", "exact"):
+            start = time.perf_counter()
+            grads[name](p, x0, target, steps)
+            times[name].append(time.perf_counter() - start)
+    ratios = [e / r for e, r in zip(times["exact"], times["reverse"], strict=True)]
+    return {"exact": statistics.median(times["exact"]), "reverse": statistics.median(times["reverse"]),
+            "ratio": statistics.median(ratios), "replayed": bool(replay.replayed("rollout"))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
@@ -151,10 +180,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--record-limit", type=int, default=None,
                         help="replay.MAX_RECORDED_CALLS for the run (to measure a recording above the default limit)")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
+                        help="only time Exact's steady state against Reverse, alternating in one process")
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.steps, args.threads, args.record_limit)))
+        return
+    if args.interleaved:
+        out = _interleaved(args.steps, args.threads, args.interleaved, args.record_limit)
+        print(f"rollout: {args.steps} steps, {args.threads} thread(s), {args.interleaved} interleaved rounds; Exact "
+              f"({'replayed' if out['replayed'] else 'eager'}) {out['exact']:.3f} s, Reverse {out['reverse']:.3f} s "
+              f"(medians); Exact / Reverse, median of per-round ratios: {out['ratio']:.2f}")
         return
     env = dict(os.environ, MALLOC_ARENA_MAX="1", OMP_NUM_THREADS=str(args.threads))
     runs: dict[str, list[dict]] = {c: [] for c in CASES}
