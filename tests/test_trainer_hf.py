@@ -127,3 +127,16 @@ def test_seed_sgd_argument_errors(tmp_path):
         PlanTrainer(model=_model(), args=_args(tmp_path), plan={LAYERS: "random"}, seed_sgd=0.9)
     with pytest.raises(ValueError, match=r"learning rate as TrainingArguments\(learning_rate=...\)"):
         PlanTrainer(model=_model(), args=_args(tmp_path), plan={LAYERS: "random"}, seed_sgd={"lr": 0.1})
+
+
+def test_seed_sgd_groups_and_logged_norm(tmp_path):
+    """seed_sgd builds SeedSGD over the Trainer's weight-decay groups at its learning rate; without clipping the
+    Trainer logs no gradient norm (p.grad alone would be a part of the gradient)."""
+    model = _model()
+    trainer = PlanTrainer(model=model, args=_args(tmp_path, weight_decay=0.1, max_grad_norm=0.0),
+                          plan={LAYERS: "random"}, seed_sgd={"momentum": 0.5})
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, mf.SeedSGD) and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert all(g["lr"] == LR and g["momentum"] == 0.5 for g in opt.param_groups)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert trainer._get_grad_norm(model) is None
