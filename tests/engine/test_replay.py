@@ -430,3 +430,25 @@ def test_scalar_arithmetic_keeps_the_seam_and_exact_gradients() -> None:
     g = mf.mixed_grad(lambda w, b, x: seg(w, b, x), {"scalars": mf.Exact(chunk_size=4)}, argnums=(0, 1))
     for _ in range(2):
         _close(g(w, b, x), grad(body, argnums=(0, 1))(w, b, x))
+
+
+def test_a_pass_makes_no_zero_tangents_for_numbers() -> None:
+    """The eager pass runs ``2 * y - 1`` by the .Scalar overloads: the numbers get no all-zero tangent, whose
+    arithmetic runs torch's Python meta functions (``prims`` ops, ~1 ms an op: four of them here before). Seen
+    by a dispatch mode, which sees the aten ops below torch.func's transforms."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w, x = torch.randn(3, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    seg = mf.fwd(lambda w, x: (2 * (x @ w) - 1).pow(2).sum(), name="numbers", record=False)
+    with Ops() as ops:
+        got = mf.mixed_grad(lambda w: seg(w, x))(w)
+    _close(got, grad(lambda w: (2 * (x @ w) - 1).pow(2).sum())(w))
+    assert "aten.mul.Scalar" in ops.seen
+    assert not [op for op in ops.seen if op.startswith("prims.")]
