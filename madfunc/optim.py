@@ -102,8 +102,10 @@ class SeedSGD(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group (as ``torch.optim.Optimizer.add_param_group``) and claim its parameters."""
-        super().add_param_group(param_group)
-        _deferral.claim(self.param_groups[-1]["params"], self, "SeedSGD")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        _deferral.claim(params, self, "SeedSGD")  # first: a refused group is not added
+        super().add_param_group({**param_group, "params": params})
 
     def defer(self, param: torch.Tensor, record: SeedRecord) -> None:
         """Take one deferred gradient part of ``param`` (called by a segment's backward)."""

@@ -216,6 +216,10 @@ def test_parameter_in_two_seed_optimizers_is_refused():
     first = SeedSGD([p], lr=0.1)
     with pytest.raises(ValueError, match=r"already handled by another seed-fused optimizer \(SeedSGD"):
         SeedSGD([p], lr=0.1)
+    other = SeedSGD([nn.Parameter(torch.ones(2))], lr=0.1)
+    with pytest.raises(ValueError, match="already handled"):
+        other.add_param_group({"params": [p]})
+    assert len(other.param_groups) == 1  # the refused group was not added
     del first
     SeedSGD([p], lr=0.1)  # the first one is gone: its claim went with it
 
