@@ -302,3 +302,28 @@ def test_strategies_that_cannot_defer_fill_p_grad(marked, strategy):
         ref.zero_grad()
     for p, q in zip(fused.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_under_a_process_group(marked):
+    """use_plan(process_group=...) on one gloo rank: the deferred path with the reduction (records from the reduced
+    coefficients, the reduction told what autograd got) steps as p.grad then torch.optim.SGD."""
+    import torch.distributed as dist
+
+    fused, plain = marked
+    opt = SeedSGD(fused.parameters(), lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for step in range(2):
+            for model, optimizer in ((fused, opt), (plain, ref)):
+                idx, target = _data(step)
+                with mf.use_plan({"body": mf.Random(k=2), "mid": "rev"}, generator=torch.Generator().manual_seed(step),
+                                 process_group=dist.group.WORLD):
+                    model(idx, target).backward()
+                assert model is plain or (opt.pending() > 0 and fused.body.lin1.weight.grad is None)
+                optimizer.step()
+                optimizer.zero_grad()
+    finally:
+        dist.destroy_process_group()
+    for p, q in zip(fused.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
