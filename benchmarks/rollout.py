@@ -10,10 +10,10 @@ As a script: ``python benchmarks/rollout.py [--steps 1500] [--threads 1] [--roun
 fresh child process (allocator pinned with ``MALLOC_ARENA_MAX=1``, so that RSS means the same in each): the
 ``Exact`` segment's first call (eager), its second call (which records the replay graph), its third (replayed)
 and the ``Reverse`` plan; time (median over rounds, the cases interleaved within each round) and memory (peak
-RSS and the RSS left after the call, both above the RSS before it, after ``malloc_trim``; and the peak of live
-tensor bytes of one more call, ``mf.measure_peak``). Then ratios. ``--interleaved ROUNDS`` times only Exact's
-steady state against Reverse, alternating in one process (the ratio to trust on a loaded machine). Not a test:
-nothing asserts.
+RSS during the call and RSS after it, both above the RSS before it, each read after ``malloc_trim``; and the
+peak of live tensor bytes of one more call, ``mf.measure_peak``). Then ratios. ``--interleaved ROUNDS`` times
+only Exact's steady state against Reverse, alternating in one process (the ratio to trust on a loaded machine).
+Not a test: nothing asserts.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def _child(case: str, steps: int, threads: int, limit: int | None) -> dict:
     g = mf.mixed_grad(rollout_loss, {"rollout": strategy})
     for _ in range({"eager": 0, "recording": 1, "replayed": 2, "reverse": 1}[case]):  # reverse: warmed once
         g(p, x0, target, steps)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what earlier calls freed goes back: the peak is this call's
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+    trim(0)  # what earlier calls freed goes back: the peak is this call's
     before = _rss()
     peak = [before]
     done = threading.Event()
@@ -132,6 +133,10 @@ def _child(case: str, steps: int, threads: int, limit: int | None) -> dict:
     done.set()
     sampler.join()
     peak[0] = max(peak[0], _rss())
+    import gc
+
+    gc.collect()
+    trim(0)  # freed memory that the allocator kept would count as resident
     resident = _rss()
     refused = replay.REFUSED.get("rollout")
     state = "replayed" if replay.replayed("rollout") else f"eager ({refused})" if refused else "eager"
