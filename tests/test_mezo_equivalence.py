@@ -78,12 +78,13 @@ def _madfunc_run(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: i
     return trace
 
 
-def _mezo_run(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, seed: int) -> list:
+def _mezo_run(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, seed: int,
+              steps: int = STEPS) -> list:
     names = [n for n, _ in module.named_parameters()]
     directions = TangentStreamDirections(torch.Generator().manual_seed(seed), names, k=k)
     opt = MeZO(list(module.parameters()), lr=LR, eps=EPS, weight_decay=WD, n_probes=k, directions=directions)
     trace = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         with torch.no_grad():
             before = module(x, y).item()  # L(theta): MeZO itself only sees theta +- eps z
         opt.step(lambda: module(x, y))
@@ -100,8 +101,7 @@ def _gap(a: list, b: list) -> tuple[float, float]:
 
 
 @needs_spsa
-@pytest.mark.parametrize("kind", ["mlp", "opt"])
-@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize(("kind", "k"), [("mlp", 1), ("mlp", 4), ("opt", 1)])  # (OPT at k = 4: minutes, no news)
 def test_spsa_segment_with_sgd_is_mezo(kind: str, k: int) -> None:
     module, x, y = _model(kind)
     start = [p.detach().clone() for p in module.parameters()]
@@ -113,8 +113,8 @@ def test_spsa_segment_with_sgd_is_mezo(kind: str, k: int) -> None:
     # other directions (another seed) lands elsewhere.
     moved = max((p - s).abs().max().item() for p, s in zip(ours[-1][1], start, strict=True))
     assert moved > 1e4 * ATOL, moved
-    _, other = _gap(ours, _mezo_run(copy.deepcopy(module), x, y, k, seed=8))
-    assert other > 1e4 * ATOL, other
+    other = _mezo_run(copy.deepcopy(module), x, y, k, seed=8, steps=2)
+    assert _gap(ours[:2], other)[1] > 1e4 * ATOL
 
 
 def _residual(module: torch.nn.Module, k: int, seed: int) -> float:
