@@ -75,7 +75,7 @@ class TangentStreamDirections:
     same ``generator``.
 
     madfunc draws one base number per transform call from ``generator``; the call's first random segment
-    gets the seed ``leaf_seed(base, 1)``, and its leaf ``i`` the ``k`` rows of
+    gets the seed ``SPSA.call_seed(generator)`` (``leaf_seed(base, 1)``), and its leaf ``i`` the ``k`` rows of
     ``draw_leaf(distribution, k, shape, dtype, device, seed, i)`` (``madfunc/engine/rng.py``,
     ``madfunc/strategies/tangents.py``). Leaves are numbered in the order the segment flattens its
     parameters: a module segment passes a dict of them, which optree flattens in sorted key order, so
@@ -93,12 +93,12 @@ class TangentStreamDirections:
         self.index = [ranks[name] for name in names]
 
     def seeds(self, n_probes: int) -> list[tuple[int, int]]:
-        from madfunc.strategies.tangents import leaf_seed
+        from madfunc.strategies.spsa import call_seed
 
         if n_probes != self.k:
             raise ValueError(f"TangentStreamDirections(k={self.k}): MeZO asked for {n_probes} probes; use n_probes=k.")
-        base = int(torch.randint(0, 2**62, (), dtype=torch.int64, generator=self.generator))
-        seed = leaf_seed(base, 1)
+        seed = call_seed(self.generator)  # (read without advancing the generator: advance it as a call does)
+        torch.randint(0, 2**62, (), dtype=torch.int64, generator=self.generator)
         return [(seed, j) for j in range(n_probes)]
 
     def leaves(self, token: tuple[int, int], params: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
