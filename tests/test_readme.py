@@ -18,10 +18,10 @@ def _blocks(language: str) -> list[str]:
 
 
 def _run_examples() -> dict:
-    """Run the README's doctests in order, in one namespace (the second, "Writing a strategy", uses the first's
-    imports); return that namespace."""
+    """Run the README's doctests in order, in one namespace (the later ones use the first's imports and data);
+    return that namespace."""
     examples = _blocks("pycon")
-    assert len(examples) == 2, "the README has two examples: the plan, and writing a strategy"
+    assert len(examples) == 3, "the README has three examples: the plan, fine-tuning, and writing a strategy"
     assert not _blocks("python"), "the README's examples are doctests (```pycon); longer ones belong in docs/"
     globs: dict = {}
     for i, example in enumerate(examples):
@@ -69,4 +69,5 @@ def test_readme_links_lead_to_files():
 
 
 def test_readme_stays_short():
-    assert len(README.read_text().splitlines()) <= 120
+    # One screen per section: the pitch, an example, the planner, fine-tuning, writing a strategy, set-up, docs.
+    assert len(README.read_text().splitlines()) <= 165
