@@ -58,7 +58,7 @@ def _outputs(nb: nbformat.NotebookNode, name: str) -> tuple[str, int]:
 def test_committed_notebooks_have_outputs() -> None:
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
     assert names == ["01_exact_vs_random.ipynb", "02_mixing_modes.ipynb", "03_memory.ipynb", "04_estimators.ipynb",
-                     "06_finetune.ipynb"]
+                     "05_planner.ipynb", "06_finetune.ipynb"]
     for name in names:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
@@ -133,6 +133,15 @@ def test_estimators_goal_in_the_committed_run() -> None:
         assert backprop - best <= 2.0, match.group(0)
 
 
+def test_planner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """05: benchmarks/planner.py's functions through the notebook at quick sizes (no timing claim there)."""
+    pytest.importorskip("transformers")
+    text, images = _execute("05_planner.ipynb", tmp_path, monkeypatch)
+    assert images >= 2 and "checks passed" in text
+    assert re.search(r"^targets met: \d+ of \d+$", text, re.M), text[-2000:]
+    assert {m for m in re.findall(r"^== (mlp|transformer|rollout):", text, re.M)} == {"mlp", "transformer", "rollout"}
+
+
 def test_finetune(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """06: benchmarks/finetune.py --quick through the notebook (tiny OPT; no speed or memory claim at that size)."""
     pytest.importorskip("transformers")
@@ -155,7 +164,8 @@ def _shape(text: str) -> list[str]:
 @pytest.mark.sweep
 @pytest.mark.parametrize(
     "name",
-    ["01_exact_vs_random.ipynb", "02_mixing_modes.ipynb", "03_memory.ipynb", "04_estimators.ipynb", "06_finetune.ipynb"],
+    ["01_exact_vs_random.ipynb", "02_mixing_modes.ipynb", "03_memory.ipynb", "04_estimators.ipynb",
+     "05_planner.ipynb", "06_finetune.ipynb"],
 )
 def test_notebook_at_full_size(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each notebook as committed, at full size: its own checks pass, and it prints the lines (numbers aside)
