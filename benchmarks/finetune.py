@@ -79,7 +79,7 @@ class Hyper:
     budget: int | None = None  # method "auto": the bytes a step may add to the parameters (mf.auto_plan)
 
 
-def seed_sgd(params: Any, lr: float) -> torch.optim.Optimizer:
+def seed_sgd(params: Any, lr: float) -> torch.optim.Optimizer:  # (params: tensors or groups)
     """madfunc's seed-fused SGD where it exists (no ``p.grad`` for Random/SPSA segments), else torch's SGD."""
     cls = getattr(mf, "SeedSGD", None)
     return cls(params, lr=lr) if cls is not None else torch.optim.SGD(params, lr=lr)
@@ -113,16 +113,24 @@ def _mezo(split: Split, lr: float, eps: float, probes: int, seed: int) -> Step:
     return step
 
 
-def _seed_opt(split: Split, lr: float) -> torch.optim.Optimizer:
-    """One seed-fused optimizer per model (a parameter's deferred gradients can reach only one): the timing
-    rounds step one model with every method, at one learning rate."""
+def _seed_opt(split: Split, estimated: set[str], lr_exact: float, lr_estimated: float) -> torch.optim.Optimizer:
+    """One seed-fused optimizer per model (a parameter's deferred gradients can reach only one; the timing
+    rounds step one model with every method, at one tiny learning rate). Two groups: the parameters of
+    segments under an estimate (``estimated``: "trunk", "tail" or "model") take ``lr_estimated``, since an
+    estimate's noise grows with the number of scalars it covers; the others ``lr_exact``. The tied embedding
+    lives in the trunk: where the trunk is estimated, it takes the small rate, its head part included."""
     opt = split.__dict__.get("seed_opt")
     if opt is None:
-        opt = split.__dict__["seed_opt"] = seed_sgd(split.parameters(), lr)
+        small = set() if not estimated else (
+            {id(p) for p in split.parameters()} if "model" in estimated
+            else {id(p) for part in estimated for p in getattr(split, part).parameters()})
+        groups = [{"params": [p for p in split.parameters() if id(p) in small], "lr": lr_estimated},
+                  {"params": [p for p in split.parameters() if id(p) not in small], "lr": lr_exact}]
+        opt = split.__dict__["seed_opt"] = seed_sgd([g for g in groups if g["params"]], lr_exact)
     return opt
 
 
-def _planned(split: Split, lr: float, plan: Any, segments: tuple[str, ...], seed: int,
+def _planned(split: Split, hyper: Hyper, plan: Any, segments: tuple[str, ...], seed: int,
              example: tuple[torch.Tensor, torch.Tensor] | None = None, budget: int | None = None) -> Step:
     """A madfunc plan over segments of ``split``: ``("model",)`` the whole model as one segment, ``("trunk",)``
     the trunk only (the tail by plain backprop), ``("trunk", "tail")`` both; ``plan`` None: ``mf.auto_plan``
@@ -148,7 +156,8 @@ def _planned(split: Split, lr: float, plan: Any, segments: tuple[str, ...], seed
         candidates = [mf.Reverse(), mf.Checkpointed(), mf.Random(k=16), mf.Random(k=1), mf.SPSA(k=1)]
         plan = mf.auto_plan(loss_of, *example, budget=budget, exact=False, argnums=None, repeats=1,
                             candidates=candidates)
-    opt = _seed_opt(split, lr)
+    estimated = {name for name, strategy in dict(plan).items() if isinstance(strategy, (mf.Random, mf.SPSA))}
+    opt = _seed_opt(split, estimated, hyper.lr_backprop, hyper.lr_zeroth)
 
     def step(ids: torch.Tensor, targets: torch.Tensor) -> float:
         with mf.use_plan(plan, generator=generator):
@@ -172,11 +181,11 @@ def make_step(method: str, split: Split, hyper: Hyper, seed: int = 0,
         "checkpointed": lambda: _backprop(split, hyper.lr_backprop, checkpointed=True),
         "mezo": lambda: _mezo(split, lr, eps, 1, seed),
         "mezo16": lambda: _mezo(split, lr, eps, 16, seed),
-        "spsa": lambda: _planned(split, lr, {"model": mf.SPSA(k=1, eps=eps)}, ("model",), seed),
-        "random1": lambda: _planned(split, lr, {"model": mf.Random(k=1)}, ("model",), seed),
-        "random16": lambda: _planned(split, lr, {"model": mf.Random(k=16)}, ("model",), seed),
-        "mixed": lambda: _planned(split, lr, {"trunk": mf.Random(k=1)}, ("trunk",), seed),
-        "auto": lambda: _planned(split, lr, None, ("trunk", "tail"), seed, example, hyper.budget),
+        "spsa": lambda: _planned(split, hyper, {"model": mf.SPSA(k=1, eps=eps)}, ("model",), seed),
+        "random1": lambda: _planned(split, hyper, {"model": mf.Random(k=1)}, ("model",), seed),
+        "random16": lambda: _planned(split, hyper, {"model": mf.Random(k=16)}, ("model",), seed),
+        "mixed": lambda: _planned(split, hyper, {"trunk": mf.Random(k=1)}, ("trunk",), seed),
+        "auto": lambda: _planned(split, hyper, None, ("trunk", "tail"), seed, example, hyper.budget),
     }
     if method not in builders:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(builders)}")
@@ -326,8 +335,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated, of: " + ", ".join(ALL_METHODS))
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 7; --quick 3)")
     p.add_argument("--seeds", type=int, default=None, help="quality part: seeds per method (default 3; --quick 1)")
-    p.add_argument("--lr", default="", help="quality part: learning rates, e.g. mezo=1e-5,mixed=1e-2 (default: LR "
-                   "in finetune_data.py)")
+    p.add_argument("--lr", default="", help="quality part: learning rates of exact gradients and of estimates, e.g. "
+                   "exact=1e-2,estimated=1e-5 (default: LR_EXACT, LR_ESTIMATED in finetune_data.py)")
     p.add_argument("--seconds", type=float, default=None, help="quality part: training seconds per run (default 60)")
     p.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/<date>-...)")
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
@@ -336,10 +345,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.lr = {k.strip(): float(v) for k, v in (item.split("=") for item in args.lr.split(",") if item.strip())}
     except ValueError:
-        p.error(f"--lr: expected method=value pairs, got {args.lr!r}")
-    bad = [m for m in args.methods if m not in ALL_METHODS] + [m for m in args.lr if m not in ALL_METHODS]
+        p.error(f"--lr: expected key=value pairs (exact=..., estimated=...), got {args.lr!r}")
+    bad = [m for m in args.methods if m not in ALL_METHODS] + [k for k in args.lr if k not in ("exact", "estimated")]
     if bad:
-        p.error(f"--methods/--lr: unknown {bad}; choose from {', '.join(ALL_METHODS)}")
+        p.error(f"--methods/--lr: unknown {bad}; methods: {', '.join(ALL_METHODS)}; --lr keys: exact, estimated")
     return args
 
 
