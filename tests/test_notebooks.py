@@ -162,10 +162,10 @@ def _shape(text: str) -> list[str]:
 
 
 @pytest.mark.sweep
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # (not 06_finetune: at full size it is benchmarks/finetune.py's whole run, ~1 hour)
     "name",
     ["01_exact_vs_random.ipynb", "02_mixing_modes.ipynb", "03_memory.ipynb", "04_estimators.ipynb",
-     "05_planner.ipynb", "06_finetune.ipynb"],
+     "05_planner.ipynb"],
 )
 def test_notebook_at_full_size(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each notebook as committed, at full size: its own checks pass, and it prints the lines (numbers aside)
