@@ -19,6 +19,11 @@ Targets and writes everything to ``benchmarks/results/<date>-planner.json``. The
 Panchal et al. 2025 (arXiv 2506.21833) on the digits MLP: steps and time to a target test accuracy at equal
 memory, checkpointed backprop against forward gradients (``Random(k)``), see ``panchal``. Not a test: it
 prints which targets hold and which do not.
+
+Cost: ``auto_plan`` profiles the step afresh at every budget (tens of steps each), and a full-size rollout step
+takes seconds (about 14 s for Reverse and 29 s for Exact at load 4 on 2 cores, 2026-12-07), so the full run is
+long: ``--budgets 3`` or ``--models mlp,transformer`` shorten it. ``--quick``: a smoke test, about 5 minutes
+at load 5 (tests/test_benchmarks_planner.py).
 """
 
 from __future__ import annotations
@@ -194,7 +199,7 @@ def run_auto_plan(model: PlannerModel, entries: dict, budget: int, exact: bool, 
 
 
 # -- one model -----------------------------------------------------------------------------------------------------
-def measure_model(model: PlannerModel, quick: bool, exact_limit: int) -> dict:
+def measure_model(model: PlannerModel, quick: bool, exact_limit: int, budgets: int = 7) -> dict:
     """Enumerate, plan at every budget, measure it all in one interleaved timing run."""
     warmup, rounds = (2, 3) if quick else (2, 7)  # warm-up: a forward segment records its replay on call 2
     if model.name == "rollout" and not quick:
@@ -205,7 +210,7 @@ def measure_model(model: PlannerModel, quick: bool, exact_limit: int) -> dict:
     warm_and_peak(model, entries, warmup)
     autos = []
     # --quick: auto_plan profiles the step afresh at every budget (tens of calls), so fewer budgets.
-    counts = ((2, 1) if model.name == "rollout" else (1, 0)) if quick else (5, 2)
+    counts = ((2, 1) if model.name == "rollout" else (1, 0)) if quick else (budgets - budgets // 3, budgets // 3)
     for budget, exact in budgets_for(entries, *counts):
         autos.append(run_auto_plan(model, entries, budget, exact, repeats=1 if quick else 3))
         log(f"{model.name}: auto_plan at {budget / MiB:.3f} MiB (exact={exact}): {autos[-1].get('plan', 'no plan')}, "
@@ -447,7 +452,7 @@ def print_panchal(p: dict) -> None:
 
 # -- main ----------------------------------------------------------------------------------------------------------
 def run(quick: bool, names: list[str], exact_limit: int | None = None, rss: bool = True,
-        with_panchal: bool = True) -> dict:
+        with_panchal: bool = True, budgets: int = 7) -> dict:
     """The whole benchmark; returns what ``--json`` writes."""
     torch.set_num_threads(THREADS)
     exact_limit = exact_limit or (64 if quick else 4096)
@@ -456,7 +461,7 @@ def run(quick: bool, names: list[str], exact_limit: int | None = None, rss: bool
                  "exact_limit": exact_limit, "models": [], "targets": []}
     for name in names:
         start = time.perf_counter()
-        result = measure_model(MODELS[name](quick=quick), quick, exact_limit)
+        result = measure_model(MODELS[name](quick=quick), quick, exact_limit, budgets)
         if rss and sys.platform.startswith("linux"):
             measure_rss(result, quick)
         result["seconds"] = time.perf_counter() - start
@@ -475,6 +480,8 @@ def main() -> None:
     parser.add_argument("--exact-limit", type=int, help="largest tangent count Exact is enumerated with")
     parser.add_argument("--no-rss", action="store_true", help="skip the child-process RSS of the headline plans")
     parser.add_argument("--no-panchal", action="store_true", help="skip the Panchal et al. training comparison")
+    parser.add_argument("--budgets", type=int, default=7, help="auto_plan budgets per model (full size; a third of "
+                        "them below the smallest exact plan, with exact=False); each profiles the step afresh")
     parser.add_argument("--json", help="where to write the results (default: results/<date>-planner.json; "
                                        "with --quick, nowhere)")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
@@ -483,7 +490,7 @@ def main() -> None:
     if args.rss_child:
         print(json.dumps(rss_child(args.rss_child, args.quick, args.keys.split(";"))))
         return
-    out = run(args.quick, args.models.split(","), args.exact_limit, not args.no_rss, not args.no_panchal)
+    out = run(args.quick, args.models.split(","), args.exact_limit, not args.no_rss, not args.no_panchal, args.budgets)
     print(f"planner benchmark: {THREADS} threads, torch {out['torch']}, load average {out['load_before']} before, "
           f"{out['load_after']} after (1/5/15 min){'; quick sizes' if args.quick else ''}")
     for result in out["models"]:
