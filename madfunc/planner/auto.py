@@ -336,9 +336,25 @@ def auto_plan(fn: Callable[..., Any], *args: Any, budget: int | float | str, exa
     plan = Plan({name: chosen[name].strategy for name in profile.names})
     if not return_report:
         return plan
+    return plan, _measured_report(step, profile, table, chosen, nbytes, exact)
+
+
+def _measured_report(step: Step, profile: _Profile, table: CostTable, chosen: dict[str, Candidate], budget: int,
+                     exact: bool) -> PlanReport:
+    """The report of a choice, its peak measured on a third step (the first two warm caches and recordings up)."""
+    plan = Plan({name: chosen[name].strategy for name in profile.names})
     step.run(plan)
     step.run(plan)
     with measure_peak(cuda=False) as meter:
         grads = step.run(plan)
     del grads
-    return plan, _report(profile, table, chosen, nbytes, meter.peak_bytes)
+
+    def replan(new_budget: int | float | str, new_exact: bool | None) -> PlanReport:
+        nbytes, use_exact = parse_budget(new_budget, WHERE), exact if new_exact is None else new_exact
+        if not use_exact and not any(c.stochastic for c in profile.candidates):
+            raise ValueError(f"{WHERE}: this profile has no gradient estimates among its candidates; call auto_plan("
+                             "..., exact=False) to profile them, then replan.")
+        new_table, new_chosen = _choose(profile, nbytes, use_exact)
+        return _measured_report(step, profile, new_table, new_chosen, nbytes, use_exact)
+
+    return dataclasses.replace(_report(profile, table, chosen, budget, meter.peak_bytes), _replan=replan)

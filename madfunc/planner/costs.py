@@ -69,8 +69,10 @@ class CostTable:
         return peak
 
     def time(self, assignment: Mapping[str, Candidate]) -> float:
-        """Predicted seconds of one step."""
-        return self.base_time + sum(candidate.time_delta for candidate in assignment.values())
+        """Predicted seconds of one step (never below a tenth of the base plan's: the deltas are measured
+        differences, and on a noisy machine their sum can undershoot; a step costs something)."""
+        return max(self.base_time + sum(candidate.time_delta for candidate in assignment.values()),
+                   0.1 * self.base_time)
 
     def variance(self, assignment: Mapping[str, Candidate]) -> float:
         """Sum of the segments' relative gradient variances (0: an exact plan)."""

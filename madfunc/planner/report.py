@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from madfunc.core.memory import format_bytes
@@ -91,6 +91,9 @@ class PlanReport:
         alternatives: uniform plans (every segment on one candidate) and the chosen one, predicted, with the
             uniform plans' measured times.
         notes: what the planner left out, and why.
+
+    :meth:`replan` chooses again for another budget from the same profile, without running the step again
+    but for one measured step of the new choice (a budget sweep profiles once).
     """
 
     plan: Plan
@@ -104,10 +107,33 @@ class PlanReport:
     segments: tuple[SegmentPlan, ...]
     alternatives: tuple[PlanEstimate, ...]
     notes: tuple[str, ...] = ()
+    # auto_plan's choice from the profile this report was made from (for replan; not data)
+    _replan: Callable[[int | float | str, bool | None], PlanReport] | None = dataclasses.field(
+        default=None, repr=False, compare=False)
+
+    def replan(self, budget: int | float | str, exact: bool | None = None) -> PlanReport:
+        """The report :func:`auto_plan` would give for ``budget`` (and ``exact``; default: as profiled), from the
+        same profile: the step is run only to measure the new choice's peak. ``exact=False`` needs a profile made
+        with ``exact=False`` (or with estimates among the candidates).
+
+        Examples:
+            >>> import torch, madfunc as mf
+            >>> seg = mf.rev(lambda w, x: torch.tanh(x @ w).sum(), name="seg")
+            >>> w, x = torch.randn(8, 64), torch.randn(128, 8)
+            >>> _, report = mf.auto_plan(seg, w, x, budget="1MiB", repeats=1, return_report=True)
+            >>> report.replan("2MiB").budget_bytes
+            2097152
+        """
+        if self._replan is None:
+            raise RuntimeError("PlanReport.replan: this report carries no profile (it was not made by auto_plan).")
+        return self._replan(budget, exact)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types (JSON-serialisable): the plan as its string form."""
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_replan"}
+        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else
+               [dataclasses.asdict(x) for x in v] if k in ("segments", "alternatives") else v for k, v in out.items()}
+        out["notes"] = list(self.notes)
         out["plan"] = str(self.plan)
         return out
 
