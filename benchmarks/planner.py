@@ -178,15 +178,28 @@ def is_exact(plan: mf.Plan) -> bool:
     return all(part.split("=", 1)[1].split(":")[0] in CANDIDATES for part in str(plan).split(","))
 
 
-def run_auto_plan(model: PlannerModel, entries: dict, budget: int, exact: bool, repeats: int) -> dict:
-    """``mf.auto_plan`` at ``budget``; its plan joins ``entries`` (measured with all the others)."""
+def profile_once(model: PlannerModel, repeats: int) -> tuple[mf.PlanReport, float]:
+    """One ``mf.auto_plan(exact=False)`` profile of the step (a budget no plan misses), and its seconds: every
+    budget is then chosen from it by ``PlanReport.replan``, which is what ``auto_plan`` at that budget chooses
+    from the same profile (tests/planner/test_auto.py checks it), without profiling the step again."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mf.PerformanceWarning)
+        _, report = mf.auto_plan(model.loss_fn, *model.args, budget=2**50, exact=False, repeats=repeats,
+                                 return_report=True)
+    return report, time.perf_counter() - start
+
+
+def run_auto_plan(model: PlannerModel, entries: dict, budget: int, exact: bool, profiled: mf.PlanReport) -> dict:
+    """``auto_plan``'s choice at ``budget`` (from the model's one profile); its plan joins ``entries`` (measured
+    with all the others)."""
     row: dict = {"budget_bytes": budget, "exact": exact}
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", mf.PerformanceWarning)
-            plan, report = mf.auto_plan(model.loss_fn, *model.args, budget=budget, exact=exact, repeats=repeats,
-                                        return_report=True)
+            report = profiled.replan(budget, exact=exact)
+            plan = report.plan
     except ValueError as error:  # no plan fits: the error gives the smallest feasible budget
         row.update(error=str(error)[:400], planning_s=time.perf_counter() - start)
         return row
@@ -209,10 +222,11 @@ def measure_model(model: PlannerModel, quick: bool, exact_limit: int, budgets: i
     log(f"{model.name}: {len(entries)} plans, warm-up and peaks (load {loadavg()})")
     warm_and_peak(model, entries, warmup)
     autos = []
-    # --quick: auto_plan profiles the step afresh at every budget (tens of calls), so fewer budgets.
-    counts = ((2, 1) if model.name == "rollout" else (1, 0)) if quick else (budgets - budgets // 3, budgets // 3)
+    profiled, profile_s = profile_once(model, repeats=1 if quick else 3)
+    log(f"{model.name}: auto_plan profiled the step in {profile_s:.1f} s")
+    counts = (2, 1) if quick else (budgets - budgets // 3, budgets // 3)
     for budget, exact in budgets_for(entries, *counts):
-        autos.append(run_auto_plan(model, entries, budget, exact, repeats=1 if quick else 3))
+        autos.append(run_auto_plan(model, entries, budget, exact, profiled))
         log(f"{model.name}: auto_plan at {budget / MiB:.3f} MiB (exact={exact}): {autos[-1].get('plan', 'no plan')}, "
             f"{autos[-1]['planning_s']:.1f} s")
     warm_and_peak(model, entries, warmup)
@@ -225,6 +239,7 @@ def measure_model(model: PlannerModel, quick: bool, exact_limit: int, budgets: i
             point = points[row["plan"]]
             row.update(measured_peak_bytes=point.get("peak_bytes"), measured_time_s=point.get("time_s"))
     return {"model": model.name, "description": model.description, "segments": list(model.segments),
+            "profile_s": profile_s,
             "parameters": model.n_params, "sizes": sizes, "points": points, "skipped": skipped, "auto": autos}
 
 

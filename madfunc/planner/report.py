@@ -130,9 +130,9 @@ class PlanReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types (JSON-serialisable): the plan as its string form."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_replan"}
-        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else
-               [dataclasses.asdict(x) for x in v] if k in ("segments", "alternatives") else v for k, v in out.items()}
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_replan"}
+        out["segments"] = [dataclasses.asdict(x) for x in self.segments]
+        out["alternatives"] = [dataclasses.asdict(x) for x in self.alternatives]
         out["notes"] = list(self.notes)
         out["plan"] = str(self.plan)
         return out
