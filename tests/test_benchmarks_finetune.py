@@ -33,6 +33,7 @@ def test_split_computes_transformers_loss() -> None:
     assert abs(ft.Split(model)(ids, targets).item() - reference.item()) < 1e-12
 
 
+@pytest.mark.sweep  # the notebook 06 test runs the same --quick code in the default suite; this, the command line
 def test_quick_run(tmp_path: Path) -> None:
     out = tmp_path / "finetune.json"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "finetune.py"), "--quick", "--json", str(out)],
