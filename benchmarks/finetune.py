@@ -292,7 +292,8 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
     shape = QUICK if args.quick else FULL
     methods = [m for m in args.methods if m in METHODS]
     torch.set_num_threads(2)
-    memory = memory_in_children(methods, args.quick)
+    # --time-only: no memory children (each runs 3 steps: MeZO with 16 probes is 96 forward passes of OPT-125m)
+    memory = {} if args.time_only else memory_in_children(methods, args.quick)
     times = time_methods(methods, shape, rounds=args.rounds or (3 if args.quick else 7), warmup=1)
     print(f"\nOPT {shape.layers} layers, d_model {shape.width}, ffn {shape.ffn}, vocab {shape.vocab}; float32, batch "
           f"{shape.batch} x {shape.seq} tokens, 2 threads; optimizer for madfunc: "
@@ -303,7 +304,11 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
     print(head + "\n" + "-" * len(head))
     ref = memory.get("mezo")
     for m in methods:
-        mem, med = memory[m], statistics.median(times[m]) * 1e3
+        mem, med = memory.get(m), statistics.median(times[m]) * 1e3
+        if mem is None:
+            rt = paired(times, m, "mezo") or float("nan")
+            print(f"{m:<14}{'-':>9}{'-':>9}{med:>10.1f}{'-':>11}{'-':>10}{rt:>11.3f}")
+            continue
         live = mem["live_peak"] / 2**20
         rss = mem["rss_peak"] / 2**20 if mem["rss_peak"] is not None else float("nan")
         rl = mem["live_peak"] / ref["live_peak"] if ref else float("nan")
@@ -317,6 +322,8 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
             continue
         if measure == "time":
             ratio, rss_ratio = paired(times, ours, reference), None
+        elif ours not in memory or reference not in memory:
+            continue
         else:
             ratio = memory[ours]["live_peak"] / memory[reference]["live_peak"]
             a, b = memory[ours]["rss_peak"], memory[reference]["rss_peak"]
@@ -332,6 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="everything shrunk (a smoke test, under a minute)")
     p.add_argument("--part", choices=("memory", "quality", "both"), default="both")
+    p.add_argument("--time-only", action="store_true", help="memory part: time the methods, no memory children")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated, of: " + ", ".join(ALL_METHODS))
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 7; --quick 3)")
     p.add_argument("--seeds", type=int, default=None, help="quality part: seeds per method (default 3; --quick 1)")
