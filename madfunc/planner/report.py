@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from madfunc.core.memory import format_bytes
+from madfunc.core.text import text_table
 from madfunc.plan import Plan
 
 __all__ = ["PlanEstimate", "PlanReport", "SegmentOption", "SegmentPlan"]
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        pairs = enumerate(zip(cells, widths, strict=True))
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in pairs)
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
 def _ms(seconds: float) -> str:
@@ -166,6 +157,6 @@ class PlanReport:
         ]
         notes = "".join(f"\nnote: {note}" for note in self.notes)
         return (
-            f"{head}\nper segment (* chosen; base step {self.base_time * 1e3:.3g} ms):\n{_table(headers, rows)}\n"
-            f"plans:\n{_table(('plan', 'time', 'measured', 'peak', 'fits'), plans, left=1)}{notes}"
+            f"{head}\nper segment (* chosen; base step {self.base_time * 1e3:.3g} ms):\n{text_table(headers, rows)}\n"
+            f"plans:\n{text_table(('plan', 'time', 'measured', 'peak', 'fits'), plans, left=1)}{notes}"
         )

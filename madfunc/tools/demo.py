@@ -18,10 +18,11 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 
+from madfunc.core.text import text_table
 from madfunc.plan import Plan
 from madfunc.segment import rev
 from madfunc.tools.diagnostics import compare
-from madfunc.tools.reports import CompareReport, _table
+from madfunc.tools.reports import CompareReport
 from madfunc.transforms import mixed_grad_and_value
 
 __all__ = ["SEGMENTS", "DemoResult", "digits", "init_params", "loss_fn", "run_demo", "train"]
@@ -253,7 +254,7 @@ def summary(results: Sequence[DemoResult]) -> str:
         "parameters; variance = E||g^-g||^2/||g||^2 of each random segment (over the leaves it "
         "reaches), and its theory"
     )
-    return f"{_table(headers, rows, left=1)}\n{note}"
+    return f"{text_table(headers, rows, left=1)}\n{note}"
 
 
 def plot(results: Sequence[DemoResult], out: str) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
+
+from madfunc.core.text import text_table
 
 __all__ = ["CompareReport", "GradientFigures", "InspectReport", "SegmentRow"]
 
@@ -22,17 +24,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     return value
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> str:
-    """Columns padded to width; the first ``left`` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        pairs = enumerate(zip(cells, widths, strict=True))
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in pairs)
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
 def _num(value: float | None) -> str:
@@ -122,7 +113,7 @@ class CompareReport:
         ratio = self.time_plan / self.time_reference if self.time_reference > 0 else math.nan
         return (
             f"compare: {self.overall.draws} draws of {self.plan} against {self.reference}\n"
-            f"{_table(headers, rows)}\ntime per gradient (median): plan {self.time_plan * 1e3:.3g} ms, "
+            f"{text_table(headers, rows)}\ntime per gradient (median): plan {self.time_plan * 1e3:.3g} ms, "
             f"reference {self.time_reference * 1e3:.3g} ms ({ratio:.2f}x)"
         )
 
@@ -188,4 +179,4 @@ class InspectReport:
             ]
             for r in self.rows
         ]
-        return f"inspect: {self.plan}\n{_table(headers, rows)}" + "".join(f"\n(!) {f}" for f in self.flags)
+        return f"inspect: {self.plan}\n{text_table(headers, rows)}" + "".join(f"\n(!) {f}" for f in self.flags)
