@@ -339,6 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="everything shrunk (a smoke test, under a minute)")
     p.add_argument("--part", choices=("memory", "quality", "both"), default="both")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="quality part: pretraining steps (default 1500)")
     p.add_argument("--time-only", action="store_true", help="memory part: time the methods, no memory children")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated, of: " + ", ".join(ALL_METHODS))
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 7; --quick 3)")

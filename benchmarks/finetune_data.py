@@ -271,6 +271,8 @@ def quality_part(args: argparse.Namespace) -> dict[str, Any]:
         setup = dataclasses.replace(setup, seeds=args.seeds)
     if args.seconds:
         setup = dataclasses.replace(setup, seconds=args.seconds)
+    if getattr(args, "pretrain_steps", None):
+        setup = dataclasses.replace(setup, pretrain_steps=args.pretrain_steps)
     lr = (args.lr.get("exact", LR_EXACT), args.lr.get("estimated", LR_ESTIMATED))
     methods = [m for m in QUALITY_METHODS if m in args.methods]
     torch.set_num_threads(2)
