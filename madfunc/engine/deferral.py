@@ -17,8 +17,9 @@ This is configuration, like a registered forward rule, not a cache: ``REGISTRY.r
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -26,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from madfunc.strategies.base import SeedRecord
 
-__all__ = ["Claimant", "claim", "claimant", "claims_of", "release"]
+__all__ = ["Claimant", "claim", "claimant", "claims_of", "release", "suspended"]
 
 
 class Claimant(Protocol):
@@ -37,6 +38,21 @@ class Claimant(Protocol):
 
 # parameter -> weakref to the optimizer that claimed it
 _CLAIMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_SUSPENDED = [0]  # depth of suspended() blocks: claims are ignored inside them
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Ignore every claim inside the block (segments called in it record none, so their backward defers
+    nothing): gradients are ordinary, and ``torch.autograd.grad`` returns them whole.
+
+    For madfunc's own measuring steps (``auto_plan``'s profile) on a model whose optimizer already claimed its
+    parameters: a deferred gradient would vanish from the step's result into the optimizer's records."""
+    _SUSPENDED[0] += 1
+    try:
+        yield
+    finally:
+        _SUSPENDED[0] -= 1
 
 
 def claimant(param: torch.Tensor) -> Claimant | None:
@@ -70,7 +86,7 @@ def release(params: Sequence[torch.Tensor], owner: Claimant) -> None:
 
 def claims_of(tensors: Sequence[torch.Tensor]) -> list[Claimant | None] | None:
     """Per tensor, the optimizer that claimed it; None when none is claimed (the common, free case)."""
-    if not _CLAIMS:
+    if not _CLAIMS or _SUSPENDED[0]:
         return None
     found = [claimant(t) for t in tensors]
     return found if any(c is not None for c in found) else None

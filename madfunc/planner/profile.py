@@ -21,6 +21,7 @@ import torch
 
 from madfunc.core.memory import PeakMemory
 from madfunc.engine import context as _context
+from madfunc.engine import deferral as _deferral
 from madfunc.plan import Plan
 
 __all__ = ["Step", "Trace", "WindowCost", "trace_step", "time_steps"]
@@ -69,16 +70,18 @@ class Step:
     def run(self, plan: Plan, watch: Callable[[_context.CallState], None] | None = None) -> Any:
         """The gradients of one step under ``plan``; ``watch`` sees the call state before any segment runs."""
         if self.argnums is None:
-            with _context.planned_call(plan, WHERE, allow_unused=True) as state:
-                if watch is not None:
-                    watch(state)
-                loss = self.fn(*self.args)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.grad_fn is None:
-                raise ValueError(
-                    f"{WHERE}(fn, ..., argnums=None): fn must return a scalar tensor that depends on tensors "
-                    f"needing a gradient (a model's parameters), got {type(loss).__name__}."
-                )
-            return torch.autograd.grad(loss, _leaves(loss))
+            # A SeedSGD's claims (read when a segment runs) would take Random parts out of the result.
+            with _deferral.suspended():
+                with _context.planned_call(plan, WHERE, allow_unused=True) as state:
+                    if watch is not None:
+                        watch(state)
+                    loss = self.fn(*self.args)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.grad_fn is None:
+                    raise ValueError(
+                        f"{WHERE}(fn, ..., argnums=None): fn must return a scalar tensor that depends on tensors "
+                        f"needing a gradient (a model's parameters), got {type(loss).__name__}."
+                    )
+                return torch.autograd.grad(loss, _leaves(loss))
 
         def planned(*inner: Any) -> Any:
             with _context.planned_call(plan, WHERE, allow_unused=True) as state:

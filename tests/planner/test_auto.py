@@ -156,6 +156,24 @@ def test_use_plan_models() -> None:
             torch.testing.assert_close(param.grad, want, rtol=1e-10, atol=1e-12)
 
 
+def test_use_plan_model_whose_optimizer_claimed_its_parameters() -> None:
+    """A SeedSGD made before planning claims the parameters: the profile's Random steps must still see whole
+    gradients (they were deferred into the optimizer's records, and autograd.grad refused the step)."""
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1)).to(DT)
+    x = torch.randn(64, 8, dtype=DT)
+    opt = mf.SeedSGD(model.parameters(), lr=0.1)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return model(x).pow(2).mean()
+
+    with mf.mark_segments(model, {"0": "fwd", "2": "rev"}):
+        plan = mf.auto_plan(loss, x, budget="16MiB", argnums=None, exact=False,
+                            candidates=["rev", "random:1"], repeats=1)
+        assert set(plan) == {"0", "2"}
+        assert not any(p.grad is not None for p in model.parameters())  # profiling left no gradient behind
+        assert not opt.state and all(not records for records in opt._pending.values())
+
+
 def _has_checkpointed() -> bool:
     try:
         parse_strategy("ckpt")
