@@ -31,8 +31,10 @@ def _execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quick: 
     else:
         monkeypatch.delenv("MADFUNC_NOTEBOOK_QUICK", raising=False)
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = nbclient.NotebookClient(  # full size: no limit per cell (04's training cell takes minutes)
-        nb, timeout=300 if quick else None, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    # Quick: 900 s per cell, generous (05's measuring cell took over 300 s on a 2-core machine at load 5);
+    # full size: no limit per cell (04's training cell takes minutes)
+    client = nbclient.NotebookClient(
+        nb, timeout=900 if quick else None, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()
     return _outputs(nb, name)
