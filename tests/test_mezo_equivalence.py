@@ -27,7 +27,6 @@ from mezo import MeZO, TangentStreamDirections  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-needs_spsa = pytest.mark.skipif(not hasattr(mf, "SPSA"), reason="mf.SPSA has not landed yet (issue 19, item 1)")
 
 STEPS, LR, EPS, WD = 20, 1e-2, 1e-3, 0.01
 ATOL = 1e-9  # derived in the module docstring
@@ -100,7 +99,6 @@ def _gap(a: list, b: list) -> tuple[float, float]:
     return loss, params
 
 
-@needs_spsa
 @pytest.mark.parametrize(("kind", "k"), [("mlp", 1), ("mlp", 4), ("opt", 1)])  # (OPT at k = 4: minutes, no news)
 def test_spsa_segment_with_sgd_is_mezo(kind: str, k: int) -> None:
     module, x, y = _model(kind)

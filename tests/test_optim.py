@@ -13,9 +13,6 @@ from torch import nn
 import madfunc as mf
 from madfunc.optim import SeedSGD
 
-# SPSA (issue 19, item 1) defers through the same seed records once it lands; until then its rows skip.
-SPSA = getattr(mf, "SPSA", None)
-
 
 class Body(nn.Module):
     """The Random segment: an embedding (tied to the head outside the segment) and two layers."""
@@ -51,10 +48,7 @@ def _strategies() -> list:
         pytest.param(mf.Random(k=1, distribution="rademacher", seeding="lazy"), id="random-k1-lazy"),
         pytest.param(mf.Random(k=2, seeding="kept"), id="random-k2-kept"),
     ]
-    spsa = pytest.param(None, id="spsa", marks=pytest.mark.skip(reason="mf.SPSA has not landed yet (issue 19, item 1)"))
-    if SPSA is not None:
-        spsa = pytest.param(SPSA(k=2, eps=1e-4), id="spsa")
-    return [*rows, spsa]
+    return [*rows, pytest.param(mf.SPSA(k=2, eps=1e-4), id="spsa")]
 
 
 def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -174,15 +174,6 @@ def test_use_plan_model_whose_optimizer_claimed_its_parameters() -> None:
         assert not opt.state and all(not records for records in opt._pending.values())
 
 
-def _has_checkpointed() -> bool:
-    try:
-        parse_strategy("ckpt")
-    except ValueError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_checkpointed(), reason="this madfunc has no Checkpointed strategy ('ckpt') yet")
 def test_checkpointed_is_a_default_candidate() -> None:
     p, x = _args()
     _, report = mf.auto_plan(_loss, p, x, budget="64MiB", repeats=1, return_report=True)
