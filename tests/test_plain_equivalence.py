@@ -149,6 +149,36 @@ def test_ops_without_a_trustworthy_forward_rule_match_backprop(body: str, strate
     assert any("double-vjp fallback" in flag for flag in rows[0].flags)
 
 
+# Ops whose backward follows a convention that is not the derivative of the forward pass: forward segments
+# follow backprop's (ops/embedding.py). Each body's indices hit the padding row.
+_IDX = torch.tensor([[0, 1, 0], [3, 4, 0]])
+CONVENTION_BODIES = {
+    "embedding_padding_idx": lambda w: F.embedding(_IDX, w.reshape(5, 2), padding_idx=0),
+    "embedding_negative_padding_idx": lambda w: F.embedding(_IDX, w.reshape(5, 2), padding_idx=-5),
+    "torch_embedding_padding_idx": lambda w: torch.embedding(w.reshape(5, 2), _IDX, 0),
+    "embedding_scale_grad_by_freq": lambda w: F.embedding(_IDX, w.reshape(5, 2), scale_grad_by_freq=True),
+    "embedding_scale_grad_by_freq_padding": lambda w: F.embedding(_IDX, w.reshape(5, 2), padding_idx=3,
+                                                                  scale_grad_by_freq=True),
+    "nn_embedding_module": lambda w: torch.func.functional_call(_EMB, {"weight": w.reshape(5, 2)}, (_IDX,)),
+}
+_EMB = nn.Embedding(5, 2, padding_idx=4).double()
+
+
+@pytest.mark.parametrize("strategy", [mf.Exact(), mf.Exact(chunk_size=1)], ids=str)
+@pytest.mark.parametrize("body", CONVENTION_BODIES, ids=str)
+def test_ops_with_a_backward_convention_match_backprop(body: str, strategy: mf.Exact) -> None:
+    seg = mf.fwd(CONVENTION_BODIES[body], name="op")
+    w = _randn(0, 10)
+    weights = torch.linspace(-1, 2, 12, dtype=DT).reshape(2, 3, 2)
+
+    def loss(w):
+        return (seg(w).pow(2) * weights).sum()
+
+    want = torch.func.grad(loss)(w)
+    _close(mf.mixed_grad(loss, {"op": strategy})(w), want)
+    assert want.abs().sum() > 0
+
+
 # -- 5. unused inputs get an exact zero ------------------------------------------------------------------
 @pytest.mark.parametrize("seeding", ["eager", "lazy"])
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])

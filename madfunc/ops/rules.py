@@ -30,6 +30,7 @@ from madfunc.core.checks import ForwardModeError, missing_forward_rule, writes_f
 from madfunc.core.functorch import CUSTOM_FUNCTION_CALL, METADATA_OPS, is_wrapped, unwrap
 from madfunc.core.registry import REGISTRY
 from madfunc.ops.dropout import RNG_RULES
+from madfunc.ops.embedding import EMBEDDING_RULES
 from madfunc.ops.fallback import NoForwardRuleError, function_with_fallback, has_jvp, jvp_by_double_vjp
 from madfunc.ops.scalars import scalar_form
 
@@ -139,6 +140,7 @@ RULES: dict[Any, Callable[..., Any]] = {
     torch.rnn_relu: _native_rnn,
     torch.Tensor.data_ptr: _storage_pointer,
     torch._cudnn_rnn_flatten_weight: _skip_flatten,
+    **EMBEDDING_RULES,  # the padding row and scale_grad_by_freq: backprop's conventions (ops/embedding.py)
 }
 
 
