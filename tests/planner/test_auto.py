@@ -77,6 +77,30 @@ def test_plans_fit_their_budget_and_are_exact() -> None:
     assert tight["rollout"] == mf.Exact()  # the only strategy that fits the smallest budget
 
 
+def test_a_choice_measured_above_the_budget_is_chosen_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window model can under-predict a mix (one activation on the digits MLP's Reverse/Checkpointed mixes, in
+    benchmarks/planner.py); the plan returned must be one measured within the budget. Here the model is made to
+    under-predict every plan with a Reverse rollout by half its peak."""
+    from madfunc.planner.costs import CostTable
+
+    p, x = _args()
+    reverse = _peak(_loss, mf.Plan({"*": "rev"}), p, x)
+    true_peak = CostTable.peak
+
+    def optimistic(self: CostTable, assignment: dict) -> int:
+        low = assignment["rollout"].strategy == mf.Reverse()
+        return true_peak(self, assignment) - (reverse // 2 if low else 0)
+
+    monkeypatch.setattr(CostTable, "peak", optimistic)
+    budget = reverse - 1  # the model thinks Reverse fits with room to spare; it does not
+    plan, report = mf.auto_plan(_loss, p, x, budget=budget, repeats=1, return_report=True)
+    assert (plan["rollout"], plan["head"]) != (mf.Reverse(), mf.Reverse())  # all-Reverse: measured above it
+    assert report.measured_peak_bytes == _peak(_loss, plan, p, x) <= budget
+    assert report.replan(budget).measured_peak_bytes <= budget
+    with pytest.raises(ValueError, match=r"no plan was measured within the budget; tried .*rollout=rev"):
+        mf.auto_plan(_loss, p, x, budget=budget, repeats=1, candidates=[mf.Reverse()])  # Reverse alone: none fits
+
+
 def test_the_report_prints_every_option() -> None:
     p, x = _args()
     plan, report = mf.auto_plan(_loss, p, x, budget="64MiB", repeats=1, return_report=True)
