@@ -15,7 +15,10 @@ step of each method:
 - ``spsa``: the whole model as one ``mf.SPSA(k=1)`` segment; ``random1``, ``random16``: as one
   ``mf.Random(k)`` segment; ``mixed``: the embeddings and all decoder layers but the last as one
   ``mf.Random(k=1)`` segment, the last layer, final norm and head by backprop. madfunc's methods step with
-  the seed-fused ``mf.SeedSGD`` (no ``p.grad`` for a Random or SPSA segment's parameters).
+  the seed-fused ``mf.SeedSGD`` (no ``p.grad`` for a Random or SPSA segment's parameters);
+- ``jvp1``, ``jvp16``: floors, not methods: a plain ``torch.func.jvp`` of the loss with 1 and 16 tangents drawn
+  before the step, no update (``finetune_models.jvp_floor_step``): the least memory and time a forward-mode
+  step on PyTorch's formulas needs, to tell madfunc's overhead from forward mode's own cost.
 
 Time: every method steps the same model in turn, in rounds (the order alternates between rounds), after
 warm-up steps; the figure is the median, and a ratio the median of per-round ratios. Memory: each method in
@@ -50,7 +53,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from finetune_models import FULL, QUICK, Shape, Split, opt_model  # noqa: E402
+from finetune_models import FULL, QUICK, Shape, Split, jvp_floor_step, opt_model  # noqa: E402
 from mezo import MeZO  # noqa: E402
 
 import madfunc as mf  # noqa: E402
@@ -60,7 +63,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # unmapped on their own, so the RSS follows the live tensors instead of the order of earlier frees.
 MALLOC_PINNED = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1"}
 RESULT = "FINETUNE_RESULT "
-METHODS = ("backprop", "checkpointed", "mezo", "mezo16", "spsa", "random1", "random16", "mixed")
+METHODS = ("backprop", "checkpointed", "mezo", "mezo16", "spsa", "random1", "random16", "mixed", "jvp1", "jvp16")
 ALL_METHODS = (*METHODS, "auto")  # "auto": mf.auto_plan within the quality part's budget (that part only)
 
 
@@ -77,6 +80,10 @@ class Hyper:
     lr_zeroth: float = 1e-5
     eps: float = 1e-3
     budget: int | None = None  # method "auto": the bytes a step may add to the parameters (mf.auto_plan)
+    # How SPSA and Random draw their directions: "auto" draws every leaf's at once below 32 MiB of them (fastest);
+    # the quality part, under a memory budget at 2.5 MB of parameters, draws them leaf by leaf ("lazy"), as MeZO
+    # regenerates its z from a seed (all at once costs a copy of the parameters: SPSA 1.70x MeZO's peak, not 1.00x).
+    seeding: str = "auto"
 
 
 def seed_sgd(params: Any, lr: float) -> torch.optim.Optimizer:  # (params: tensors or groups)
@@ -153,7 +160,8 @@ def _planned(split: Split, hyper: Hyper, plan: Any, segments: tuple[str, ...], s
         assert example is not None and budget is not None, "auto_plan needs an example batch and a budget"
         # (before the seed-fused optimizer claims the parameters: profiling a claimed Random segment fails in
         # autograd.grad, "differentiated Tensor ... not used in the graph")
-        candidates = [mf.Reverse(), mf.Checkpointed(), mf.Random(k=16), mf.Random(k=1), mf.SPSA(k=1)]
+        candidates = [mf.Reverse(), mf.Checkpointed(), mf.Random(k=16, seeding=hyper.seeding),
+                      mf.Random(k=1, seeding=hyper.seeding), mf.SPSA(k=1, eps=hyper.eps, seeding=hyper.seeding)]
         plan = mf.auto_plan(loss_of, *example, budget=budget, exact=False, argnums=None, repeats=1,
                             candidates=candidates)
     estimated = {name for name, strategy in dict(plan).items() if isinstance(strategy, (mf.Random, mf.SPSA))}
@@ -175,16 +183,18 @@ def make_step(method: str, split: Split, hyper: Hyper, seed: int = 0,
               example: tuple[torch.Tensor, torch.Tensor] | None = None) -> Step:
     """One training step of ``method`` on ``split`` (see the module docstring), as ``step(ids, targets) -> loss``;
     ``"auto"`` (the quality part only) plans on ``example`` within ``hyper.budget``."""
-    lr, eps = hyper.lr_zeroth, hyper.eps
+    lr, eps, seeding = hyper.lr_zeroth, hyper.eps, hyper.seeding
     builders: dict[str, Callable[[], Step]] = {
         "backprop": lambda: _backprop(split, hyper.lr_backprop, checkpointed=False),
         "checkpointed": lambda: _backprop(split, hyper.lr_backprop, checkpointed=True),
         "mezo": lambda: _mezo(split, lr, eps, 1, seed),
         "mezo16": lambda: _mezo(split, lr, eps, 16, seed),
-        "spsa": lambda: _planned(split, hyper, {"model": mf.SPSA(k=1, eps=eps)}, ("model",), seed),
-        "random1": lambda: _planned(split, hyper, {"model": mf.Random(k=1)}, ("model",), seed),
-        "random16": lambda: _planned(split, hyper, {"model": mf.Random(k=16)}, ("model",), seed),
-        "mixed": lambda: _planned(split, hyper, {"trunk": mf.Random(k=1)}, ("trunk",), seed),
+        "spsa": lambda: _planned(split, hyper, {"model": mf.SPSA(k=1, eps=eps, seeding=seeding)}, ("model",), seed),
+        "random1": lambda: _planned(split, hyper, {"model": mf.Random(k=1, seeding=seeding)}, ("model",), seed),
+        "random16": lambda: _planned(split, hyper, {"model": mf.Random(k=16, seeding=seeding)}, ("model",), seed),
+        "mixed": lambda: _planned(split, hyper, {"trunk": mf.Random(k=1, seeding=seeding)}, ("trunk",), seed),
+        "jvp1": lambda: jvp_floor_step(split, 1, seed),
+        "jvp16": lambda: jvp_floor_step(split, 16, seed),
         "auto": lambda: _planned(split, hyper, None, ("trunk", "tail"), seed, example, hyper.budget),
     }
     if method not in builders:
@@ -285,6 +295,12 @@ TARGETS = (  # (what, ours, reference, measure, limit)
     ("SPSA(k=1)+fused peak / MeZO's", "spsa", "mezo", "memory", None),
     ("SPSA(k=1)+fused step time / MeZO's", "spsa", "mezo", "time", None),
     ("mixed plan peak / MeZO's", "mixed", "mezo", "memory", None),
+    ("floor: plain jvp peak / MeZO's", "jvp1", "mezo", "memory", None),
+    ("floor: plain jvp step time / MeZO's", "jvp1", "mezo", "time", None),
+    ("floor: plain vmap(jvp), 16 tangents, time / MeZO 16 probes'", "jvp16", "mezo16", "time", None),
+    ("Random(k=1)+fused peak / plain jvp's", "random1", "jvp1", "memory", None),
+    ("Random(k=1)+fused step time / plain jvp's", "random1", "jvp1", "time", None),
+    ("Random(k=16) step time / plain vmap(jvp)'s", "random16", "jvp16", "time", None),
 )
 
 
