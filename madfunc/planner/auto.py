@@ -281,9 +281,9 @@ def auto_plan(fn: Callable[..., Any], *args: Any, budget: int | float | str, exa
     A uniform plan (every segment on one candidate, timed whole) that fits, with no more variance, and was
     measured faster than the choice is predicted to run is taken instead. The choice is then measured on one
     step: one whose measured peak is above ``budget`` (the model missed a tensor) is chosen again with the
-    missed bytes as a margin, so the plan returned was measured within ``budget`` on ``args``. ``Exact``-like candidates (one
-    tangent per scalar) are left out of segments that read more than 4096
-    differentiated scalars. The step runs about ``(segments + 1) * candidates * (2 + repeats)
+    missed bytes as a margin, so the plan returned was measured within ``budget`` on ``args``. ``Exact``-like
+    candidates (one tangent per scalar) are left out of segments that read more than 4096 differentiated
+    scalars. The step runs about ``(segments + 1) * candidates * (2 + repeats)
     + 3 * candidates + 3`` times; profile on a batch of the size you will train with (docs/guides/planner.md).
 
     Args:
