@@ -86,12 +86,6 @@ class Hyper:
     seeding: str = "auto"
 
 
-def seed_sgd(params: Any, lr: float) -> torch.optim.Optimizer:  # (params: tensors or groups)
-    """madfunc's seed-fused SGD where it exists (no ``p.grad`` for Random/SPSA segments), else torch's SGD."""
-    cls = getattr(mf, "SeedSGD", None)
-    return cls(params, lr=lr) if cls is not None else torch.optim.SGD(params, lr=lr)
-
-
 def _backprop(split: Split, lr: float, checkpointed: bool) -> Step:
     opt = torch.optim.SGD(split.parameters(), lr=lr)
 
@@ -133,7 +127,7 @@ def _seed_opt(split: Split, estimated: set[str], lr_exact: float, lr_estimated: 
             else {id(p) for part in estimated for p in getattr(split, part).parameters()})
         groups = [{"params": [p for p in split.parameters() if id(p) in small], "lr": lr_estimated},
                   {"params": [p for p in split.parameters() if id(p) not in small], "lr": lr_exact}]
-        opt = split.__dict__["seed_opt"] = seed_sgd([g for g in groups if g["params"]], lr_exact)
+        opt = split.__dict__["seed_opt"] = mf.SeedSGD([g for g in groups if g["params"]], lr=lr_exact)
     return opt
 
 
@@ -313,7 +307,7 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
     times = time_methods(methods, shape, rounds=args.rounds or (3 if args.quick else 7), warmup=1)
     print(f"\nOPT {shape.layers} layers, d_model {shape.width}, ffn {shape.ffn}, vocab {shape.vocab}; float32, batch "
           f"{shape.batch} x {shape.seq} tokens, 2 threads; optimizer for madfunc: "
-          f"{'mf.SeedSGD (fused)' if hasattr(mf, 'SeedSGD') else 'torch.optim.SGD (stand-in: mf.SeedSGD missing)'}")
+          "mf.SeedSGD (fused)")
     print("peak: parameters + the step's peak; live = mf.measure_peak (tensor storages), RSS = VmHWM above the "
           "RSS before the step (" + " ".join(f"{k}={v}" for k, v in MALLOC_PINNED.items()) + ")")
     head = f"{'method':<14}{'live MB':>9}{'RSS MB':>9}{'ms/step':>10}{'live/MeZO':>11}{'RSS/MeZO':>10}{'time/MeZO':>11}"

@@ -63,8 +63,7 @@ def _model(kind: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 def _madfunc_run(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, seed: int) -> list:
     """Train ``module`` as one SPSA(k) segment with SGD; the loss before each step and the parameters after it."""
     segment = mf.fwd(module, name="model")
-    optimizer_class = getattr(mf, "SeedSGD", torch.optim.SGD)  # seed-fused where it has landed
-    opt = optimizer_class(segment.parameters(), lr=LR, weight_decay=WD)
+    opt = mf.SeedSGD(segment.parameters(), lr=LR, weight_decay=WD)  # seed-fused, as MeZO's update
     generator = torch.Generator().manual_seed(seed)
     trace = []
     for _ in range(STEPS):
