@@ -356,7 +356,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=None, help="quality part: seeds per method (default 3; --quick 1)")
     p.add_argument("--lr", default="", help="quality part: learning rates of exact gradients and of estimates, e.g. "
                    "exact=1e-2,estimated=1e-5 (default: LR_EXACT, LR_ESTIMATED in finetune_data.py)")
-    p.add_argument("--seconds", type=float, default=None, help="quality part: training seconds per run (default 60)")
+    p.add_argument("--tied", action="store_true", help="quality part: tie the LM head to the token embedding "
+                   "(OPT's default; see UNTIED in finetune_data.py)")
+    p.add_argument("--seconds", type=float, default=None, help="quality part: MeZO's training seconds per run, "
+                   "the other methods' half of it (default 240)")
     p.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/<date>-...)")
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -24,6 +24,7 @@ class Shape:
     vocab: int = 50272
     batch: int = 4
     seq: int = 256
+    tied: bool = True  # the LM head shares the token embedding's weight (OPT's default)
 
 
 FULL = Shape()
@@ -38,7 +39,7 @@ def opt_model(shape: Shape, seed: int = 0) -> torch.nn.Module:
     config = transformers.OPTConfig(
         vocab_size=shape.vocab, hidden_size=shape.width, ffn_dim=shape.ffn, num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads, word_embed_proj_dim=shape.width, max_position_embeddings=max(shape.seq, 64),
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0)
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, tie_word_embeddings=shape.tied)
     torch.manual_seed(seed)
     return transformers.OPTForCausalLM(config)
 
@@ -78,7 +79,7 @@ class Trunk(torch.nn.Module):
 
 
 class Tail(torch.nn.Module):
-    """The decoder layers from ``cut`` on, the final layer norm and the LM head (tied to the embeddings)."""
+    """The decoder layers from ``cut`` on, the final layer norm and the LM head (the embedding's weight, if tied)."""
 
     def __init__(self, model: torch.nn.Module, cut: int) -> None:
         super().__init__()
