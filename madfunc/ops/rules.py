@@ -32,6 +32,7 @@ from madfunc.core.registry import REGISTRY
 from madfunc.ops.dropout import RNG_RULES
 from madfunc.ops.embedding import EMBEDDING_RULES
 from madfunc.ops.fallback import NoForwardRuleError, function_with_fallback, has_jvp, jvp_by_double_vjp
+from madfunc.ops.kinks import KINK_RULES
 from madfunc.ops.scalars import scalar_form
 
 
@@ -141,6 +142,12 @@ RULES: dict[Any, Callable[..., Any]] = {
     torch.Tensor.data_ptr: _storage_pointer,
     torch._cudnn_rnn_flatten_weight: _skip_flatten,
     **EMBEDDING_RULES,  # the padding row and scale_grad_by_freq: backprop's conventions (ops/embedding.py)
+    **KINK_RULES,  # prelu at 0, fmax and one-tensor-bound clamp at ties: backprop's side (ops/kinks.py)
+    # det's forward rule gives 0 at a singular matrix, where the derivative is the (nonzero) adjugate
+    # (found by the audit in ops/kinks.py); its backward is right there, so the fallback is too.
+    torch.linalg.det: _double_vjp,
+    torch.det: _double_vjp,
+    torch.Tensor.det: _double_vjp,
 }
 
 
