@@ -123,3 +123,17 @@ def test_forward_segment_at_kinks_and_ties_matches_backprop_or_the_documented_di
     same = torch.allclose(got, want, rtol=1e-9, atol=1e-12, equal_nan=True)
     assert same != (name in DIFFERENT), (got, want)
     assert got.isfinite().all()  # a forward segment never hands back a NaN the user did not compute
+
+
+def test_the_kink_rules_leave_the_common_calls_native() -> None:
+    # clamp with number bounds needs no rule: a pass that meets only such calls stays untouched, so the engine's
+    # later passes may skip the op seam (engine/pushes.py); a tensor bound is ruled.
+    from madfunc.ops.rules import OpRules
+
+    x = torch.tensor([0.5, 2.0], dtype=DT)
+    with OpRules("op") as native:
+        assert torch.equal(torch.clamp(x, 0.0, 1.0), torch.tensor([0.5, 1.0], dtype=DT))
+        x.clamp(max=1.0), torch.clip(x, min=0.0)
+    with OpRules("op") as ruled:
+        assert torch.equal(torch.clamp(x, max=torch.ones(2, dtype=DT)), torch.tensor([0.5, 1.0], dtype=DT))
+    assert not native.touched and ruled.touched

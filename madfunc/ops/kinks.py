@@ -27,7 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KINK_RULES"]
+__all__ = ["KINK_RULES", "NATIVE"]
+
+# A rule's answer "this call needs no rule": the seam runs the op as any other, so a pass that meets only such
+# calls (clamp with number bounds, the common case) still counts as untouched and later passes may go bare.
+NATIVE: Any = type("Native", (), {"__repr__": lambda self: "NATIVE"})()
 
 
 def _prelu(mode: Any, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -36,7 +40,7 @@ def _prelu(mode: Any, name: str, func: Callable[..., Any], args: tuple, kwargs: 
     if a.numel() > 1:  # one slope per channel: the channels on dim 1 (dim 0 of a 1-D input)
         channels = x.shape[1] if x.dim() >= 2 else x.shape[0] if x.dim() == 1 else 1
         if a.numel() != channels:
-            return func(*args, **kwargs)  # PyTorch's own error
+            return NATIVE  # PyTorch's own error
         a = a.reshape(1, channels, *([1] * (x.dim() - 2))) if x.dim() >= 2 else a
     return torch.where(x > 0, x, a * x)  # prelu's kernel computes the same: x if x > 0 else a * x
 
@@ -45,7 +49,7 @@ def _fmax(mode: Any, name: str, func: Callable[..., Any], args: tuple, kwargs: d
     bound = dict(zip(("input", "other"), args, strict=False)) | kwargs
     x, y = bound.get("input"), bound.get("other")
     if set(bound) - {"input", "other"} or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        return func(*args, **kwargs)  # out=
+        return NATIVE  # out=
     # x where x >= y or y is NaN (a NaN loses unless both are), else y: backprop's masks exactly.
     return torch.where((x >= y) | y.isnan(), x, y)
 
@@ -56,7 +60,7 @@ def _clamp(mode: Any, name: str, func: Callable[..., Any], args: tuple, kwargs: 
     t = low if high is None else high if low is None else None  # the one bound, if only one is given
     if set(bound) - {"input", "min", "max"} or not isinstance(x, torch.Tensor) or not isinstance(t, torch.Tensor) \
             or torch.broadcast_shapes(x.shape, t.shape) != x.shape:
-        return func(*args, **kwargs)  # number bounds, both bounds, out=, or a bound that would broadcast x
+        return NATIVE  # number bounds, both bounds, out=, or a bound that would broadcast x
     keep = x >= t if high is None else x <= t
     return torch.where(keep | x.isnan(), x, t)  # a NaN input stays NaN, as in clamp; a NaN bound wins
 

@@ -3,9 +3,10 @@
 One ``TorchFunctionMode`` (``OpRules``) sees every torch function a segment's body calls. It
 1. runs an op by its rule in ``RULES`` if it has one (a user's ``register_forward_rule``, or ours for
    ops whose forward rule in PyTorch is wrong: it disagrees with the op's backward rule, or yields no
-   tangent at all); an op (or custom ``autograd.Function``) without a forward rule takes the double-vjp
-   fallback (``_fallback``): its tangent from its backward rule, differentiated once more. Only an op
-   whose backward is not differentiable either raises ``ForwardModeError``, naming segment and op;
+   tangent at all; a rule may answer ``NATIVE`` for the calls it need not change); an op (or custom
+   ``autograd.Function``) without a forward rule takes the double-vjp fallback (``_fallback``): its tangent
+   from its backward rule, differentiated once more. Only an op whose backward is not differentiable either
+   raises ``ForwardModeError``, naming segment and op;
 2. records which watched tensors (the segment's differentiated inputs) an op actually reads, so that
    ``Random`` gives an exact zero, not noise, to inputs the segment never uses.
 
@@ -32,7 +33,7 @@ from madfunc.core.registry import REGISTRY
 from madfunc.ops.dropout import RNG_RULES
 from madfunc.ops.embedding import EMBEDDING_RULES
 from madfunc.ops.fallback import NoForwardRuleError, function_with_fallback, has_jvp, jvp_by_double_vjp
-from madfunc.ops.kinks import KINK_RULES
+from madfunc.ops.kinks import KINK_RULES, NATIVE
 from madfunc.ops.scalars import scalar_form
 
 
@@ -247,8 +248,10 @@ class OpRules(TorchFunctionMode):
                 self.touched = True
                 return out
         if rule is not None:
-            self.touched = True
-            return rule(self, _name(func), func, args, kwargs)
+            out = rule(self, _name(func), func, args, kwargs)
+            if out is not NATIVE:  # (NATIVE: this call needs no rule; it runs below as any other)
+                self.touched = True
+                return out
         if func is CUSTOM_FUNCTION_CALL:  # SomeFunction.apply(...) under a functorch transform
             self.touched = True
             return self._custom_function(args[0], args[1:], kwargs)
