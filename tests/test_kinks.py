@@ -45,6 +45,8 @@ BODIES = {  # name: (body of w, w's values)
         "clamp_tensor_min": lambda w: torch.clamp(w[:4], min=w[4:]),
         "clamp_tensor_max": lambda w: w[:4].clamp(max=w[4:]),
         "clamp_both_tensors": lambda w: torch.clamp(w[:4], min=w[4:], max=w[4:] + 1),
+        "clamp_in_place_tensor_min": lambda w: w[:4].clone().clamp_(min=w[4:]),
+        "clip_in_place_tensor_max": lambda w: torch.clip_(w[:4].clone(), max=w[4:]),
     }.items()},
     **{name: (f, TIES) for name, f in {
         "max": torch.max, "amax_dim": lambda w: w.reshape(2, 3).amax(1), "max_dim": lambda w: w.reshape(2, 3).max(1)[0],

@@ -13,7 +13,7 @@ with backprop.
 |---|---|---|
 | ``prelu(x, a)`` at ``x = 0`` | slope ``a`` | slope 1 |
 | ``fmax(x, y)`` at ``x == y`` | all to ``x`` | all to ``y`` |
-| ``clamp(x, min=t)`` or ``clamp(x, max=t)``, a tensor bound, at ``x == t`` | all to ``x`` | all to ``t`` |
+| ``clamp(x, min=t)`` or ``max=t``, ``t`` a tensor (``clip``, in place) at ``x == t`` | all to ``x`` | all to ``t`` |
 
 (``fmin``, ``clamp`` with both tensor bounds or with number bounds, ``maximum``/``minimum`` (half to each) and
 ``clamp_min``/``clamp_max`` agree already.)
@@ -65,6 +65,11 @@ def _clamp(mode: Any, name: str, func: Callable[..., Any], args: tuple, kwargs: 
     return torch.where(keep | x.isnan(), x, t)  # a NaN input stays NaN, as in clamp; a NaN bound wins
 
 
+def _clamp_(mode: Any, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    out = _clamp(mode, name, func, args, kwargs)  # (in place: the same values, written into the input)
+    return out if out is NATIVE else (args[0] if args else kwargs["input"]).copy_(out)
+
+
 KINK_RULES: dict[Any, Callable[..., Any]] = {
     F.prelu: _prelu,  # (torch.prelu is the same function)
     torch.Tensor.prelu: _prelu,
@@ -74,4 +79,8 @@ KINK_RULES: dict[Any, Callable[..., Any]] = {
     torch.Tensor.clamp: _clamp,
     torch.clip: _clamp,
     torch.Tensor.clip: _clamp,
+    torch.clamp_: _clamp_,
+    torch.Tensor.clamp_: _clamp_,
+    torch.clip_: _clamp_,
+    torch.Tensor.clip_: _clamp_,
 }
