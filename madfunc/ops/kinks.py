@@ -17,6 +17,10 @@ with backprop.
 
 (``fmin``, ``clamp`` with both tensor bounds or with number bounds, ``maximum``/``minimum`` (half to each) and
 ``clamp_min``/``clamp_max`` agree already.)
+
+Also here, as the op it is: ``rrelu`` in eval mode, which PyTorch's kernel computes as ``leaky_relu`` with the
+slope ``(lower + upper) / 2``. It has no forward rule: out of place it took the fallback one tangent at a time,
+and in place (``nn.RReLU(inplace=True)``) it was refused. (In training its slopes are random: unchanged.)
 """
 
 from __future__ import annotations
@@ -70,6 +74,17 @@ def _clamp_(mode: Any, name: str, func: Callable[..., Any], args: tuple, kwargs:
     return out if out is NATIVE else (args[0] if args else kwargs["input"]).copy_(out)
 
 
+def _rrelu(mode: Any, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    names = ("input", "lower", "upper", "training", "inplace") if func is F.rrelu else \
+        ("input", "lower", "upper", "training")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    if bound.get("training", False) or set(bound) - set(names):
+        return NATIVE  # random slopes (or generator=): the op as it is
+    slope = (bound.get("lower", 1.0 / 8) + bound.get("upper", 1.0 / 3)) / 2
+    inplace = bound.get("inplace", False) or func is torch.rrelu_
+    return F.leaky_relu(bound["input"], slope, inplace=inplace)
+
+
 KINK_RULES: dict[Any, Callable[..., Any]] = {
     F.prelu: _prelu,  # (torch.prelu is the same function)
     torch.Tensor.prelu: _prelu,
@@ -83,4 +98,7 @@ KINK_RULES: dict[Any, Callable[..., Any]] = {
     torch.Tensor.clamp_: _clamp_,
     torch.clip_: _clamp_,
     torch.Tensor.clip_: _clamp_,
+    F.rrelu: _rrelu,
+    torch.rrelu: _rrelu,
+    torch.rrelu_: _rrelu,
 }
