@@ -1,7 +1,7 @@
 """Forward segments against backprop at the points where ops are not differentiable (kinks, ties, zeros,
 repeated indices), in float64: each body runs as one ``Exact`` segment and its gradient is compared with
-``torch.func.grad``'s. Most agree by PyTorch's own rules. The prelu, fmax, one-tensor-bound clamp and det rows
-agree because of madfunc's rules (ops/kinks.py; det in ops/rules.py): without them they fail, and a new rule of
+``torch.func.grad``'s. Most agree by PyTorch's own rules. The prelu, fmax, one-tensor-bound clamp, det and rrelu
+rows agree because of madfunc's rules (ops/kinks.py; det in ops/rules.py): without them they fail, and a new rule of
 that kind lands as a row here. The rows of ``DIFFERENT`` and ``RAISES`` are the known differences that
 docs/guides/ops.md explains, asserted to stay as documented (a PyTorch release that changes one fails here).
 """
@@ -138,7 +138,8 @@ def test_the_kink_rules_leave_the_common_calls_native() -> None:
     x = torch.tensor([0.5, 2.0], dtype=DT)
     with OpRules("op") as native:
         assert torch.equal(torch.clamp(x, 0.0, 1.0), torch.tensor([0.5, 1.0], dtype=DT))
-        x.clamp(max=1.0), torch.clip(x, min=0.0)
+        x.clamp(max=1.0)
+        torch.clip(x, min=0.0)
     with OpRules("op") as ruled:
         assert torch.equal(torch.clamp(x, max=torch.ones(2, dtype=DT)), torch.tensor([0.5, 1.0], dtype=DT))
     assert not native.touched and ruled.touched

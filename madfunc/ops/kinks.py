@@ -35,7 +35,7 @@ __all__ = ["KINK_RULES", "NATIVE"]
 
 # A rule's answer "this call needs no rule": the seam runs the op as any other, so a pass that meets only such
 # calls (clamp with number bounds, the common case) still counts as untouched and later passes may go bare.
-NATIVE: Any = type("Native", (), {"__repr__": lambda self: "NATIVE"})()
+NATIVE: Any = object()
 
 
 def _prelu(mode: Any, name: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

@@ -145,7 +145,7 @@ RULES: dict[Any, Callable[..., Any]] = {
     **EMBEDDING_RULES,  # the padding row and scale_grad_by_freq: backprop's conventions (ops/embedding.py)
     **KINK_RULES,  # prelu at 0, fmax and one-tensor-bound clamp at ties: backprop's side (ops/kinks.py)
     # det's forward rule gives 0 at a singular matrix, where the derivative is the (nonzero) adjugate
-    # (found by the audit in ops/kinks.py); its backward is right there, so the fallback is too.
+    # (found by the audit kept as tests/test_kinks.py); its backward is right there, so the fallback is too.
     torch.linalg.det: _double_vjp,
     torch.det: _double_vjp,
     torch.Tensor.det: _double_vjp,
